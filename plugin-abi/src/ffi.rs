@@ -1,0 +1,522 @@
+//! The raw ABI: `#[repr(C)]` types and the entry trampolines.
+//!
+//! This module is the only place in `plugin-abi` with `unsafe`. Plugin authors
+//! never touch it; the host (`dynplug`) uses it to implement [`HostVtable`] and
+//! to call a plugin's [`PluginVtable`].
+//!
+//! # The contract
+//!
+//! * A plugin exports one static, [`ROOT_SYMBOL`], of type [`PluginHeader`]. The
+//!   header layout is frozen for every ABI major version: the host reads `magic`,
+//!   `abi_major` and the `layout` of [`PluginVtable`] (abi_stable's `TypeLayout`)
+//!   and refuses the plugin before touching anything else if they differ.
+//! * Everything that crosses is borrowed for the duration of one call: strings
+//!   as [`RawStr`], values as [`ValueView`]. The receiving side copies what it
+//!   keeps, so nothing one side allocated is ever freed or called by the other
+//!   after the call returns (a plugin's memory and code may be unmapped later).
+//! * Every entry runs under `catch_unwind`: a panic is reported as
+//!   [`status::PANIC`] with its message, never unwound into the host.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use abi_stable::StableAbi;
+use abi_stable::type_layout::TypeLayout;
+
+use crate::{Context, PluginError, Value};
+
+/// The first bytes of every [`PluginHeader`].
+pub const MAGIC: [u8; 8] = *b"DYNPLUG\0";
+/// Bumped on any incompatible change of the types in this module.
+pub const ABI_MAJOR: u32 = 1;
+/// Bumped on compatible additions (the host accepts a plugin with a lower or equal minor).
+pub const ABI_MINOR: u32 = 0;
+/// The version of the `plugin-abi` crate this copy was compiled from.
+pub const CRATE_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The name of the exported [`PluginHeader`] static.
+pub const ROOT_SYMBOL: &str = "DYNPLUG_PLUGIN_ROOT";
+
+/// Return codes of the entries.
+pub mod status {
+    /// The entry succeeded.
+    pub const OK: u32 = 0;
+    /// The entry returned an error; its message was reported.
+    pub const ERROR: u32 = 1;
+    /// The entry panicked; the panic message was reported.
+    pub const PANIC: u32 = 2;
+}
+
+/// Stands for memory owned by the other side; only ever behind a pointer.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct Opaque {
+    _private: [u8; 0],
+}
+
+/// A borrowed UTF-8 string: valid only for the call it was passed in.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct RawStr {
+    ptr: *const u8,
+    len: usize,
+}
+
+impl RawStr {
+    /// Borrows `s` (the caller keeps `s` alive while the view is used).
+    pub const fn new(s: &str) -> Self {
+        Self {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// The string.
+    ///
+    /// # Safety
+    /// The view must come from a live `&str` that outlives `'a` (in practice:
+    /// use it only during the call that passed it, and copy what you keep).
+    pub unsafe fn as_str<'a>(self) -> &'a str {
+        // SAFETY: the caller guarantees the bytes come from a live `&str`,
+        // which is valid UTF-8 with this exact length.
+        unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.ptr, self.len)) }
+    }
+}
+
+/// Borrowed bytes: valid only for the call they were passed in.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct RawBytes {
+    ptr: *const u8,
+    len: usize,
+}
+
+impl RawBytes {
+    /// Borrows `b`.
+    pub const fn new(b: &[u8]) -> Self {
+        Self {
+            ptr: b.as_ptr(),
+            len: b.len(),
+        }
+    }
+
+    /// The bytes.
+    ///
+    /// # Safety
+    /// As [`RawStr::as_str`].
+    pub unsafe fn as_slice<'a>(self) -> &'a [u8] {
+        // SAFETY: the caller guarantees the view comes from a live slice.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// Called once per item of a [`Compound`]: `key` is empty for list items.
+#[repr(transparent)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct VisitFn {
+    /// The callback.
+    pub func: extern "C" fn(visitor: *mut Opaque, key: RawStr, value: ValueView),
+}
+
+/// A borrowed list or map, walked by the side that owns it.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct Compound {
+    handle: *const Opaque,
+    len: usize,
+    visit: extern "C" fn(
+        handle: *const Opaque,
+        visitor: *mut Opaque,
+        f: VisitFn,
+    ),
+}
+
+/// A borrowed [`Value`] (or its absence), valid only during the call that passed it.
+#[repr(C, u8)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub enum ValueView {
+    /// No value under that key.
+    Absent,
+    /// [`Value::Null`].
+    Null,
+    /// [`Value::Bool`].
+    Bool(bool),
+    /// [`Value::Int`].
+    Int(i64),
+    /// [`Value::Float`].
+    Float(f64),
+    /// [`Value::String`].
+    Str(RawStr),
+    /// [`Value::Bytes`].
+    Bytes(RawBytes),
+    /// [`Value::List`].
+    List(Compound),
+    /// [`Value::Map`].
+    Map(Compound),
+}
+
+extern "C" fn visit_list(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
+    // SAFETY: `handle` was made from a `&Vec<Value>` by `ValueView::of`, which
+    // is alive for the call the view was passed in.
+    let items = unsafe { &*handle.cast::<Vec<Value>>() };
+    for item in items {
+        (f.func)(visitor, RawStr::new(""), ValueView::of(item));
+    }
+}
+
+extern "C" fn visit_map(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
+    // SAFETY: as in `visit_list`, for a `&BTreeMap<String, Value>`.
+    let entries = unsafe { &*handle.cast::<BTreeMap<String, Value>>() };
+    for (k, v) in entries {
+        (f.func)(visitor, RawStr::new(k), ValueView::of(v));
+    }
+}
+
+extern "C" fn push_item(visitor: *mut Opaque, _key: RawStr, value: ValueView) {
+    // SAFETY: `visitor` is the `&mut Vec<Value>` passed by `to_value` for this walk,
+    // and `value` is valid during this callback.
+    unsafe { (*visitor.cast::<Vec<Value>>()).push(value.to_value()) }
+}
+
+extern "C" fn insert_entry(visitor: *mut Opaque, key: RawStr, value: ValueView) {
+    // SAFETY: `visitor` is the `&mut BTreeMap` passed by `to_value` for this walk;
+    // `key` and `value` are valid during this callback.
+    unsafe {
+        (*visitor.cast::<BTreeMap<String, Value>>())
+            .insert(key.as_str().to_owned(), value.to_value());
+    }
+}
+
+impl ValueView {
+    /// Borrows `value`. The view carries no lifetime: keep `value` alive and
+    /// unmodified while the view is in use.
+    pub fn of(value: &Value) -> ValueView {
+        match value {
+            Value::Null => ValueView::Null,
+            Value::Bool(b) => ValueView::Bool(*b),
+            Value::Int(i) => ValueView::Int(*i),
+            Value::Float(f) => ValueView::Float(*f),
+            Value::String(s) => ValueView::Str(RawStr::new(s)),
+            Value::Bytes(b) => ValueView::Bytes(RawBytes::new(b)),
+            Value::List(items) => ValueView::List(Compound {
+                handle: (items as *const Vec<Value>).cast(),
+                len: items.len(),
+                visit: visit_list,
+            }),
+            Value::Map(entries) => ValueView::Map(Compound {
+                handle: (entries as *const BTreeMap<String, Value>).cast(),
+                len: entries.len(),
+                visit: visit_map,
+            }),
+        }
+    }
+
+    /// Copies the viewed value into memory owned by the caller
+    /// ([`Value::Null`] for [`ValueView::Absent`]).
+    ///
+    /// # Safety
+    /// The view must be valid: made by [`ValueView::of`] from a value that is
+    /// still alive, and passed within the current call.
+    pub unsafe fn to_value(self) -> Value {
+        match self {
+            ValueView::Absent | ValueView::Null => Value::Null,
+            ValueView::Bool(b) => Value::Bool(b),
+            ValueView::Int(i) => Value::Int(i),
+            ValueView::Float(f) => Value::Float(f),
+            // SAFETY: the caller guarantees the view is valid.
+            ValueView::Str(s) => Value::String(unsafe { s.as_str() }.to_owned()),
+            // SAFETY: as above.
+            ValueView::Bytes(b) => Value::Bytes(unsafe { b.as_slice() }.to_vec()),
+            ValueView::List(c) => {
+                let mut items: Vec<Value> = Vec::with_capacity(c.len);
+                (c.visit)(c.handle, (&mut items as *mut Vec<Value>).cast(), VisitFn { func: push_item });
+                Value::List(items)
+            }
+            ValueView::Map(c) => {
+                let mut entries = BTreeMap::new();
+                let visitor = (&mut entries as *mut BTreeMap<String, Value>).cast();
+                (c.visit)(c.handle, visitor, VisitFn { func: insert_entry });
+                Value::Map(entries)
+            }
+        }
+    }
+}
+
+/// The host's side of a call's context, implemented by `dynplug`.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct HostVtable {
+    /// The label of the call.
+    pub label: extern "C" fn(data: *const Opaque) -> RawStr,
+    /// The value under `key`, or [`ValueView::Absent`].
+    pub get: extern "C" fn(data: *const Opaque, key: RawStr) -> ValueView,
+    /// Copies `value` into the context under `key`.
+    pub set: extern "C" fn(data: *mut Opaque, key: RawStr, value: ValueView),
+    /// Removes `key`; whether it was present.
+    pub remove: extern "C" fn(data: *mut Opaque, key: RawStr) -> bool,
+    /// Calls `f(visitor, key, value)` for every entry, in no particular order.
+    pub entries: extern "C" fn(
+        data: *const Opaque,
+        visitor: *mut Opaque,
+        f: VisitFn,
+    ),
+    /// Whether the call was cancelled or is past its deadline.
+    pub is_cancelled: extern "C" fn(data: *const Opaque) -> bool,
+    /// Nanoseconds left before the deadline (0 when past it), or -1 without one.
+    pub remaining_nanos: extern "C" fn(data: *const Opaque) -> i64,
+    /// Records the call's error message (copied by the host).
+    pub set_error: extern "C" fn(data: *mut Opaque, message: RawStr),
+}
+
+/// One call's context as passed to `execute`.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct FfiContext {
+    /// The host's context, opaque to the plugin.
+    pub data: *mut Opaque,
+    /// The host's functions over `data`.
+    pub host: *const HostVtable,
+}
+
+/// Where `init` and `shutdown` report an error message (copied by the host).
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct ErrorSink {
+    /// The host's error slot.
+    pub data: *mut Opaque,
+    /// Copies `message` into `data`.
+    pub write: extern "C" fn(data: *mut Opaque, message: RawStr),
+}
+
+/// The plugin's entries. Its `TypeLayout` is checked by the host before use.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct PluginVtable {
+    /// Runs one call; returns a [`status`] code.
+    pub execute: extern "C" fn(ctx: *mut FfiContext) -> u32,
+    /// Runs once after load with the manifest's `config`; returns a [`status`] code.
+    pub init: Option<extern "C" fn(config: ValueView, err: ErrorSink) -> u32>,
+    /// Runs once before unload; returns a [`status`] code.
+    pub shutdown: Option<extern "C" fn(err: ErrorSink) -> u32>,
+}
+
+/// The exported root. Its layout is frozen: a host of any version reads
+/// `magic`, `abi_major`, `abi_minor`, `crate_version` and `layout` to decide
+/// whether it may use `vtable`.
+#[repr(C)]
+pub struct PluginHeader {
+    /// Always [`MAGIC`].
+    pub magic: [u8; 8],
+    /// [`ABI_MAJOR`] of the `plugin-abi` the plugin was built with.
+    pub abi_major: u32,
+    /// [`ABI_MINOR`] of the `plugin-abi` the plugin was built with.
+    pub abi_minor: u32,
+    /// [`CRATE_VERSION`] of the `plugin-abi` the plugin was built with.
+    pub crate_version: RawStr,
+    /// The layout of `PluginVtable` as the plugin was compiled.
+    pub layout: &'static TypeLayout,
+    /// The entries.
+    pub vtable: &'static PluginVtable,
+}
+
+// SAFETY: every field is immutable `'static` data (the `RawStr` points at a
+// string literal), so sharing the header between threads is sound.
+unsafe impl Sync for PluginHeader {}
+
+impl PluginHeader {
+    /// The header for `vtable`, stamped with this crate's ABI version and layout.
+    pub const fn new(vtable: &'static PluginVtable) -> Self {
+        Self {
+            magic: MAGIC,
+            abi_major: ABI_MAJOR,
+            abi_minor: ABI_MINOR,
+            crate_version: RawStr::new(CRATE_VERSION),
+            layout: <PluginVtable as StableAbi>::LAYOUT,
+            vtable,
+        }
+    }
+
+    /// The version string of the `plugin-abi` the plugin was built with.
+    ///
+    /// # Safety
+    /// The header must come from a loaded library (its string is a literal of it).
+    pub unsafe fn crate_version(&self) -> &str {
+        // SAFETY: the caller guarantees the library holding the literal is loaded.
+        unsafe { self.crate_version.as_str() }
+    }
+}
+
+/// The layout this copy of `plugin-abi` expects for [`PluginVtable`].
+pub fn expected_layout() -> &'static TypeLayout {
+    <PluginVtable as StableAbi>::LAYOUT
+}
+
+/// Checks a plugin's `PluginVtable` layout against this crate's.
+///
+/// # Errors
+/// A description of every incompatibility abi_stable found.
+pub fn check_layout(found: &'static TypeLayout) -> Result<(), String> {
+    abi_stable::abi_stability::abi_checking::check_layout_compatibility(expected_layout(), found)
+        .map_err(|e| e.to_string())
+}
+
+// ----- the plugin side -----
+
+impl FfiContext {
+    fn host(&self) -> &HostVtable {
+        // SAFETY: the host passes a vtable that lives for the whole call, and
+        // `FfiContext` only exists inside a call.
+        unsafe { &*self.host }
+    }
+
+    pub(crate) fn label(&self) -> &str {
+        let label = (self.host().label)(self.data);
+        // SAFETY: the label is host memory that stays untouched while the
+        // plugin holds `&self` (the host is blocked in the call).
+        unsafe { label.as_str() }
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Borrowed<'_> {
+        let view = (self.host().get)(self.data, RawStr::new(key));
+        // SAFETY: the view points into the host's context, which is not
+        // modified while the plugin holds `&self`.
+        unsafe { Borrowed::from_view(view) }
+    }
+
+    pub(crate) fn set(&mut self, key: &str, value: &Value) {
+        (self.host().set)(self.data, RawStr::new(key), ValueView::of(value));
+    }
+
+    pub(crate) fn set_str(&mut self, key: &str, value: &str) {
+        let view = ValueView::Str(RawStr::new(value));
+        (self.host().set)(self.data, RawStr::new(key), view);
+    }
+
+    pub(crate) fn remove(&mut self, key: &str) -> bool {
+        (self.host().remove)(self.data, RawStr::new(key))
+    }
+
+    pub(crate) fn entries(&self) -> Vec<(String, Value)> {
+        extern "C" fn collect(visitor: *mut Opaque, key: RawStr, value: ValueView) {
+            // SAFETY: `visitor` is the Vec below; key and value are valid
+            // during this callback.
+            unsafe {
+                (*visitor.cast::<Vec<(String, Value)>>())
+                    .push((key.as_str().to_owned(), value.to_value()));
+            }
+        }
+        let mut out: Vec<(String, Value)> = Vec::new();
+        let visitor = (&mut out as *mut Vec<(String, Value)>).cast();
+        (self.host().entries)(self.data, visitor, VisitFn { func: collect });
+        out
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        (self.host().is_cancelled)(self.data)
+    }
+
+    pub(crate) fn remaining_nanos(&self) -> i64 {
+        (self.host().remaining_nanos)(self.data)
+    }
+
+    fn set_error(&mut self, message: &str) {
+        (self.host().set_error)(self.data, RawStr::new(message));
+    }
+}
+
+/// A value borrowed from the host's context for as long as `&Context` lives.
+pub(crate) enum Borrowed<'a> {
+    Absent,
+    Str(&'a str),
+    Bytes(&'a [u8]),
+    Other(ValueView),
+}
+
+impl Borrowed<'_> {
+    /// # Safety
+    /// `view` must be valid for the borrow's lifetime.
+    unsafe fn from_view(view: ValueView) -> Self {
+        match view {
+            ValueView::Absent => Borrowed::Absent,
+            // SAFETY: guaranteed by the caller.
+            ValueView::Str(s) => Borrowed::Str(unsafe { s.as_str() }),
+            // SAFETY: guaranteed by the caller.
+            ValueView::Bytes(b) => Borrowed::Bytes(unsafe { b.as_slice() }),
+            other => Borrowed::Other(other),
+        }
+    }
+
+    pub(crate) fn to_value(&self) -> Option<Value> {
+        match *self {
+            Borrowed::Absent => None,
+            Borrowed::Str(s) => Some(Value::String(s.to_owned())),
+            Borrowed::Bytes(b) => Some(Value::Bytes(b.to_vec())),
+            // SAFETY: the view was valid when borrowed and the borrow is still live.
+            Borrowed::Other(view) => Some(unsafe { view.to_value() }),
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+fn report(result: std::thread::Result<Result<(), PluginError>>, sink: impl FnOnce(&str)) -> u32 {
+    match result {
+        Ok(Ok(())) => status::OK,
+        Ok(Err(err)) => {
+            sink(err.message());
+            status::ERROR
+        }
+        Err(payload) => {
+            sink(&panic_message(&*payload));
+            status::PANIC
+        }
+    }
+}
+
+/// Runs a plugin's `execute` for the host; used by [`export_plugin!`](crate::export_plugin).
+///
+/// # Safety
+/// `ctx` must be the valid, exclusive context the host passed to this call.
+#[doc(hidden)]
+pub unsafe fn run_execute(ctx: *mut FfiContext, f: fn(&mut Context) -> Result<(), PluginError>) -> u32 {
+    // SAFETY: the host passes a valid context, exclusively ours for the call;
+    // `Context` is a `repr(transparent)` wrapper of `FfiContext`.
+    let ctx = unsafe { &mut *ctx.cast::<Context>() };
+    let result = catch_unwind(AssertUnwindSafe(|| f(ctx)));
+    report(result, |message| ctx.raw_mut().set_error(message))
+}
+
+/// Runs a plugin's `init` for the host; used by [`export_plugin!`](crate::export_plugin).
+///
+/// # Safety
+/// `config` and `sink` must be the ones the host passed to this call.
+#[doc(hidden)]
+pub unsafe fn run_init(config: ValueView, sink: ErrorSink, f: fn(&Value) -> Result<(), PluginError>) -> u32 {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the host keeps the config alive during the call.
+        let config = unsafe { config.to_value() };
+        f(&config)
+    }));
+    report(result, |message| (sink.write)(sink.data, RawStr::new(message)))
+}
+
+/// Runs a plugin's `shutdown` for the host; used by [`export_plugin!`](crate::export_plugin).
+///
+/// # Safety
+/// `sink` must be the one the host passed to this call.
+#[doc(hidden)]
+pub unsafe fn run_shutdown(sink: ErrorSink, f: fn()) -> u32 {
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        f();
+        Ok(())
+    }));
+    report(result, |message| (sink.write)(sink.data, RawStr::new(message)))
+}

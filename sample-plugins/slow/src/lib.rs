@@ -1,0 +1,26 @@
+//! Failure fixture: loops until the call is cancelled or past its deadline
+//! (or `max_ms`, default 10 s, as a safety net).
+
+use std::time::{Duration, Instant};
+
+use plugin_abi::{Context, PluginError, export_plugin};
+
+fn execute(ctx: &mut Context) -> Result<(), PluginError> {
+    let max = Duration::from_millis(ctx.get_i64("max_ms").unwrap_or(10_000).max(0) as u64);
+    let start = Instant::now();
+    let mut iterations = 0_i64;
+    while !ctx.is_cancelled() && start.elapsed() < max {
+        std::thread::sleep(Duration::from_millis(1));
+        iterations += 1;
+    }
+    ctx.set("iterations", iterations);
+    if ctx.is_cancelled() {
+        return Err(PluginError::new(format!(
+            "slow: stopped after {} ms",
+            start.elapsed().as_millis()
+        )));
+    }
+    Ok(())
+}
+
+export_plugin!(execute);

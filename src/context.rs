@@ -1,0 +1,223 @@
+//! The host's side of a call: label, values, cancellation, deadline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::Value;
+
+/// Cancels the calls of every [`Context`] it was taken from; cheap to clone,
+/// usable from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels: the plugin sees `is_cancelled() == true` from now on.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The input and output of one call: a label, values, a cancellation token
+/// and an optional deadline.
+///
+/// ```
+/// let mut ctx = dynplug::Context::new("hello.get").with("name", "Ada");
+/// ctx.set("lang", "en");
+/// assert_eq!(ctx.get_str("name"), Some("Ada"));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    label: String,
+    pub(crate) values: HashMap<String, Value>,
+    cancel: CancelToken,
+    deadline: Option<Instant>,
+}
+
+impl Context {
+    /// A context for a call with `label`, without values or deadline.
+    pub fn new(label: impl Into<String>) -> Self {
+        Self {
+            label: label.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Adds a value (builder style).
+    #[must_use]
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.set(key, value);
+        self
+    }
+
+    /// Sets the deadline to `timeout` from now (builder style).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.deadline = Some(Instant::now() + timeout);
+        self
+    }
+
+    /// Sets the deadline (builder style).
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Shares `token`, so cancelling it cancels this call (builder style).
+    #[must_use]
+    pub fn with_cancel_token(mut self, token: CancelToken) -> Self {
+        self.cancel = token;
+        self
+    }
+
+    /// The label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Replaces the label.
+    pub fn set_label(&mut self, label: impl Into<String>) {
+        self.label = label.into();
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+
+    /// The string under `key`.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.get(key)?.as_str()
+    }
+
+    /// The integer under `key` (see [`Value::as_i64`]).
+    pub fn get_i64(&self, key: &str) -> Option<i64> {
+        self.get(key)?.as_i64()
+    }
+
+    /// The number under `key` as a float.
+    pub fn get_f64(&self, key: &str) -> Option<f64> {
+        self.get(key)?.as_f64()
+    }
+
+    /// The boolean under `key`.
+    pub fn get_bool(&self, key: &str) -> Option<bool> {
+        self.get(key)?.as_bool()
+    }
+
+    /// The bytes under `key` (a string's UTF-8 too).
+    pub fn get_bytes(&self, key: &str) -> Option<&[u8]> {
+        self.get(key)?.as_bytes()
+    }
+
+    /// Deserializes the value under `key` into `T`; `None` when absent.
+    ///
+    /// # Errors
+    /// When the value does not have the shape `T` expects.
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<Result<T, serde_json::Error>> {
+        self.get(key).map(Value::deserialize_into)
+    }
+
+    /// Stores `value` under `key`.
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<Value>) {
+        self.values.insert(key.into(), value.into());
+    }
+
+    /// Serializes `value` and stores it under `key`.
+    ///
+    /// # Errors
+    /// When `T`'s `Serialize` implementation fails.
+    pub fn set_as<T: serde::Serialize + ?Sized>(&mut self, key: impl Into<String>, value: &T) -> Result<(), serde_json::Error> {
+        self.values.insert(key.into(), Value::from_serialize(value)?);
+        Ok(())
+    }
+
+    /// Removes and returns the value under `key`.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        self.values.remove(key)
+    }
+
+    /// All values.
+    pub fn values(&self) -> &HashMap<String, Value> {
+        &self.values
+    }
+
+    /// Takes all values out.
+    pub fn into_values(self) -> HashMap<String, Value> {
+        self.values
+    }
+
+    /// A token that cancels this call from another thread.
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
+    /// Cancels this call.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// The deadline, if any.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Whether the deadline has passed.
+    pub fn is_expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Whether the call was cancelled or its deadline has passed (what the plugin sees).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled() || self.is_expired()
+    }
+
+    /// Time left before the deadline (zero once past it).
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_token_is_shared_between_clones() {
+        let ctx = Context::new("x");
+        let token = ctx.cancel_token();
+        assert!(!ctx.is_cancelled());
+        std::thread::spawn(move || token.cancel()).join().unwrap();
+        assert!(ctx.is_cancelled());
+    }
+
+    #[test]
+    fn expired_deadline_reads_as_cancelled() {
+        let ctx = Context::new("x").with_timeout(Duration::ZERO);
+        assert!(ctx.is_expired() && ctx.is_cancelled());
+        assert_eq!(ctx.remaining(), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn typed_helpers_round_trip() {
+        let mut ctx = Context::new("x").with("n", 5).with("s", "t");
+        ctx.set_as("list", &vec![1, 2]).unwrap();
+        assert_eq!(ctx.get_i64("n"), Some(5));
+        assert_eq!(ctx.get_str("s"), Some("t"));
+        let list: Vec<i32> = ctx.get_as("list").unwrap().unwrap();
+        assert_eq!(list, [1, 2]);
+    }
+}

@@ -1,0 +1,189 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in dynplug, named after the step that failed.
+///
+/// Every variant carries the plugin name and, where a file is involved, its path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file or directory could not be read, copied or written.
+    #[error("{plugin}: {action} {path}: {source}")]
+    Io {
+        /// The plugin concerned (or the base directory's name while scanning).
+        plugin: String,
+        /// What was being done ("reading", "copying to", …).
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `plugin.json` is malformed or invalid.
+    #[error("{plugin}: {path}: {field}: {message}")]
+    Manifest {
+        /// The plugin directory's name.
+        plugin: String,
+        /// The manifest file.
+        path: PathBuf,
+        /// The offending field, as a path (`source.mode`), or `.` for the whole file.
+        field: String,
+        /// What was expected and what was found.
+        message: String,
+    },
+
+    /// The manifest asks for something this host does not do yet.
+    #[error("{plugin}: {path}: {what} is not supported yet")]
+    Unsupported {
+        /// The plugin.
+        plugin: String,
+        /// The manifest file.
+        path: PathBuf,
+        /// The feature, e.g. `source.mode "exec"`.
+        what: String,
+    },
+
+    /// The artifact's SHA-256 differs from the manifest's `sha256`.
+    #[error("{plugin}: {path}: sha256 mismatch: manifest says {expected}, file has {found}")]
+    Checksum {
+        /// The plugin.
+        plugin: String,
+        /// The artifact.
+        path: PathBuf,
+        /// From the manifest.
+        expected: String,
+        /// Of the bytes read.
+        found: String,
+    },
+
+    /// `dlopen` refused the artifact (truncated file, wrong architecture, missing dependency, …).
+    #[error("{plugin}: {path}: cannot load library: {source}")]
+    Open {
+        /// The plugin.
+        plugin: String,
+        /// The artifact (drop location, not the shadow copy).
+        path: PathBuf,
+        /// The loader's error.
+        #[source]
+        source: libloading::Error,
+    },
+
+    /// The library does not export a dynplug root.
+    #[error(
+        "{plugin}: {path}: no `{symbol}` symbol: not a dynplug plugin (export it with plugin_abi::export_plugin!)"
+    )]
+    MissingRoot {
+        /// The plugin.
+        plugin: String,
+        /// The artifact.
+        path: PathBuf,
+        /// The symbol looked for.
+        symbol: &'static str,
+    },
+
+    /// The plugin was built against an incompatible `plugin-abi`.
+    #[error("{plugin}: {path}: built against {found}, but this host needs {expected}{detail}")]
+    AbiMismatch {
+        /// The plugin.
+        plugin: String,
+        /// The artifact.
+        path: PathBuf,
+        /// What the plugin was built with, e.g. `plugin-abi 0.0.9 (ABI 0.9)`.
+        found: String,
+        /// What the host needs.
+        expected: String,
+        /// Layout differences found, if any (starts with `: `).
+        detail: String,
+    },
+
+    /// The plugin's `init` returned an error or panicked.
+    #[error("{plugin}: init failed: {message}")]
+    Init {
+        /// The plugin.
+        plugin: String,
+        /// The plugin's message (or panic message).
+        message: String,
+    },
+
+    /// No plugin of that name is known.
+    #[error("{plugin}: no such plugin")]
+    NotFound {
+        /// The name asked for.
+        plugin: String,
+    },
+
+    /// The plugin exists but cannot take calls now (failed, draining, unloaded).
+    #[error("{plugin}: unavailable: {reason}")]
+    Unavailable {
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// The plugin's `execute` returned an error.
+    #[error("{plugin}: {label}: {message}")]
+    Plugin {
+        /// The plugin.
+        plugin: String,
+        /// The label called.
+        label: String,
+        /// The plugin's message.
+        message: String,
+    },
+
+    /// The plugin panicked; the host caught it and keeps running.
+    #[error("{plugin}: {label}: panicked: {message}")]
+    Panic {
+        /// The plugin.
+        plugin: String,
+        /// The label called.
+        label: String,
+        /// The panic message.
+        message: String,
+    },
+
+    /// The call's deadline passed before the plugin answered.
+    #[error("{plugin}: {label}: deadline exceeded")]
+    DeadlineExceeded {
+        /// The plugin.
+        plugin: String,
+        /// The label called.
+        label: String,
+    },
+
+    /// The call was cancelled by the caller.
+    #[error("{plugin}: {label}: cancelled")]
+    Cancelled {
+        /// The plugin.
+        plugin: String,
+        /// The label called.
+        label: String,
+    },
+}
+
+impl Error {
+    /// The plugin this error is about.
+    pub fn plugin(&self) -> &str {
+        match self {
+            Error::Io { plugin, .. }
+            | Error::Manifest { plugin, .. }
+            | Error::Unsupported { plugin, .. }
+            | Error::Checksum { plugin, .. }
+            | Error::Open { plugin, .. }
+            | Error::MissingRoot { plugin, .. }
+            | Error::AbiMismatch { plugin, .. }
+            | Error::Init { plugin, .. }
+            | Error::NotFound { plugin }
+            | Error::Unavailable { plugin, .. }
+            | Error::Plugin { plugin, .. }
+            | Error::Panic { plugin, .. }
+            | Error::DeadlineExceeded { plugin, .. }
+            | Error::Cancelled { plugin, .. } => plugin,
+        }
+    }
+}
+
+/// `Result` with dynplug's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,87 @@
+//! The handle host code calls plugins through.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::slot::Slot;
+use crate::Context;
+
+/// Calls one plugin. Cheap to clone, `Send + Sync`.
+///
+/// An executor is bound to the plugin's name, not to one version: each call
+/// goes to the version serving at that moment and keeps it alive until the
+/// call returns, so upgrades and reloads never fail a call.
+#[derive(Clone)]
+pub struct Executor {
+    slot: Arc<Slot>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor").field("plugin", &self.slot.name).finish()
+    }
+}
+
+impl Executor {
+    pub(crate) fn new(slot: Arc<Slot>) -> Self {
+        Self { slot }
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.slot.name
+    }
+
+    /// The manifest of the version serving now, if any.
+    pub fn manifest(&self) -> Option<Arc<Manifest>> {
+        self.slot.current.load().as_ref().map(|v| Arc::clone(&v.manifest))
+    }
+
+    /// Runs one call, blocking until the plugin answers (or, for `pooled`
+    /// plugins, until the context's deadline passes).
+    ///
+    /// # Errors
+    /// [`Error::Plugin`] with the plugin's message, [`Error::Panic`] if it
+    /// panicked, [`Error::DeadlineExceeded`] / [`Error::Cancelled`], and
+    /// [`Error::Unavailable`] if no version is serving.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # fn main() -> Result<(), dynplug::Error> {
+    /// let manager = dynplug::PluginManager::new("plugins")?;
+    /// manager.load_plugins()?;
+    /// let (_spec, hello) = manager.get_plugin("hello")?;
+    /// let mut ctx = dynplug::Context::new("hello.get").with("name", "Ada");
+    /// hello.execute(&mut ctx)?;
+    /// assert_eq!(ctx.get_str("greeting"), Some("hello, Ada"));
+    /// # Ok(()) }
+    /// ```
+    pub fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let current = self.slot.current.load();
+        let version = current.as_ref().ok_or_else(|| self.unavailable())?;
+        version.execute(ctx)
+    }
+
+    /// Runs one call without blocking the async runtime: a `pooled` plugin
+    /// runs on its workers while this future waits. (`inline` plugins run on
+    /// the polling thread, by definition.) Dropping the future cancels the call.
+    ///
+    /// # Errors
+    /// As [`execute`](Self::execute).
+    pub async fn execute_async(&self, ctx: &mut Context) -> Result<()> {
+        let version = self.slot.current.load_full().ok_or_else(|| self.unavailable())?;
+        version.execute_async(ctx).await
+    }
+
+    fn unavailable(&self) -> Error {
+        let status = self.slot.status();
+        Error::Unavailable {
+            plugin: self.slot.name.clone(),
+            reason: status
+                .error
+                .clone()
+                .unwrap_or_else(|| format!("plugin is {}", status.state.as_str())),
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The plugin manager: scans the base directory, loads, serves and unloads plugins.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::executor::Executor;
+use crate::manifest::{is_path_safe, Manifest};
+use crate::native::{remove_stale, Ending, NativeOptions};
+use crate::slot::{PluginInfo, PluginState, Slot};
+use crate::version::{LoadOptions, Version};
+
+/// Configures a [`PluginManager`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    base: PathBuf,
+    shadow_dir: Option<PathBuf>,
+    pool_size: usize,
+    drain_timeout: Duration,
+    event_capacity: usize,
+}
+
+impl Builder {
+    /// Where shadow copies are written (default `<base>/.dynplug/shadow`).
+    /// Must be on a filesystem that allows executable mappings.
+    #[must_use]
+    pub fn shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.shadow_dir = Some(dir.into());
+        self
+    }
+
+    /// Worker threads per loaded version of a `pooled` plugin (default 2).
+    #[must_use]
+    pub fn pool_size(mut self, threads: usize) -> Self {
+        self.pool_size = threads.max(1);
+        self
+    }
+
+    /// How long an unload waits for running calls before reporting the
+    /// version as leaked (default 30 s).
+    #[must_use]
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// How many events a slow subscriber may lag behind (default 1024).
+    #[must_use]
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = capacity.max(1);
+        self
+    }
+
+    /// Creates the manager.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the base directory is not a readable directory.
+    pub fn build(self) -> Result<PluginManager> {
+        let io = |source| Error::Io {
+            plugin: String::new(),
+            action: "opening plugins directory",
+            path: self.base.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(&self.base).map_err(io)?;
+        if !meta.is_dir() {
+            return Err(io(std::io::Error::other("not a directory")));
+        }
+        let shadow_dir = self
+            .shadow_dir
+            .unwrap_or_else(|| self.base.join(".dynplug").join("shadow"));
+        remove_stale(&shadow_dir);
+        let (events, _) = broadcast::channel(self.event_capacity);
+        Ok(PluginManager {
+            inner: Arc::new(Inner {
+                base: self.base,
+                options: LoadOptions {
+                    native: NativeOptions {
+                        shadow_dir,
+                        pool_size: self.pool_size,
+                    },
+                },
+                drain_timeout: self.drain_timeout,
+                slots: RwLock::new(BTreeMap::new()),
+                events,
+                loading: Mutex::new(()),
+            }),
+        })
+    }
+}
+
+/// What [`PluginManager::load_plugins`] did.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct LoadReport {
+    /// Plugins loaded, by name, sorted.
+    pub loaded: Vec<String>,
+    /// Plugins that failed, each with its error, sorted by name.
+    pub failed: Vec<(String, Error)>,
+}
+
+/// Loads plugins from a base directory and hands out [`Executor`]s.
+///
+/// Cheap to clone: clones share the same plugins.
+#[derive(Clone)]
+pub struct PluginManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    base: PathBuf,
+    options: LoadOptions,
+    drain_timeout: Duration,
+    slots: RwLock<BTreeMap<String, Arc<Slot>>>,
+    events: broadcast::Sender<Event>,
+    // Loads and unloads of one manager are serialised per call to keep
+    // version swaps ordered; scanning runs its loads in parallel under it.
+    loading: Mutex<()>,
+}
+
+impl std::fmt::Debug for PluginManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginManager")
+            .field("base", &self.inner.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginManager {
+    /// A manager for the plugins under `base`, with default settings.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if `base` is not a readable directory.
+    pub fn new(base: impl Into<PathBuf>) -> Result<PluginManager> {
+        Self::builder(base).build()
+    }
+
+    /// A [`Builder`] for the plugins under `base`.
+    pub fn builder(base: impl Into<PathBuf>) -> Builder {
+        Builder {
+            base: base.into(),
+            shadow_dir: None,
+            pool_size: 2,
+            drain_timeout: Duration::from_secs(30),
+            event_capacity: 1024,
+        }
+    }
+
+    /// The base directory.
+    pub fn base_dir(&self) -> &Path {
+        &self.inner.base
+    }
+
+    /// Receives every lifecycle event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Loads every plugin directory under the base directory, in parallel.
+    /// One plugin failing never stops the others; already loaded plugins are reloaded.
+    ///
+    /// # Errors
+    /// [`Error::Io`] only if the base directory cannot be read; per-plugin
+    /// failures are in the report (and emitted as [`Event::Failed`]).
+    pub fn load_plugins(&self) -> Result<LoadReport> {
+        let names = self.scan()?;
+        let _serial = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
+        let next = AtomicUsize::new(0);
+        let results = Mutex::new(Vec::with_capacity(names.len()));
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(names.len());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    while let Some(name) = names.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let result = self.load_locked(name);
+                        results.lock().unwrap_or_else(|e| e.into_inner()).push((name.clone(), result));
+                    }
+                });
+            }
+        });
+        let mut report = LoadReport::default();
+        let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, result) in results {
+            match result {
+                Ok(_) => report.loaded.push(name),
+                Err(e) => report.failed.push((name, e)),
+            }
+        }
+        Ok(report)
+    }
+
+    /// The plugin directory names under the base directory (dot entries skipped).
+    fn scan(&self) -> Result<Vec<String>> {
+        let base = &self.inner.base;
+        let entries = std::fs::read_dir(base).map_err(|source| Error::Io {
+            plugin: String::new(),
+            action: "reading plugins directory",
+            path: base.clone(),
+            source,
+        })?;
+        let mut names = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if entry.path().is_dir() {
+                names.push(name);
+            } else {
+                tracing::debug!(file = %entry.path().display(), "skipping: not a plugin directory");
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Loads (or reloads) the plugin in `<base>/<name>`. On a reload the new
+    /// version is fully loaded and initialised before it replaces the old one,
+    /// which is then drained and unloaded; if the new one fails, the old one
+    /// keeps serving.
+    ///
+    /// # Errors
+    /// Why the plugin could not be loaded (also emitted as [`Event::Failed`]).
+    pub fn load_plugin(&self, name: &str) -> Result<Arc<Manifest>> {
+        let _serial = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
+        self.load_locked(name)
+    }
+
+    fn load_locked(&self, name: &str) -> Result<Arc<Manifest>> {
+        if !is_path_safe(name) {
+            return Err(Error::NotFound {
+                plugin: name.to_owned(),
+            });
+        }
+        let dir = self.inner.base.join(name);
+        let slot = self.slot_or_insert(name, &dir);
+        let started = Instant::now();
+        let loaded = Manifest::from_dir(&dir).and_then(|m| Version::load(m, dir, &self.inner.options));
+        match loaded {
+            Ok(version) => {
+                let manifest = Arc::clone(&version.manifest);
+                slot.mark_loaded(&version);
+                let old = slot.swap(Some(Arc::new(version)));
+                tracing::info!(plugin = name, version = %manifest.version, elapsed = ?started.elapsed(), "loaded");
+                self.emit(Event::Loaded {
+                    plugin: name.to_owned(),
+                    version: manifest.version.to_string(),
+                });
+                if let Some(old) = old {
+                    self.retire(&slot, old);
+                }
+                Ok(manifest)
+            }
+            Err(error) => {
+                let still_serving = slot.current.load().is_some();
+                {
+                    let mut status = slot.status();
+                    status.error = Some(error.to_string());
+                    if !still_serving {
+                        status.state = PluginState::Failed;
+                    }
+                }
+                tracing::warn!(plugin = name, still_serving, "load failed: {error}");
+                self.emit(Event::Failed {
+                    plugin: name.to_owned(),
+                    error: error.to_string(),
+                    still_serving,
+                });
+                Err(error)
+            }
+        }
+    }
+
+    fn slot_or_insert(&self, name: &str, dir: &Path) -> Arc<Slot> {
+        if let Some(slot) = self.slot(name) {
+            return slot;
+        }
+        let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            slots
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(Slot::new(name.to_owned(), dir.to_owned()))),
+        )
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.get(name).cloned()
+    }
+
+    /// The manifest and an executor of a loaded plugin.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown name, [`Error::Unavailable`] if the
+    /// plugin is known but not serving (failed or unloaded).
+    pub fn get_plugin(&self, name: &str) -> Result<(Arc<Manifest>, Executor)> {
+        let slot = self.slot(name).ok_or_else(|| Error::NotFound {
+            plugin: name.to_owned(),
+        })?;
+        let executor = Executor::new(slot);
+        let manifest = executor.manifest().ok_or_else(|| {
+            let info = self.info(name);
+            Error::Unavailable {
+                plugin: name.to_owned(),
+                reason: info
+                    .and_then(|i| i.error.or(Some(format!("plugin is {}", i.state.as_str()))))
+                    .unwrap_or_default(),
+            }
+        })?;
+        Ok((manifest, executor))
+    }
+
+    /// Every plugin the manager knows, sorted by name.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots.values().map(|s| s.info()).collect()
+    }
+
+    /// One plugin's row of [`list`](Self::list).
+    pub fn info(&self, name: &str) -> Option<PluginInfo> {
+        self.slot(name).map(|s| s.info())
+    }
+
+    /// Takes a plugin out of service: new calls fail with
+    /// [`Error::Unavailable`], running calls finish, then the version is shut
+    /// down and unloaded. Returns the final state ([`PluginState::Unloaded`],
+    /// [`PluginState::Retained`] for `inline`, or [`PluginState::Leaked`]).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown name, [`Error::Unavailable`] if it
+    /// is not serving.
+    pub fn unload(&self, name: &str) -> Result<PluginState> {
+        let _serial = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = self.slot(name).ok_or_else(|| Error::NotFound {
+            plugin: name.to_owned(),
+        })?;
+        let old = slot.swap(None).ok_or_else(|| Error::Unavailable {
+            plugin: name.to_owned(),
+            reason: "not loaded".into(),
+        })?;
+        Ok(self.retire(&slot, old))
+    }
+
+    /// Unloads every plugin (e.g. at shutdown).
+    pub fn unload_all(&self) {
+        let names: Vec<String> = self.list().into_iter().map(|i| i.name).collect();
+        for name in names {
+            let _ = self.unload(&name);
+        }
+    }
+
+    /// Drains a version taken out of service, then unloads it and reports how it ended.
+    fn retire(&self, slot: &Slot, old: Arc<Version>) -> PluginState {
+        let plugin = slot.name.clone();
+        let version = old.manifest.version.to_string();
+        let serving = slot.current.load().is_some();
+        if !serving {
+            slot.status().state = PluginState::Draining;
+        }
+        let deadline = Instant::now() + self.inner.drain_timeout;
+        let mut pause = Duration::from_micros(50);
+        // Every running call holds a clone of the Arc; wait for them to finish.
+        while Arc::strong_count(&old) > 1 {
+            if Instant::now() >= deadline {
+                let running = Arc::strong_count(&old) - 1;
+                let reason = format!(
+                    "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",
+                    self.inner.drain_timeout
+                );
+                return self.ended(slot, serving, Event::Leaked { plugin, version, reason });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        let Ok(mut old) = Arc::try_unwrap(old) else {
+            unreachable!("strong count was 1 and no new clone can appear after the swap");
+        };
+        let artifact = old.artifact();
+        let event = match old.unload() {
+            Ending::Unloaded => Event::Unloaded { plugin, version },
+            Ending::Retained => Event::Retained { plugin, version },
+            Ending::Leaked(reason) => Event::Leaked {
+                plugin,
+                version,
+                reason: format!("{reason} ({})", artifact.display()),
+            },
+        };
+        self.ended(slot, serving, event)
+    }
+
+    /// Records how a retired version ended; the slot's state changes only if
+    /// no newer version is serving.
+    fn ended(&self, slot: &Slot, serving: bool, event: Event) -> PluginState {
+        let (state, error) = match &event {
+            Event::Unloaded { .. } => (PluginState::Unloaded, None),
+            Event::Retained { .. } => (PluginState::Retained, None),
+            Event::Leaked { reason, .. } => (PluginState::Leaked, Some(reason.clone())),
+            _ => unreachable!("only ending events are passed"),
+        };
+        match &event {
+            Event::Leaked { reason, .. } => tracing::warn!(plugin = %slot.name, "leaked: {reason}"),
+            _ => tracing::info!(plugin = %slot.name, "{}", state.as_str()),
+        }
+        if !serving {
+            let mut status = slot.status();
+            status.state = state;
+            status.error = error;
+        }
+        self.emit(event);
+        state
+    }
+
+    fn emit(&self, event: Event) {
+        // No subscriber is not an error.
+        let _ = self.inner.events.send(event);
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Executors may outlive the manager; those versions end when the last
+        // executor drops. The rest end here, in order, with their shutdown called.
+        let slots = std::mem::take(self.slots.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for slot in slots.into_values() {
+            drop(slot.swap(None));
+        }
+    }
+}

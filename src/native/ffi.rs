@@ -1,0 +1,297 @@
+//! The one place in `dynplug` with `unsafe`: opening a plugin library,
+//! checking its ABI, calling its entries, and the host callbacks it calls back.
+//!
+//! [`Library`] is the safe handle: it owns the `dlopen` handle and the entry
+//! table read from it, and the table can only be used through `&Library`, so
+//! no entry can be called after the library is closed.
+#![allow(unsafe_code)]
+
+use std::path::Path;
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use plugin_abi::ffi::{
+    self, ErrorSink, FfiContext, HostVtable, Opaque, PluginHeader, PluginVtable, RawStr, ValueView,
+    VisitFn, status,
+};
+
+use crate::{Context, Value};
+
+/// What an entry reported.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Ok,
+    Error(String),
+    Panic(String),
+}
+
+/// Why a library was refused; turned into [`crate::Error`] by the caller, who
+/// knows the plugin's name and drop path.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    Dlopen(libloading::Error),
+    MissingRoot,
+    Abi {
+        found: String,
+        expected: String,
+        detail: String,
+    },
+}
+
+/// An open plugin library and its checked entry table.
+pub(crate) struct Library {
+    // Dropped (dlclose) only by `close`, or never when `retain` is set.
+    handle: Option<libloading::Library>,
+    vtable: NonNull<PluginVtable>,
+}
+
+// SAFETY: the entry table is immutable static data of the library, which
+// stays loaded as long as `Library` lives; plugin entries are plain
+// `extern "C" fn`s over `Sync` Rust statics (export_plugin! only accepts safe
+// Rust `fn`s), so calling them from several threads is sound.
+unsafe impl Send for Library {}
+// SAFETY: as above; `&Library` only reads the table.
+unsafe impl Sync for Library {}
+
+pub(crate) fn expected_abi() -> String {
+    format!(
+        "plugin-abi {} (ABI {}.{})",
+        ffi::CRATE_VERSION,
+        ffi::ABI_MAJOR,
+        ffi::ABI_MINOR
+    )
+}
+
+impl Library {
+    /// `dlopen`s `path` with `RTLD_NOW | RTLD_LOCAL` and checks its root.
+    pub(crate) fn open(path: &Path) -> Result<Library, OpenError> {
+        use libloading::os::unix::{RTLD_LOCAL, RTLD_NOW};
+        // SAFETY: loading a library runs its initialisers. A dynplug plugin is
+        // Rust code built with plugin-abi, whose initialisers are those of std;
+        // the operator vouches for the file by dropping it in the plugins
+        // directory (and optionally by its sha256 in the manifest).
+        let lib = unsafe { libloading::os::unix::Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+            .map_err(OpenError::Dlopen)?;
+        let lib = libloading::Library::from(lib);
+        let vtable = Self::check_root(&lib)?;
+        Ok(Library {
+            handle: Some(lib),
+            vtable,
+        })
+    }
+
+    fn check_root(lib: &libloading::Library) -> Result<NonNull<PluginVtable>, OpenError> {
+        let symbol = format!("{}\0", ffi::ROOT_SYMBOL);
+        // SAFETY: we only take the symbol's address here; it is read below
+        // after checking the magic bytes of the frozen header layout.
+        let root = unsafe { lib.get::<*const PluginHeader>(symbol.as_bytes()) }
+            .map_err(|_| OpenError::MissingRoot)?;
+        // SAFETY: a symbol named DYNPLUG_PLUGIN_ROOT is a `PluginHeader`
+        // static, whose layout is frozen across ABI versions; `lib` is loaded.
+        let header: &PluginHeader = unsafe { &**root };
+        if header.magic != ffi::MAGIC {
+            return Err(OpenError::Abi {
+                found: "an unknown root format (bad magic bytes)".into(),
+                expected: expected_abi(),
+                detail: String::new(),
+            });
+        }
+        // SAFETY: the magic matched, so `crate_version` is a string literal of the library.
+        let version = unsafe { header.crate_version() };
+        let found = format!(
+            "plugin-abi {version} (ABI {}.{})",
+            header.abi_major, header.abi_minor
+        );
+        if header.abi_major != ffi::ABI_MAJOR || header.abi_minor > ffi::ABI_MINOR {
+            return Err(OpenError::Abi {
+                found,
+                expected: expected_abi(),
+                detail: String::new(),
+            });
+        }
+        if let Err(detail) = ffi::check_layout(header.layout) {
+            return Err(OpenError::Abi {
+                found,
+                expected: expected_abi(),
+                detail: format!(": entry table layout differs: {detail}"),
+            });
+        }
+        Ok(NonNull::from(header.vtable))
+    }
+
+    fn vtable(&self) -> &PluginVtable {
+        // SAFETY: the table is static data of the library, loaded while `self` lives.
+        unsafe { self.vtable.as_ref() }
+    }
+
+    /// Calls `execute` with `ctx`; values the plugin sets are copied into `ctx`.
+    pub(crate) fn execute(&self, ctx: &mut Context) -> Outcome {
+        let mut call = Call { ctx, error: None };
+        let mut raw = FfiContext {
+            data: (&mut call as *mut Call<'_>).cast(),
+            host: &HOST_VTABLE,
+        };
+        let code = (self.vtable().execute)(&mut raw);
+        outcome(code, call.error)
+    }
+
+    /// Calls `init` (if exported) with `config`.
+    pub(crate) fn init(&self, config: &Value) -> Outcome {
+        let Some(init) = self.vtable().init else {
+            return Outcome::Ok;
+        };
+        let mut error = None;
+        let code = init(ValueView::of(config), error_sink(&mut error));
+        outcome(code, error)
+    }
+
+    /// Calls `shutdown` (if exported).
+    pub(crate) fn shutdown(&self) -> Outcome {
+        let Some(shutdown) = self.vtable().shutdown else {
+            return Outcome::Ok;
+        };
+        let mut error = None;
+        let code = shutdown(error_sink(&mut error));
+        outcome(code, error)
+    }
+
+    /// `dlclose`s the library. Nothing of it may be referenced afterwards,
+    /// which `self` by value and the absence of plugin-made data in the host ensure.
+    pub(crate) fn close(mut self) -> Result<(), libloading::Error> {
+        self.handle.take().map_or(Ok(()), libloading::Library::close)
+    }
+
+    /// Keeps the library mapped for the life of the process (inline plugins,
+    /// whose code may still be on a caller's stack or pinned by its thread-locals).
+    pub(crate) fn retain(mut self) {
+        std::mem::forget(self.handle.take());
+    }
+}
+
+impl Drop for Library {
+    fn drop(&mut self) {
+        // Reached only on error paths before any call; a version in service is
+        // always ended through `close` or `retain`.
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.close();
+        }
+    }
+}
+
+fn outcome(code: u32, error: Option<String>) -> Outcome {
+    match code {
+        status::OK => Outcome::Ok,
+        status::PANIC => Outcome::Panic(error.unwrap_or_default()),
+        status::ERROR => Outcome::Error(error.unwrap_or_default()),
+        other => Outcome::Error(format!("plugin returned unknown status {other}")),
+    }
+}
+
+fn error_sink(slot: &mut Option<String>) -> ErrorSink {
+    ErrorSink {
+        data: (slot as *mut Option<String>).cast(),
+        write: write_error,
+    }
+}
+
+extern "C" fn write_error(data: *mut Opaque, message: RawStr) {
+    // SAFETY: `data` is the `&mut Option<String>` of `error_sink`, alive for
+    // the entry call; `message` is valid during this callback.
+    unsafe { *data.cast::<Option<String>>() = Some(message.as_str().to_owned()) };
+}
+
+/// The host's data behind `FfiContext::data` during one `execute`.
+struct Call<'a> {
+    ctx: &'a mut Context,
+    error: Option<String>,
+}
+
+/// # Safety
+/// `data` must be the `Call` of the running `execute` (the plugin only gets
+/// `FfiContext`s from `Library::execute`).
+unsafe fn call<'a>(data: *const Opaque) -> &'a Call<'a> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { &*data.cast::<Call<'a>>() }
+}
+
+/// # Safety
+/// As [`call`], and no other reference to the `Call` may be live.
+unsafe fn call_mut<'a>(data: *mut Opaque) -> &'a mut Call<'a> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { &mut *data.cast::<Call<'a>>() }
+}
+
+static HOST_VTABLE: HostVtable = HostVtable {
+    label: host_label,
+    get: host_get,
+    set: host_set,
+    remove: host_remove,
+    entries: host_entries,
+    is_cancelled: host_is_cancelled,
+    remaining_nanos: host_remaining_nanos,
+    set_error: host_set_error,
+};
+
+// In the callbacks below, `data` comes from `Library::execute` for the call in
+// progress, and the plugin (safe Rust behind plugin-abi) never calls them
+// outside it: this is the "SAFETY: in call" of each block.
+
+extern "C" fn host_label(data: *const Opaque) -> RawStr {
+    // SAFETY: in call.
+    RawStr::new(unsafe { call(data) }.ctx.label())
+}
+
+extern "C" fn host_get(data: *const Opaque, key: RawStr) -> ValueView {
+    // SAFETY: in call; `key` is valid during this callback.
+    let (call, key) = unsafe { (call(data), key.as_str()) };
+    call.ctx.values.get(key).map_or(ValueView::Absent, ValueView::of)
+}
+
+extern "C" fn host_set(data: *mut Opaque, key: RawStr, value: ValueView) {
+    // SAFETY: in call; the plugin holds no borrow of the context while it
+    // sets (plugin-abi's `set` takes `&mut Context`); key and value are valid now.
+    let (call, key, value) = unsafe { (call_mut(data), key.as_str(), value.to_value()) };
+    match call.ctx.values.get_mut(key) {
+        Some(slot) => *slot = value,
+        None => {
+            call.ctx.values.insert(key.to_owned(), value);
+        }
+    }
+}
+
+extern "C" fn host_remove(data: *mut Opaque, key: RawStr) -> bool {
+    // SAFETY: in call, exclusive as in `host_set`; `key` is valid now.
+    let (call, key) = unsafe { (call_mut(data), key.as_str()) };
+    call.ctx.values.remove(key).is_some()
+}
+
+extern "C" fn host_entries(data: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
+    // SAFETY: in call.
+    let call = unsafe { call(data) };
+    for (k, v) in &call.ctx.values {
+        (f.func)(visitor, RawStr::new(k), ValueView::of(v));
+    }
+}
+
+extern "C" fn host_is_cancelled(data: *const Opaque) -> bool {
+    // SAFETY: in call.
+    unsafe { call(data) }.ctx.is_cancelled()
+}
+
+extern "C" fn host_remaining_nanos(data: *const Opaque) -> i64 {
+    // SAFETY: in call.
+    match unsafe { call(data) }.ctx.deadline() {
+        None => -1,
+        Some(d) => d
+            .saturating_duration_since(Instant::now())
+            .as_nanos()
+            .try_into()
+            .unwrap_or(i64::MAX),
+    }
+}
+
+extern "C" fn host_set_error(data: *mut Opaque, message: RawStr) {
+    // SAFETY: in call, exclusive (the plugin reports after its function returned).
+    let (call, message) = unsafe { (call_mut(data), message.as_str()) };
+    call.error = Some(message.to_owned());
+}

@@ -1,0 +1,312 @@
+//! Native plugins: a `cdylib` loaded from a shadow copy, called inline or on
+//! its own worker pool, and truly unloaded when it is replaced or removed.
+//!
+//! Load sequence (see `docs/internals.md`): read the artifact → verify its
+//! sha256 → write a shadow copy → `dlopen` it (`RTLD_NOW | RTLD_LOCAL`) →
+//! check the ABI header and layout → unlink the copy → start the workers →
+//! `init` on a worker. Unload: (the caller has drained calls) → `shutdown` on
+//! a worker → join the workers → `dlclose` → check the copy is unmapped.
+
+mod ffi;
+mod pool;
+mod shadow;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub(crate) use ffi::Outcome;
+use ffi::{Library, OpenError};
+use pool::{Pool, Reply};
+pub(crate) use shadow::remove_stale;
+
+use crate::error::{Error, Result};
+use crate::manifest::{Isolation, Manifest, Source};
+use crate::Context;
+
+/// How a version ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Closed and verified unmapped.
+    Unloaded,
+    /// Kept mapped on purpose (`inline`).
+    Retained,
+    /// Still mapped after `dlclose`, or never closed; the reason says why.
+    Leaked(String),
+}
+
+enum Runner {
+    Inline,
+    Pooled(Pool),
+}
+
+pub(crate) struct NativeVersion {
+    plugin: String,
+    library: Option<Arc<Library>>,
+    runner: Runner,
+    shadow: PathBuf,
+    ending: Option<Ending>,
+}
+
+/// Settings the manager passes to every native load.
+#[derive(Debug, Clone)]
+pub(crate) struct NativeOptions {
+    pub(crate) shadow_dir: PathBuf,
+    pub(crate) pool_size: usize,
+}
+
+impl NativeVersion {
+    pub(crate) fn load(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<NativeVersion> {
+        let plugin = manifest.name.clone();
+        let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
+        let Source::LocalSo { sha256, .. } = &manifest.source else {
+            return Err(Error::Unsupported {
+                plugin,
+                path: manifest_path,
+                what: format!("source.mode \"{}\"", manifest.source.mode()),
+            });
+        };
+        if manifest.isolation == Isolation::Process {
+            return Err(Error::Unsupported {
+                plugin,
+                path: manifest_path,
+                what: "isolation \"process\"".into(),
+            });
+        }
+        let path = manifest
+            .library_path(dir)
+            .expect("local_so always has a library path");
+        let io = |action, source| Error::Io {
+            plugin: plugin.clone(),
+            action,
+            path: path.clone(),
+            source,
+        };
+        // `source.path` was checked to be relative without `..`; a symlink
+        // could still point outside the plugin directory.
+        let real = path.canonicalize().map_err(|e| io("reading", e))?;
+        let real_dir = dir.canonicalize().map_err(|e| io("reading", e))?;
+        if !real.starts_with(&real_dir) {
+            return Err(Error::Manifest {
+                plugin,
+                path: manifest_path,
+                field: "source.path".into(),
+                message: format!("resolves outside the plugin directory, to {}", real.display()),
+            });
+        }
+        let bytes = std::fs::read(&real).map_err(|e| io("reading", e))?;
+        if let Some(expected) = sha256 {
+            let found = shadow::sha256_hex(&bytes);
+            if !shadow::digests_equal(expected, &found) {
+                return Err(Error::Checksum {
+                    plugin,
+                    path,
+                    expected: expected.clone(),
+                    found,
+                });
+            }
+        }
+        let version = manifest.version.to_string();
+        let shadow = shadow::write_copy(&options.shadow_dir, &plugin, &version, &bytes)
+            .map_err(|e| io("copying", e))?;
+        let opened = Library::open(&shadow);
+        // The mapping keeps the inode alive; unlinking now leaves no file behind
+        // even if the process dies.
+        let _ = std::fs::remove_file(&shadow);
+        let library = Arc::new(opened.map_err(|e| match e {
+            OpenError::Dlopen(source) => Error::Open {
+                plugin: plugin.clone(),
+                path: path.clone(),
+                source,
+            },
+            OpenError::MissingRoot => Error::MissingRoot {
+                plugin: plugin.clone(),
+                path: path.clone(),
+                symbol: plugin_abi::ffi::ROOT_SYMBOL,
+            },
+            OpenError::Abi {
+                found,
+                expected,
+                detail,
+            } => Error::AbiMismatch {
+                plugin: plugin.clone(),
+                path: path.clone(),
+                found,
+                expected,
+                detail,
+            },
+        })?);
+        let runner = match manifest.isolation {
+            Isolation::Inline => Runner::Inline,
+            _ => Runner::Pooled(
+                Pool::start(&plugin, &library, options.pool_size).map_err(|e| io("starting workers for", e))?,
+            ),
+        };
+        let mut version = NativeVersion {
+            plugin: plugin.clone(),
+            library: Some(library),
+            runner,
+            shadow,
+            ending: None,
+        };
+        let config = manifest.config_value();
+        let message = match version.on_thread(move |lib| lib.init(&config)) {
+            Some(Outcome::Ok) => return Ok(version),
+            Some(Outcome::Error(message)) => message,
+            Some(Outcome::Panic(message)) => format!("panicked: {message}"),
+            None => "worker pool stopped".into(),
+        };
+        // init did not succeed, so shutdown is not called.
+        version.ending = Some(version.close_without_shutdown());
+        Err(Error::Init { plugin, message })
+    }
+
+    /// Runs `f` where plugin code of this version runs: a worker, or here.
+    fn on_thread<T: Send + 'static>(&self, f: impl FnOnce(&Library) -> T + Send + 'static) -> Option<T> {
+        let library = self.library.as_ref()?;
+        match &self.runner {
+            Runner::Inline => Some(f(library)),
+            Runner::Pooled(pool) => pool.run(f),
+        }
+    }
+
+    pub(crate) fn execute(&self, ctx: &mut Context) -> Result<Outcome> {
+        let Some(library) = &self.library else {
+            return Err(self.stopped());
+        };
+        let pool = match &self.runner {
+            Runner::Inline => return Ok(library.execute(ctx)),
+            Runner::Pooled(pool) => pool,
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let token = ctx.cancel_token();
+        let deadline = ctx.deadline();
+        let label = ctx.label().to_owned();
+        let job = std::mem::take(ctx);
+        if let Err(job) = pool.submit(job, Reply::Blocking(tx)) {
+            *ctx = job;
+            return Err(self.stopped());
+        }
+        let reply = match deadline {
+            None => rx.recv().map_err(|_| self.stopped()),
+            Some(deadline) => rx.recv_deadline(deadline).map_err(|e| match e {
+                crossbeam_channel::RecvTimeoutError::Timeout => {
+                    // The plugin keeps the values until it notices; the
+                    // caller gets the label, token and deadline back.
+                    token.cancel();
+                    *ctx = Context::new(label.clone())
+                        .with_cancel_token(token.clone())
+                        .with_deadline(deadline);
+                    Error::DeadlineExceeded {
+                        plugin: self.plugin.clone(),
+                        label: label.clone(),
+                    }
+                }
+                crossbeam_channel::RecvTimeoutError::Disconnected => self.stopped(),
+            }),
+        };
+        let (done, outcome) = reply?;
+        *ctx = done;
+        Ok(outcome)
+    }
+
+    pub(crate) async fn execute_async(&self, ctx: &mut Context) -> Result<Outcome> {
+        let Some(library) = &self.library else {
+            return Err(self.stopped());
+        };
+        let pool = match &self.runner {
+            // Inline means on the caller's thread, also for async callers:
+            // keep inline plugins short.
+            Runner::Inline => return Ok(library.execute(ctx)),
+            Runner::Pooled(pool) => pool,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let token = ctx.cancel_token();
+        // If this future is dropped, the call is cancelled rather than left running.
+        let mut guard = CancelOnDrop(Some(token));
+        if let Err(job) = pool.submit(std::mem::take(ctx), Reply::Async(tx)) {
+            *ctx = job;
+            return Err(self.stopped());
+        }
+        let (done, outcome) = rx.await.map_err(|_| self.stopped())?;
+        guard.0 = None;
+        *ctx = done;
+        Ok(outcome)
+    }
+
+    fn stopped(&self) -> Error {
+        Error::Unavailable {
+            plugin: self.plugin.clone(),
+            reason: "this version has been unloaded".into(),
+        }
+    }
+
+    pub(crate) fn shadow_path(&self) -> &Path {
+        &self.shadow
+    }
+
+    /// Ends the version: `shutdown`, join the workers, `dlclose` (or retain
+    /// inline code), then check the mapping. The caller has drained the calls.
+    pub(crate) fn unload(&mut self) -> Ending {
+        if let Some(ending) = &self.ending {
+            return ending.clone();
+        }
+        let shutdown = self.on_thread(|lib| lib.shutdown());
+        if let Some(Outcome::Error(m) | Outcome::Panic(m)) = shutdown {
+            tracing::warn!(plugin = %self.plugin, "shutdown failed: {m}");
+        }
+        let ending = self.close_without_shutdown();
+        self.ending = Some(ending.clone());
+        ending
+    }
+
+    fn close_without_shutdown(&mut self) -> Ending {
+        if let Runner::Pooled(pool) = &mut self.runner {
+            pool.stop();
+        }
+        let Some(library) = self.library.take() else {
+            return Ending::Unloaded;
+        };
+        let library = match Arc::try_unwrap(library) {
+            Ok(library) => library,
+            Err(shared) => {
+                // Only possible if a worker failed to exit; never close code in use.
+                std::mem::forget(shared);
+                return Ending::Leaked("the library is still referenced".into());
+            }
+        };
+        if matches!(self.runner, Runner::Inline) {
+            library.retain();
+            return Ending::Retained;
+        }
+        let started = Instant::now();
+        if let Err(e) = library.close() {
+            return Ending::Leaked(format!("dlclose failed: {e}"));
+        }
+        if shadow::is_mapped(&self.shadow) {
+            return Ending::Leaked(
+                "still mapped after dlclose (a thread-local with a destructor, or a \
+                 `std::thread::current()` call on a host thread, pins the library)"
+                    .into(),
+            );
+        }
+        tracing::debug!(plugin = %self.plugin, elapsed = ?started.elapsed(), "library unmapped");
+        Ending::Unloaded
+    }
+}
+
+impl Drop for NativeVersion {
+    fn drop(&mut self) {
+        self.unload();
+    }
+}
+
+struct CancelOnDrop(Option<crate::CancelToken>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            token.cancel();
+        }
+    }
+}

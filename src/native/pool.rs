@@ -1,0 +1,102 @@
+//! Worker threads owned by one loaded version of a `pooled` plugin.
+//!
+//! Plugin code only ever runs on these threads, so everything it pins to a
+//! thread (thread-locals with destructors, `std::thread::current()`'s key) is
+//! released when they are joined, before the library is closed.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::ffi::{Library, Outcome};
+use crate::Context;
+
+/// Where a finished call's context and outcome go.
+pub(crate) enum Reply {
+    Blocking(Sender<(Context, Outcome)>),
+    Async(tokio::sync::oneshot::Sender<(Context, Outcome)>),
+}
+
+enum Job {
+    Execute { ctx: Context, reply: Reply },
+    Control(Box<dyn FnOnce(&Library) + Send>),
+}
+
+pub(crate) struct Pool {
+    jobs: Option<Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    pub(crate) fn start(plugin: &str, library: &Arc<Library>, size: usize) -> std::io::Result<Pool> {
+        let (jobs, rx) = crossbeam_channel::unbounded();
+        let mut pool = Pool {
+            jobs: Some(jobs),
+            workers: Vec::with_capacity(size),
+        };
+        for i in 0..size.max(1) {
+            let rx: Receiver<Job> = rx.clone();
+            let library = Arc::clone(library);
+            let worker = std::thread::Builder::new()
+                .name(format!("dynplug-{plugin}-{i}"))
+                .spawn(move || work(&library, &rx))?;
+            pool.workers.push(worker);
+        }
+        Ok(pool)
+    }
+
+    /// Queues a call; `Err` gives the context back if the pool has stopped.
+    pub(crate) fn submit(&self, ctx: Context, reply: Reply) -> Result<(), Context> {
+        let Some(jobs) = &self.jobs else {
+            return Err(ctx);
+        };
+        jobs.send(Job::Execute { ctx, reply }).map_err(|e| match e.0 {
+            Job::Execute { ctx, .. } => ctx,
+            Job::Control(_) => unreachable!("sent an Execute job"),
+        })
+    }
+
+    /// Runs `f` on a worker and waits for its result (`init`, `shutdown`).
+    pub(crate) fn run<T: Send + 'static>(&self, f: impl FnOnce(&Library) -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job = Job::Control(Box::new(move |lib| {
+            let _ = tx.send(f(lib));
+        }));
+        self.jobs.as_ref()?.send(job).ok()?;
+        rx.recv().ok()
+    }
+
+    /// Lets the workers finish the queued jobs, then joins them.
+    pub(crate) fn stop(&mut self) {
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn work(library: &Library, jobs: &Receiver<Job>) {
+    for job in jobs {
+        match job {
+            Job::Execute { mut ctx, reply } => {
+                let outcome = library.execute(&mut ctx);
+                match reply {
+                    Reply::Blocking(tx) => {
+                        let _ = tx.send((ctx, outcome));
+                    }
+                    Reply::Async(tx) => {
+                        let _ = tx.send((ctx, outcome));
+                    }
+                }
+            }
+            Job::Control(f) => f(library),
+        }
+    }
+}

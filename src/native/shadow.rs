@@ -1,0 +1,123 @@
+//! Shadow copies: every loaded version is `dlopen`ed from a fresh file of its own.
+//!
+//! Measured on Linux/glibc: `dlopen` caches by path and by device+inode, so
+//! reopening a replaced file at the same path returns the *old* library, and
+//! writing over a loaded `.so` crashes the process. Loading from a new file
+//! (a real copy, not a hard link) per version avoids both. The copy is
+//! unlinked right after `dlopen`; its name stays unique so `/proc/self/maps`
+//! tells whether it is still mapped after `dlclose`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `bytes` to a new, uniquely named file in `dir`.
+pub(crate) fn write_copy(dir: &Path, plugin: &str, version: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let name = format!(
+        "{plugin}-{version}-{}-{seq}.{}",
+        std::process::id(),
+        std::env::consts::DLL_EXTENSION
+    );
+    let path = dir.join(name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    Ok(path)
+}
+
+/// Removes shadow copies left by processes that no longer run (a crash
+/// between copy and unlink). Best effort.
+pub(crate) fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let pid = name
+            .rsplit('-')
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut hex = String::with_capacity(64);
+    for b in digest {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    hex
+}
+
+/// Compares two hex digests in constant time (case-insensitive).
+pub(crate) fn digests_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a
+            .bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x.to_ascii_lowercase() ^ y.to_ascii_lowercase()))
+            == 0
+}
+
+/// Whether a file at `path` is still mapped into this process.
+#[cfg(target_os = "linux")]
+pub(crate) fn is_mapped(path: &Path) -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    let needle = path.to_string_lossy();
+    maps.lines().any(|line| {
+        // The path column starts after five space-separated fields; an
+        // unlinked file reads "<path> (deleted)".
+        line.split_whitespace()
+            .nth(5)
+            .is_some_and(|p| p == needle)
+    })
+}
+
+/// Whether a file at `path` is still mapped into this process (not checked
+/// off Linux: reported as unmapped).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn is_mapped(_path: &Path) -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_compare_case_insensitively() {
+        let h = sha256_hex(b"abc");
+        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert!(digests_equal(&h, &h.to_uppercase()));
+        assert!(!digests_equal(&h, &sha256_hex(b"abd")));
+        assert!(!digests_equal(&h, "ba"));
+    }
+
+    #[test]
+    fn copies_are_unique_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_copy(dir.path(), "p", "1.0.0", b"x").unwrap();
+        let b = write_copy(dir.path(), "p", "1.0.0", b"x").unwrap();
+        assert_ne!(a, b);
+        assert!(!is_mapped(&a));
+    }
+}

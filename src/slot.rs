@@ -1,0 +1,133 @@
+//! A plugin name and the version currently serving it.
+//!
+//! Executors hold the slot, not a version: every call loads the current
+//! version (an `arc-swap` read, a few nanoseconds) and keeps it alive until
+//! the call returns, so swapping in a new version never fails a call and the
+//! old one is dropped once its last call ends.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+
+use crate::manifest::Isolation;
+use crate::version::Version;
+
+/// Where a plugin is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum PluginState {
+    /// Serving calls.
+    Loaded,
+    /// Never loaded successfully (see the error).
+    Failed,
+    /// Being taken out of service: no new calls, waiting for running ones.
+    Draining,
+    /// Taken out of service and unmapped.
+    Unloaded,
+    /// Taken out of service; an `inline` plugin's code stays mapped on purpose.
+    Retained,
+    /// Taken out of service, but its code is still mapped (see the error).
+    Leaked,
+}
+
+impl PluginState {
+    /// The name used in listings and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginState::Loaded => "loaded",
+            PluginState::Failed => "failed",
+            PluginState::Draining => "draining",
+            PluginState::Unloaded => "unloaded",
+            PluginState::Retained => "retained",
+            PluginState::Leaked => "leaked",
+        }
+    }
+}
+
+/// A row of [`PluginManager::list`](crate::PluginManager::list).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PluginInfo {
+    /// The plugin's name.
+    pub name: String,
+    /// The version serving (or last known).
+    pub version: Option<String>,
+    /// `source.mode` (the kind of plugin).
+    pub mode: Option<String>,
+    /// `isolation`.
+    pub isolation: Option<Isolation>,
+    /// The state.
+    pub state: PluginState,
+    /// The last error: why it failed, or why its last load or unload went wrong.
+    pub error: Option<String>,
+    /// The plugin directory.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug)]
+pub(crate) struct Status {
+    pub(crate) state: PluginState,
+    pub(crate) error: Option<String>,
+    pub(crate) version: Option<String>,
+    pub(crate) mode: Option<String>,
+    pub(crate) isolation: Option<Isolation>,
+}
+
+pub(crate) struct Slot {
+    pub(crate) name: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) current: ArcSwapOption<Version>,
+    status: Mutex<Status>,
+}
+
+impl Slot {
+    pub(crate) fn new(name: String, dir: PathBuf) -> Slot {
+        Slot {
+            name,
+            dir,
+            current: ArcSwapOption::empty(),
+            status: Mutex::new(Status {
+                state: PluginState::Failed,
+                error: None,
+                version: None,
+                mode: None,
+                isolation: None,
+            }),
+        }
+    }
+
+    pub(crate) fn status(&self) -> MutexGuard<'_, Status> {
+        // A panic while holding this lock leaves plain data behind: keep going.
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn info(&self) -> PluginInfo {
+        let status = self.status();
+        PluginInfo {
+            name: self.name.clone(),
+            version: status.version.clone(),
+            mode: status.mode.clone(),
+            isolation: status.isolation,
+            state: status.state,
+            error: status.error.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Records `version` as serving.
+    pub(crate) fn mark_loaded(&self, version: &Version) {
+        let mut status = self.status();
+        status.state = PluginState::Loaded;
+        status.error = None;
+        status.version = Some(version.manifest.version.to_string());
+        status.mode = Some(version.manifest.source.mode().to_owned());
+        status.isolation = Some(version.manifest.isolation);
+    }
+
+    pub(crate) fn swap(&self, version: Option<Arc<Version>>) -> Option<Arc<Version>> {
+        self.current.swap(version)
+    }
+}
