@@ -69,6 +69,17 @@ pub enum Error {
         source: libloading::Error,
     },
 
+    /// The file is not a complete shared library for this platform (e.g. truncated).
+    #[error("{plugin}: {path}: not a loadable library: {message}")]
+    BadLibrary {
+        /// The plugin.
+        plugin: String,
+        /// The artifact.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// The library does not export a dynplug root.
     #[error(
         "{plugin}: {path}: no `{symbol}` symbol: not a dynplug plugin (export it with plugin_abi::export_plugin!)"
@@ -172,6 +183,7 @@ impl Error {
             | Error::Unsupported { plugin, .. }
             | Error::Checksum { plugin, .. }
             | Error::Open { plugin, .. }
+            | Error::BadLibrary { plugin, .. }
             | Error::MissingRoot { plugin, .. }
             | Error::AbiMismatch { plugin, .. }
             | Error::Init { plugin, .. }

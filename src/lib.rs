@@ -51,7 +51,10 @@ pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
 pub use event::Event;
 pub use executor::Executor;
-pub use manager::{Builder, LoadReport, PluginManager};
+pub use manager::{verify, Builder, LoadReport, PluginManager};
 pub use manifest::{Isolation, Manifest};
 pub use plugin_abi::Value;
+
+/// The plugin ABI version this host speaks, as `(major, minor)`.
+pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
 pub use slot::{PluginInfo, PluginState};

@@ -435,3 +435,19 @@ impl Drop for Inner {
         }
     }
 }
+
+/// Checks a plugin directory without running the plugin: its manifest, its
+/// artifact's checksum and its ABI. The library is loaded from a shadow copy
+/// (in `<parent>/.dynplug/shadow`) and closed again; neither `init` nor
+/// `execute` is called.
+///
+/// # Errors
+/// The first problem found, as the manager would report it at load.
+pub fn verify(dir: impl AsRef<Path>) -> Result<Manifest> {
+    let dir = dir.as_ref();
+    let manifest = Manifest::from_dir(dir)?;
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let shadow_dir = parent.join(".dynplug").join("shadow");
+    crate::native::verify(&manifest, dir, &shadow_dir)?;
+    Ok(manifest)
+}

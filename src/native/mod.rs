@@ -58,89 +58,18 @@ pub(crate) struct NativeOptions {
 impl NativeVersion {
     pub(crate) fn load(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<NativeVersion> {
         let plugin = manifest.name.clone();
-        let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
-        let Source::LocalSo { sha256, .. } = &manifest.source else {
-            return Err(Error::Unsupported {
-                plugin,
-                path: manifest_path,
-                what: format!("source.mode \"{}\"", manifest.source.mode()),
-            });
-        };
-        if manifest.isolation == Isolation::Process {
-            return Err(Error::Unsupported {
-                plugin,
-                path: manifest_path,
-                what: "isolation \"process\"".into(),
-            });
-        }
-        let path = manifest
-            .library_path(dir)
-            .expect("local_so always has a library path");
-        let io = |action, source| Error::Io {
-            plugin: plugin.clone(),
-            action,
-            path: path.clone(),
-            source,
-        };
-        // `source.path` was checked to be relative without `..`; a symlink
-        // could still point outside the plugin directory.
-        let real = path.canonicalize().map_err(|e| io("reading", e))?;
-        let real_dir = dir.canonicalize().map_err(|e| io("reading", e))?;
-        if !real.starts_with(&real_dir) {
-            return Err(Error::Manifest {
-                plugin,
-                path: manifest_path,
-                field: "source.path".into(),
-                message: format!("resolves outside the plugin directory, to {}", real.display()),
-            });
-        }
-        let bytes = std::fs::read(&real).map_err(|e| io("reading", e))?;
-        if let Some(expected) = sha256 {
-            let found = shadow::sha256_hex(&bytes);
-            if !shadow::digests_equal(expected, &found) {
-                return Err(Error::Checksum {
-                    plugin,
-                    path,
-                    expected: expected.clone(),
-                    found,
-                });
-            }
-        }
-        let version = manifest.version.to_string();
-        let shadow = shadow::write_copy(&options.shadow_dir, &plugin, &version, &bytes)
-            .map_err(|e| io("copying", e))?;
-        let opened = Library::open(&shadow);
-        // The mapping keeps the inode alive; unlinking now leaves no file behind
-        // even if the process dies.
-        let _ = std::fs::remove_file(&shadow);
-        let library = Arc::new(opened.map_err(|e| match e {
-            OpenError::Dlopen(source) => Error::Open {
-                plugin: plugin.clone(),
-                path: path.clone(),
-                source,
-            },
-            OpenError::MissingRoot => Error::MissingRoot {
-                plugin: plugin.clone(),
-                path: path.clone(),
-                symbol: plugin_abi::ffi::ROOT_SYMBOL,
-            },
-            OpenError::Abi {
-                found,
-                expected,
-                detail,
-            } => Error::AbiMismatch {
-                plugin: plugin.clone(),
-                path: path.clone(),
-                found,
-                expected,
-                detail,
-            },
-        })?);
+        let (library, shadow) = open_checked(manifest, dir, &options.shadow_dir)?;
+        let library = Arc::new(library);
         let runner = match manifest.isolation {
             Isolation::Inline => Runner::Inline,
-            _ => Runner::Pooled(
-                Pool::start(&plugin, &library, options.pool_size).map_err(|e| io("starting workers for", e))?,
-            ),
+            _ => Runner::Pooled(Pool::start(&plugin, &library, options.pool_size).map_err(|source| {
+                Error::Io {
+                    plugin: plugin.clone(),
+                    action: "starting workers for",
+                    path: dir.to_owned(),
+                    source,
+                }
+            })?),
         };
         let mut version = NativeVersion {
             plugin: plugin.clone(),
@@ -309,4 +238,103 @@ impl Drop for CancelOnDrop {
             token.cancel();
         }
     }
+}
+
+/// Checks everything about a native plugin that can be checked without
+/// running it (manifest mode, artifact, checksum, ABI), leaving it loaded.
+fn open_checked(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<(Library, PathBuf)> {
+    let plugin = manifest.name.clone();
+    let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
+    let Source::LocalSo { sha256, .. } = &manifest.source else {
+        return Err(Error::Unsupported {
+            plugin,
+            path: manifest_path,
+            what: format!("source.mode \"{}\"", manifest.source.mode()),
+        });
+    };
+    if manifest.isolation == Isolation::Process {
+        return Err(Error::Unsupported {
+            plugin,
+            path: manifest_path,
+            what: "isolation \"process\"".into(),
+        });
+    }
+    let path = manifest
+        .library_path(dir)
+        .expect("local_so always has a library path");
+    let io = |action, source| Error::Io {
+        plugin: plugin.clone(),
+        action,
+        path: path.clone(),
+        source,
+    };
+    // `source.path` was checked to be relative without `..`; a symlink
+    // could still point outside the plugin directory.
+    let real = path.canonicalize().map_err(|e| io("reading", e))?;
+    let real_dir = dir.canonicalize().map_err(|e| io("reading", e))?;
+    if !real.starts_with(&real_dir) {
+        return Err(Error::Manifest {
+            plugin,
+            path: manifest_path,
+            field: "source.path".into(),
+            message: format!("resolves outside the plugin directory, to {}", real.display()),
+        });
+    }
+    let bytes = std::fs::read(&real).map_err(|e| io("reading", e))?;
+    if let Some(expected) = sha256 {
+        let found = shadow::sha256_hex(&bytes);
+        if !shadow::digests_equal(expected, &found) {
+            return Err(Error::Checksum {
+                plugin,
+                path,
+                expected: expected.clone(),
+                found,
+            });
+        }
+    }
+    if let Err(message) = shadow::check_library(&bytes) {
+        return Err(Error::BadLibrary {
+            plugin,
+            path,
+            message,
+        });
+    }
+    let version = manifest.version.to_string();
+    let shadow = shadow::write_copy(shadow_dir, &plugin, &version, &bytes)
+        .map_err(|e| io("copying", e))?;
+    let opened = Library::open(&shadow);
+    // The mapping keeps the inode alive; unlinking now leaves no file behind
+    // even if the process dies.
+    let _ = std::fs::remove_file(&shadow);
+    opened.map(|library| (library, shadow)).map_err(|e| match e {
+        OpenError::Dlopen(source) => Error::Open {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            source,
+        },
+        OpenError::MissingRoot => Error::MissingRoot {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            symbol: plugin_abi::ffi::ROOT_SYMBOL,
+        },
+        OpenError::Abi {
+            found,
+            expected,
+            detail,
+        } => Error::AbiMismatch {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            found,
+            expected,
+            detail,
+        },
+    })
+}
+
+/// Verifies a native plugin without calling it: the artifact is loaded from a
+/// shadow copy, its ABI checked, and it is closed again.
+pub(crate) fn verify(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<()> {
+    let (library, _shadow) = open_checked(manifest, dir, shadow_dir)?;
+    let _ = library.close();
+    Ok(())
 }

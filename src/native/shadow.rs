@@ -30,7 +30,6 @@ pub(crate) fn write_copy(dir: &Path, plugin: &str, version: &str, bytes: &[u8]) 
         .create_new(true)
         .open(&path)?;
     file.write_all(bytes)?;
-    file.sync_data()?;
     Ok(path)
 }
 
@@ -54,6 +53,31 @@ pub(crate) fn remove_stale(dir: &Path) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// Checks that `bytes` is a complete shared library of the platform's object
+/// format before it is handed to `dlopen`.
+///
+/// Measured: glibc maps a truncated library whose headers are intact, then
+/// the process dies of SIGBUS while relocating pages past the end of the
+/// file. Every loadable segment must lie inside the file.
+pub(crate) fn check_library(bytes: &[u8]) -> Result<(), String> {
+    use object::{Object, ObjectSegment};
+    let file = object::File::parse(bytes).map_err(|e| format!("{e} (truncated or not a library?)"))?;
+    if file.kind() != object::ObjectKind::Dynamic {
+        return Err(format!("expected a shared library, found a {:?} object", file.kind()));
+    }
+    for segment in file.segments() {
+        let (offset, size) = segment.file_range();
+        let end = offset.saturating_add(size);
+        if end > bytes.len() as u64 {
+            return Err(format!(
+                "a segment spans bytes {offset}..{end} but the file has {} bytes (truncated?)",
+                bytes.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Lower-case hex SHA-256 of `bytes`.

@@ -1,0 +1,180 @@
+//! Command-line interface (binary only).
+
+mod demo;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use dynplug::{Context, PluginInfo, PluginManager, Value};
+
+/// Load, call and verify dynplug plugins.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub(crate) struct Args {
+    /// Log more (-v: every load and call; -vv: debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct PluginsDir {
+    /// The plugins directory.
+    #[arg(long, env = "DYNPLUG_PLUGINS_DIR", default_value = "plugins")]
+    plugins: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load every plugin and print a table of name, version, mode, isolation, state and error.
+    List {
+        #[command(flatten)]
+        dir: PluginsDir,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load one plugin, call it once and print the context's values as JSON.
+    Call {
+        #[command(flatten)]
+        dir: PluginsDir,
+        /// The plugin's name.
+        name: String,
+        /// The label to call.
+        #[arg(long, short)]
+        label: String,
+        /// A value: key=value, where value is parsed as JSON if it can be, else taken as a string.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        values: Vec<String>,
+        /// Deadline of the call, e.g. 2s or 500ms.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Check one plugin directory (manifest, checksum, ABI) without running the plugin.
+    Verify {
+        /// The plugin directory.
+        dir: PathBuf,
+    },
+    /// From a source checkout: build the sample plugins, load them and call them.
+    Demo,
+}
+
+pub(crate) fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => tracing::Level::WARN,
+        1 => tracing::Level::INFO,
+        _ => tracing::Level::DEBUG,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::List { dir, json } => list(&dir.plugins, json),
+        Command::Call {
+            dir,
+            name,
+            label,
+            values,
+            timeout,
+        } => call(&dir.plugins, &name, &label, &values, timeout),
+        Command::Verify { dir } => {
+            let manifest = dynplug::verify(&dir)?;
+            println!(
+                "ok: {} {} ({}, {}, plugin-abi ABI {}.{})",
+                manifest.name,
+                manifest.version,
+                manifest.source.mode(),
+                manifest.isolation.as_str(),
+                dynplug::ABI_VERSION.0,
+                dynplug::ABI_VERSION.1
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => demo::run(),
+    }
+}
+
+fn list(plugins: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let manager = PluginManager::new(plugins)?;
+    manager.load_plugins()?;
+    let rows = manager.list();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    manager.unload_all();
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn print_table(rows: &[PluginInfo]) {
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.version.clone().unwrap_or_else(|| "-".into()),
+                r.mode.clone().unwrap_or_else(|| "-".into()),
+                r.isolation.map_or("-", |i| i.as_str()).to_owned(),
+                r.state.as_str().to_owned(),
+                r.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "VERSION", "MODE", "ISOLATION", "STATE", "ERROR"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&cells) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn call(
+    plugins: &std::path::Path,
+    name: &str,
+    label: &str,
+    values: &[String],
+    timeout: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let mut ctx = Context::new(label);
+    for pair in values {
+        let Some((key, raw)) = pair.split_once('=') else {
+            bail!("--set {pair}: expected KEY=VALUE");
+        };
+        let value = serde_json::from_str::<serde_json::Value>(raw)
+            .map_or_else(|_| Value::String(raw.to_owned()), Value::from);
+        ctx.set(key, value);
+    }
+    if let Some(timeout) = timeout {
+        ctx = ctx.with_timeout(timeout);
+    }
+    let manager = PluginManager::new(plugins)?;
+    manager.load_plugin(name)?;
+    let (_, executor) = manager.get_plugin(name)?;
+    executor
+        .execute(&mut ctx)
+        .with_context(|| format!("calling {name} with label {label}"))?;
+    let sorted: BTreeMap<_, _> = ctx.values().iter().collect();
+    println!("{}", serde_json::to_string_pretty(&sorted)?);
+    manager.unload_all();
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,91 @@
+//! Test helpers: build the sample plugins once, install them into temporary
+//! plugin directories.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub const SAMPLES: &[&str] = &["hello", "counter", "panicking", "failing-init", "slow", "wrong-abi"];
+
+/// The workspace root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds every sample plugin (debug profile) once per test binary and
+/// returns the directory holding the libraries.
+pub fn built() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root()).args(["build", "--quiet"]);
+        for name in SAMPLES {
+            cmd.args(["-p", name]);
+        }
+        let status = cmd.status().expect("running cargo build for the sample plugins");
+        assert!(status.success(), "building the sample plugins failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+        target.join("debug")
+    })
+}
+
+/// The built library of a sample, e.g. `libfailing_init.so`.
+pub fn library(sample: &str) -> PathBuf {
+    let file = format!(
+        "lib{}.{}",
+        sample.replace('-', "_"),
+        std::env::consts::DLL_EXTENSION
+    );
+    built().join(file)
+}
+
+/// Installs a sample as `<base>/<sample>` and returns the plugin directory.
+pub fn install(base: &Path, sample: &str) -> PathBuf {
+    install_as(base, sample, sample, None)
+}
+
+/// Installs a sample under another directory name, optionally with another
+/// manifest (the manifest's `name` must match `name` for it to load).
+pub fn install_as(base: &Path, sample: &str, name: &str, manifest: Option<&str>) -> PathBuf {
+    let staging = base.join(format!(".{name}.staging"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).unwrap();
+    let lib = library(sample);
+    std::fs::copy(&lib, staging.join(lib.file_name().unwrap())).unwrap();
+    match manifest {
+        Some(text) => std::fs::write(staging.join("plugin.json"), text).unwrap(),
+        None => {
+            let sample_manifest = root().join("sample-plugins").join(sample).join("plugin.json");
+            std::fs::copy(sample_manifest, staging.join("plugin.json")).unwrap();
+        }
+    }
+    let dest = base.join(name);
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&staging, &dest).unwrap();
+    dest
+}
+
+/// A manifest for a sample library with the given fields spliced in.
+pub fn manifest(name: &str, sample: &str, version: &str, extra: &str) -> String {
+    let lib = sample.replace('-', "_");
+    let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
+    format!(
+        r#"{{"name": "{name}", "version": "{version}", "source": {{"mode": "local_so", "path": "lib{lib}"}}{extra}}}"#
+    )
+}
+
+/// Whether any mapping of this process comes from a file under `dir`.
+pub fn mapped_under(dir: &Path) -> Vec<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let needle = dir.to_string_lossy().into_owned();
+    let mut hits: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.starts_with(&needle))
+        .map(str::to_owned)
+        .collect();
+    hits.dedup();
+    hits
+}
