@@ -40,7 +40,9 @@ impl CancelToken {
 #[derive(Debug, Clone, Default)]
 pub struct Context {
     label: String,
-    pub(crate) values: HashMap<String, Value>,
+    // foldhash: a context is a handful of short keys read a few times per
+    // call, where SipHash costs more than the lookup itself (see benches/call.rs).
+    pub(crate) values: HashMap<String, Value, foldhash::fast::RandomState>,
     cancel: CancelToken,
     deadline: Option<Instant>,
 }
@@ -126,7 +128,10 @@ impl Context {
     ///
     /// # Errors
     /// When the value does not have the shape `T` expects.
-    pub fn get_as<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<Result<T, serde_json::Error>> {
+    pub fn get_as<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Option<Result<T, serde_json::Error>> {
         self.get(key).map(Value::deserialize_into)
     }
 
@@ -139,8 +144,13 @@ impl Context {
     ///
     /// # Errors
     /// When `T`'s `Serialize` implementation fails.
-    pub fn set_as<T: serde::Serialize + ?Sized>(&mut self, key: impl Into<String>, value: &T) -> Result<(), serde_json::Error> {
-        self.values.insert(key.into(), Value::from_serialize(value)?);
+    pub fn set_as<T: serde::Serialize + ?Sized>(
+        &mut self,
+        key: impl Into<String>,
+        value: &T,
+    ) -> Result<(), serde_json::Error> {
+        self.values
+            .insert(key.into(), Value::from_serialize(value)?);
         Ok(())
     }
 
@@ -149,14 +159,14 @@ impl Context {
         self.values.remove(key)
     }
 
-    /// All values.
-    pub fn values(&self) -> &HashMap<String, Value> {
-        &self.values
+    /// All values, in no particular order.
+    pub fn values(&self) -> impl ExactSizeIterator<Item = (&str, &Value)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// Takes all values out.
     pub fn into_values(self) -> HashMap<String, Value> {
-        self.values
+        self.values.into_iter().collect()
     }
 
     /// A token that cancels this call from another thread.

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use crate::Context;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::slot::Slot;
-use crate::Context;
 
 /// Calls one plugin. Cheap to clone, `Send + Sync`.
 ///
@@ -19,7 +19,9 @@ pub struct Executor {
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Executor").field("plugin", &self.slot.name).finish()
+        f.debug_struct("Executor")
+            .field("plugin", &self.slot.name)
+            .finish()
     }
 }
 
@@ -35,7 +37,11 @@ impl Executor {
 
     /// The manifest of the version serving now, if any.
     pub fn manifest(&self) -> Option<Arc<Manifest>> {
-        self.slot.current.load().as_ref().map(|v| Arc::clone(&v.manifest))
+        self.slot
+            .current
+            .load()
+            .as_ref()
+            .map(|v| Arc::clone(&v.manifest))
     }
 
     /// Runs one call, blocking until the plugin answers (or, for `pooled`
@@ -70,7 +76,11 @@ impl Executor {
     /// # Errors
     /// As [`execute`](Self::execute).
     pub async fn execute_async(&self, ctx: &mut Context) -> Result<()> {
-        let version = self.slot.current.load_full().ok_or_else(|| self.unavailable())?;
+        let version = self
+            .slot
+            .current
+            .load_full()
+            .ok_or_else(|| self.unavailable())?;
         version.execute_async(ctx).await
     }
 

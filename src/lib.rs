@@ -51,7 +51,7 @@ pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
 pub use event::Event;
 pub use executor::Executor;
-pub use manager::{verify, Builder, LoadReport, PluginManager};
+pub use manager::{Builder, LoadReport, PluginManager, verify};
 pub use manifest::{Isolation, Manifest};
 pub use plugin_abi::Value;
 

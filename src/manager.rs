@@ -11,8 +11,8 @@ use tokio::sync::broadcast;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::executor::Executor;
-use crate::manifest::{is_path_safe, Manifest};
-use crate::native::{remove_stale, Ending, NativeOptions};
+use crate::manifest::{Manifest, is_path_safe};
+use crate::native::{Ending, NativeOptions, remove_stale};
 use crate::slot::{PluginInfo, PluginState, Slot};
 use crate::version::{LoadOptions, Version};
 
@@ -181,7 +181,10 @@ impl PluginManager {
                 scope.spawn(|| {
                     while let Some(name) = names.get(next.fetch_add(1, Ordering::Relaxed)) {
                         let result = self.load_locked(name);
-                        results.lock().unwrap_or_else(|e| e.into_inner()).push((name.clone(), result));
+                        results
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((name.clone(), result));
                     }
                 });
             }
@@ -244,7 +247,8 @@ impl PluginManager {
         let dir = self.inner.base.join(name);
         let slot = self.slot_or_insert(name, &dir);
         let started = Instant::now();
-        let loaded = Manifest::from_dir(&dir).and_then(|m| Version::load(m, dir, &self.inner.options));
+        let loaded =
+            Manifest::from_dir(&dir).and_then(|m| Version::load(m, dir, &self.inner.options));
         match loaded {
             Ok(version) => {
                 let manifest = Arc::clone(&version.manifest);
@@ -376,7 +380,15 @@ impl PluginManager {
                     "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",
                     self.inner.drain_timeout
                 );
-                return self.ended(slot, serving, Event::Leaked { plugin, version, reason });
+                return self.ended(
+                    slot,
+                    serving,
+                    Event::Leaked {
+                        plugin,
+                        version,
+                        reason,
+                    },
+                );
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(5));

@@ -220,7 +220,11 @@ impl Manifest {
     pub fn parse(bytes: &[u8], path: &Path, plugin: &str) -> Result<Manifest> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
+            // serde_path_to_error says `?` when the document itself is cut short.
+            let field = match e.path().to_string() {
+                p if p == "?" => ".".to_owned(),
+                p => p,
+            };
             invalid(plugin, path, &field, e.into_inner().to_string())
         })?;
         manifest.validate(path, plugin)?;
@@ -244,15 +248,29 @@ impl Manifest {
                     return fail("source.path", why);
                 }
                 if let Some(h) = sha256.as_deref().filter(|h| !is_hex(h, 64)) {
-                    return fail("source.sha256", format!("expected 64 hex digits, found `{h}`"));
+                    return fail(
+                        "source.sha256",
+                        format!("expected 64 hex digits, found `{h}`"),
+                    );
                 }
             }
-            Source::Exec { path: p, sha256, md5, .. } => {
+            Source::Exec {
+                path: p,
+                sha256,
+                md5,
+                ..
+            } => {
                 if p.is_empty() {
-                    return fail("source.path", "expected an executable path, found an empty string".into());
+                    return fail(
+                        "source.path",
+                        "expected an executable path, found an empty string".into(),
+                    );
                 }
                 if let Some(h) = sha256.as_deref().filter(|h| !is_hex(h, 64)) {
-                    return fail("source.sha256", format!("expected 64 hex digits, found `{h}`"));
+                    return fail(
+                        "source.sha256",
+                        format!("expected 64 hex digits, found `{h}`"),
+                    );
                 }
                 if let Some(h) = md5.as_deref().filter(|h| !is_hex(h, 32)) {
                     return fail("source.md5", format!("expected 32 hex digits, found `{h}`"));
@@ -266,15 +284,28 @@ impl Manifest {
         }
         if let Some(http) = &self.http_services {
             if let Some(driver) = http.driver.as_deref().filter(|d| *d != "axum") {
-                return fail("http_services.driver", format!("expected \"axum\", found `{driver}`"));
+                return fail(
+                    "http_services.driver",
+                    format!("expected \"axum\", found `{driver}`"),
+                );
             }
             for (i, route) in http.routes.iter().enumerate() {
                 let field = |name: &str| format!("http_services.routes[{i}].{name}");
                 if !route.route.starts_with('/') {
-                    return fail(&field("route"), format!("expected a path starting with `/`, found `{}`", route.route));
+                    return fail(
+                        &field("route"),
+                        format!("expected a path starting with `/`, found `{}`", route.route),
+                    );
                 }
                 if !METHODS.contains(&route.method.as_str()) {
-                    return fail(&field("method"), format!("expected one of {}, found `{}`", METHODS.join(", "), route.method));
+                    return fail(
+                        &field("method"),
+                        format!(
+                            "expected one of {}, found `{}`",
+                            METHODS.join(", "),
+                            route.method
+                        ),
+                    );
                 }
                 if route.label.is_empty() {
                     return fail(&field("label"), "expected a non-empty label".into());
@@ -291,7 +322,9 @@ impl Manifest {
 
     /// The `config` object converted for the plugin's `init` (`Null` without one).
     pub fn config_value(&self) -> plugin_abi::Value {
-        self.config.clone().map_or(plugin_abi::Value::Null, Into::into)
+        self.config
+            .clone()
+            .map_or(plugin_abi::Value::Null, Into::into)
     }
 
     /// For `local_so`: the library path inside `dir`, with the platform's
@@ -363,19 +396,26 @@ mod tests {
         }
     }
 
-    const MINIMAL: &str = r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"libp"}}"#;
+    const MINIMAL: &str =
+        r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"libp"}}"#;
 
     #[test]
     fn minimal_manifest_defaults_to_pooled() {
         let m = parse(MINIMAL).unwrap();
         assert_eq!(m.isolation, Isolation::Pooled);
-        assert_eq!(m.library_path(Path::new("d")).unwrap(), Path::new("d").join(format!("libp.{}", std::env::consts::DLL_EXTENSION)));
+        assert_eq!(
+            m.library_path(Path::new("d")).unwrap(),
+            Path::new("d").join(format!("libp.{}", std::env::consts::DLL_EXTENSION))
+        );
     }
 
     #[test]
     fn example_manifest_is_valid() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/plugin.json.example")).unwrap();
-        let m = Manifest::parse(text.as_bytes(), Path::new("plugin.json.example"), "hello").unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/plugin.json.example"))
+                .unwrap();
+        let m =
+            Manifest::parse(text.as_bytes(), Path::new("plugin.json.example"), "hello").unwrap();
         assert_eq!(m.routes().len(), 2);
     }
 
@@ -393,27 +433,62 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let (field, message) = field_of(r#"{"name":"p","version":"1.0.0","verison":"x","source":{"mode":"local_so","path":"a"}}"#);
+        let (field, message) = field_of(
+            r#"{"name":"p","version":"1.0.0","verison":"x","source":{"mode":"local_so","path":"a"}}"#,
+        );
         assert_eq!(field, "verison");
         assert!(message.contains("unknown field `verison`"), "{message}");
-        let (field, message) = field_of(r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a","sha":"x"}}"#);
-        assert_eq!(field, "source.sha");
+        let (field, message) = field_of(
+            r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a","sha":"x"}}"#,
+        );
+        // serde buffers an internally tagged enum, so the path stops at `source`.
+        assert_eq!(field, "source");
         assert!(message.contains("unknown field `sha`"), "{message}");
     }
 
     #[test]
     fn bad_values_name_field_and_expectation() {
         let cases = [
-            (r#"{"name":"p","version":"1.0","source":{"mode":"local_so","path":"a"}}"#, "version"),
-            (r#"{"name":"p","version":"1.0.0","source":{"mode":"ftp","path":"a"}}"#, "source"),
-            (r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"../x"}}"#, "source.path"),
-            (r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"/x"}}"#, "source.path"),
-            (r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a","sha256":"zz"}}"#, "source.sha256"),
-            (r#"{"name":"../p","version":"1.0.0","source":{"mode":"local_so","path":"a"}}"#, "name"),
-            (r#"{"name":"p","version":"1.0.0","isolation":"thread","source":{"mode":"local_so","path":"a"}}"#, "isolation"),
-            (r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a"},"http_services":{"routes":[{"route":"/a","method":"GET","label":"x"},{"route":"/b","method":"FETCH","label":"x"}]}}"#, "http_services.routes[1].method"),
-            (r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a"},"http_services":{"routes":[{"route":"a","method":"GET","label":"x"}]}}"#, "http_services.routes[0].route"),
-            (r#"{"name":"p","version":"1.0.0","source":{"mode":"exec","path":"x"}}"#, "source"),
+            (
+                r#"{"name":"p","version":"1.0","source":{"mode":"local_so","path":"a"}}"#,
+                "version",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"ftp","path":"a"}}"#,
+                "source.mode",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"../x"}}"#,
+                "source.path",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"/x"}}"#,
+                "source.path",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a","sha256":"zz"}}"#,
+                "source.sha256",
+            ),
+            (
+                r#"{"name":"../p","version":"1.0.0","source":{"mode":"local_so","path":"a"}}"#,
+                "name",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","isolation":"thread","source":{"mode":"local_so","path":"a"}}"#,
+                "isolation",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a"},"http_services":{"routes":[{"route":"/a","method":"GET","label":"x"},{"route":"/b","method":"FETCH","label":"x"}]}}"#,
+                "http_services.routes[1].method",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a"},"http_services":{"routes":[{"route":"a","method":"GET","label":"x"}]}}"#,
+                "http_services.routes[0].route",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"exec","path":"x"}}"#,
+                "source",
+            ),
             (r#"{"name":"p","version":"1.0.0""#, "."),
         ];
         for (json, want) in cases {
@@ -430,6 +505,10 @@ mod tests {
         std::fs::create_dir(&plugin_dir).unwrap();
         std::fs::write(plugin_dir.join(MANIFEST_FILE), MINIMAL).unwrap();
         let err = Manifest::from_dir(&plugin_dir).unwrap_err();
-        assert!(err.to_string().contains("must equal the directory name `other`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("must equal the directory name `other`"),
+            "{err}"
+        );
     }
 }

@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-
+use crate::Context;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::native::{Ending, NativeOptions, NativeVersion, Outcome};
-use crate::Context;
 
 /// How a version's calls are carried out: one variant per plugin kind.
 pub(crate) enum Backend {
@@ -68,22 +67,34 @@ impl Version {
     /// a plugin that saw its deadline pass or its call cancelled is reported
     /// as that, not as a plugin failure.
     fn settle(&self, ctx: &Context, outcome: Outcome) -> Result<()> {
-        let plugin = self.name().to_owned();
-        let label = ctx.label().to_owned();
+        // The success path is the hot one: build names only for errors.
+        let names = || (self.name().to_owned(), ctx.label().to_owned());
         match outcome {
             Outcome::Ok => Ok(()),
-            Outcome::Panic(message) => Err(Error::Panic {
-                plugin,
-                label,
-                message,
-            }),
-            Outcome::Error(_) if ctx.is_expired() => Err(Error::DeadlineExceeded { plugin, label }),
-            Outcome::Error(_) if ctx.cancel_token().is_cancelled() => Err(Error::Cancelled { plugin, label }),
-            Outcome::Error(message) => Err(Error::Plugin {
-                plugin,
-                label,
-                message,
-            }),
+            Outcome::Panic(message) => {
+                let (plugin, label) = names();
+                Err(Error::Panic {
+                    plugin,
+                    label,
+                    message,
+                })
+            }
+            Outcome::Error(_) if ctx.is_expired() => {
+                let (plugin, label) = names();
+                Err(Error::DeadlineExceeded { plugin, label })
+            }
+            Outcome::Error(_) if ctx.cancel_token().is_cancelled() => {
+                let (plugin, label) = names();
+                Err(Error::Cancelled { plugin, label })
+            }
+            Outcome::Error(message) => {
+                let (plugin, label) = names();
+                Err(Error::Plugin {
+                    plugin,
+                    label,
+                    message,
+                })
+            }
         }
     }
 

@@ -28,7 +28,17 @@ fn call(manager: &PluginManager, plugin: &str, ctx: &mut Context) -> Result<(), 
 fn hello_answers_pooled_and_inline() {
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "hello");
-    install_as(dir.path(), "hello", "hello-inline", Some(&manifest("hello-inline", "hello", "1.0.0", r#""isolation": "inline""#)));
+    install_as(
+        dir.path(),
+        "hello",
+        "hello-inline",
+        Some(&manifest(
+            "hello-inline",
+            "hello",
+            "1.0.0",
+            r#""isolation": "inline""#,
+        )),
+    );
     let manager = PluginManager::new(dir.path()).unwrap();
     let report = manager.load_plugins().unwrap();
     assert_eq!(report.loaded, ["hello", "hello-inline"]);
@@ -38,7 +48,11 @@ fn hello_answers_pooled_and_inline() {
         let mut ctx = Context::new("hello.get").with("name", "Ada");
         executor.execute(&mut ctx).unwrap();
         assert_eq!(ctx.get_str("greeting"), Some("hello, Ada"));
-        assert_eq!(ctx.get_str("name"), Some("Ada"), "inputs stay in the context");
+        assert_eq!(
+            ctx.get_str("name"),
+            Some("Ada"),
+            "inputs stay in the context"
+        );
     }
     let info = manager.info("hello-inline").unwrap();
     assert_eq!(info.isolation, Some(dynplug::Isolation::Inline));
@@ -48,7 +62,9 @@ fn hello_answers_pooled_and_inline() {
 fn every_value_shape_crosses_both_ways() {
     let (_dir, manager) = manager_with(&["hello"]);
     manager.load_plugins().unwrap();
-    let nested = Value::from(serde_json::json!({"list": [1, 2.5, "x", null, true], "map": {"k": [{"deep": 1}]}}));
+    let nested = Value::from(
+        serde_json::json!({"list": [1, 2.5, "x", null, true], "map": {"k": [{"deep": 1}]}}),
+    );
     let mut ctx = Context::new("hello.echo")
         .with("null", Value::Null)
         .with("bool", true)
@@ -76,8 +92,11 @@ fn typed_helpers_deserialize_and_report_bad_shapes() {
 
     let mut ctx = Context::new("hello.sum").with("numbers", "not a list");
     let err = call(&manager, "hello", &mut ctx).unwrap_err();
-    assert!(matches!(&err, Error::Plugin { plugin, label, message }
-        if plugin == "hello" && label == "hello.sum" && message.contains("value `numbers`")), "{err}");
+    assert!(
+        matches!(&err, Error::Plugin { plugin, label, message }
+        if plugin == "hello" && label == "hello.sum" && message.contains("value `numbers`")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -88,7 +107,12 @@ fn counter_keeps_state_runs_init_and_shutdown() {
         r#""config": {{"start": 10, "step": 5, "generation": "g1", "shutdown_marker": {:?}}}"#,
         marker.to_str().unwrap()
     );
-    install_as(dir.path(), "counter", "counter", Some(&manifest("counter", "counter", "1.0.0", &config)));
+    install_as(
+        dir.path(),
+        "counter",
+        "counter",
+        Some(&manifest("counter", "counter", "1.0.0", &config)),
+    );
     let manager = PluginManager::new(dir.path()).unwrap();
     manager.load_plugins().unwrap();
     let (_, counter) = manager.get_plugin("counter").unwrap();
@@ -100,8 +124,14 @@ fn counter_keeps_state_runs_init_and_shutdown() {
     }
     assert!(!marker.exists());
     assert_eq!(manager.unload("counter").unwrap(), PluginState::Unloaded);
-    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "25", "shutdown ran before unload");
-    let err = counter.execute(&mut Context::new("counter.get")).unwrap_err();
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "25",
+        "shutdown ran before unload"
+    );
+    let err = counter
+        .execute(&mut Context::new("counter.get"))
+        .unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err}");
 }
 
@@ -110,24 +140,55 @@ fn pooled_unload_leaves_no_mapping_and_reload_starts_fresh() {
     let (dir, manager) = manager_with(&["counter"]);
     let shadow = dir.path().join(".dynplug");
     manager.load_plugins().unwrap();
-    assert_eq!(mapped_under(&shadow).len(), 1, "one shadow copy mapped while loaded");
+    assert_eq!(
+        mapped_under(&shadow).len(),
+        1,
+        "one shadow copy mapped while loaded"
+    );
     let mut ctx = Context::new("counter.incr");
     call(&manager, "counter", &mut ctx).unwrap();
     assert_eq!(manager.unload("counter").unwrap(), PluginState::Unloaded);
-    assert_eq!(mapped_under(&shadow), Vec::<String>::new(), "copy unmapped after unload");
-    assert_eq!(manager.info("counter").unwrap().state, PluginState::Unloaded);
-    assert!(std::fs::read_dir(shadow.join("shadow")).unwrap().next().is_none(), "no shadow file left behind");
+    assert_eq!(
+        mapped_under(&shadow),
+        Vec::<String>::new(),
+        "copy unmapped after unload"
+    );
+    assert_eq!(
+        manager.info("counter").unwrap().state,
+        PluginState::Unloaded
+    );
+    assert!(
+        std::fs::read_dir(shadow.join("shadow"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no shadow file left behind"
+    );
 
     manager.load_plugin("counter").unwrap();
     let mut ctx = Context::new("counter.incr");
     call(&manager, "counter", &mut ctx).unwrap();
-    assert_eq!(ctx.get_i64("count"), Some(1), "a reloaded library has fresh statics");
+    assert_eq!(
+        ctx.get_i64("count"),
+        Some(1),
+        "a reloaded library has fresh statics"
+    );
 }
 
 #[test]
 fn inline_unload_is_retained_not_hidden() {
     let dir = tempfile::tempdir().unwrap();
-    install_as(dir.path(), "hello", "hello", Some(&manifest("hello", "hello", "1.0.0", r#""isolation": "inline""#)));
+    install_as(
+        dir.path(),
+        "hello",
+        "hello",
+        Some(&manifest(
+            "hello",
+            "hello",
+            "1.0.0",
+            r#""isolation": "inline""#,
+        )),
+    );
     let manager = PluginManager::new(dir.path()).unwrap();
     manager.load_plugins().unwrap();
     assert_eq!(manager.unload("hello").unwrap(), PluginState::Retained);
@@ -140,8 +201,11 @@ fn panic_becomes_an_error_and_everything_keeps_serving() {
     manager.load_plugins().unwrap();
     for _ in 0..3 {
         let err = call(&manager, "panicking", &mut Context::new("boom")).unwrap_err();
-        assert!(matches!(&err, Error::Panic { plugin, message, .. }
-            if plugin == "panicking" && message.contains("deliberate panic on label boom")), "{err}");
+        assert!(
+            matches!(&err, Error::Panic { plugin, message, .. }
+            if plugin == "panicking" && message.contains("deliberate panic on label boom")),
+            "{err}"
+        );
     }
     let mut ctx = Context::new("ok");
     call(&manager, "panicking", &mut ctx).unwrap();
@@ -159,7 +223,12 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     install(base, "failing-init");
     install(base, "wrong-abi");
     // A truncated library.
-    let truncated = install_as(base, "hello", "truncated", Some(&manifest("truncated", "hello", "1.0.0", "")));
+    let truncated = install_as(
+        base,
+        "hello",
+        "truncated",
+        Some(&manifest("truncated", "hello", "1.0.0", "")),
+    );
     let lib = truncated.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
     let bytes = std::fs::read(&lib).unwrap();
     // Cut inside the loadable segments (a debug build keeps megabytes of
@@ -168,16 +237,57 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     // A manifest whose library is missing.
     let missing = base.join("missing");
     std::fs::create_dir(&missing).unwrap();
-    std::fs::write(missing.join("plugin.json"), manifest("missing", "nothing-here", "1.0.0", "")).unwrap();
+    std::fs::write(
+        missing.join("plugin.json"),
+        manifest("missing", "nothing-here", "1.0.0", ""),
+    )
+    .unwrap();
     // Malformed and invalid manifests.
-    install_as(base, "hello", "malformed", Some(r#"{"name": "malformed", "version": "1.0.0", "#));
-    install_as(base, "hello", "typo", Some(&manifest("typo", "hello", "1.0.0", r#""isolaton": "inline""#)));
-    install_as(base, "hello", "not-yet", Some(r#"{"name": "not-yet", "version": "1.0.0", "source": {"mode": "exec", "path": "x", "protocol": "grpc"}}"#));
-    install_as(base, "hello", "process", Some(&manifest("process", "hello", "1.0.0", r#""isolation": "process""#)));
-    install_as(base, "hello", "bad-sum", Some(&format!(
-        r#"{{"name": "bad-sum", "version": "1.0.0", "source": {{"mode": "local_so", "path": "libhello", "sha256": "{}"}}}}"#,
-        "0".repeat(64)
-    )));
+    install_as(
+        base,
+        "hello",
+        "malformed",
+        Some(r#"{"name": "malformed", "version": "1.0.0", "#),
+    );
+    install_as(
+        base,
+        "hello",
+        "typo",
+        Some(&manifest(
+            "typo",
+            "hello",
+            "1.0.0",
+            r#""isolaton": "inline""#,
+        )),
+    );
+    install_as(
+        base,
+        "hello",
+        "not-yet",
+        Some(
+            r#"{"name": "not-yet", "version": "1.0.0", "source": {"mode": "exec", "path": "x", "protocol": "grpc"}}"#,
+        ),
+    );
+    install_as(
+        base,
+        "hello",
+        "process",
+        Some(&manifest(
+            "process",
+            "hello",
+            "1.0.0",
+            r#""isolation": "process""#,
+        )),
+    );
+    install_as(
+        base,
+        "hello",
+        "bad-sum",
+        Some(&format!(
+            r#"{{"name": "bad-sum", "version": "1.0.0", "source": {{"mode": "local_so", "path": "libhello", "sha256": "{}"}}}}"#,
+            "0".repeat(64)
+        )),
+    );
     // Dot entries are ignored.
     std::fs::create_dir(base.join(".hidden")).unwrap();
 
@@ -185,31 +295,65 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     let mut events = manager.subscribe();
     let report = manager.load_plugins().unwrap();
     assert_eq!(report.loaded, ["hello"]);
-    let failed: std::collections::BTreeMap<_, _> = report.failed.iter().map(|(n, e)| (n.as_str(), e)).collect();
+    let failed: std::collections::BTreeMap<_, _> =
+        report.failed.iter().map(|(n, e)| (n.as_str(), e)).collect();
     assert_eq!(failed.len(), 9, "{failed:#?}");
 
     let text = |name: &str| failed[name].to_string();
     assert!(matches!(failed["failing-init"], Error::Init { .. }));
-    assert!(text("failing-init").contains("config.token is required"), "{}", text("failing-init"));
+    assert!(
+        text("failing-init").contains("config.token is required"),
+        "{}",
+        text("failing-init")
+    );
     assert!(matches!(failed["wrong-abi"], Error::AbiMismatch { .. }));
-    assert!(text("wrong-abi").contains("plugin-abi 0.0.9 (ABI 0.9)") && text("wrong-abi").contains("plugin-abi 0.1.0 (ABI 1.0)"), "{}", text("wrong-abi"));
+    assert!(
+        text("wrong-abi").contains("plugin-abi 0.0.9 (ABI 0.9)")
+            && text("wrong-abi").contains("plugin-abi 0.1.0 (ABI 1.0)"),
+        "{}",
+        text("wrong-abi")
+    );
     assert!(matches!(failed["truncated"], Error::BadLibrary { .. }));
-    assert!(text("truncated").contains("libhello") && text("truncated").starts_with("truncated: "), "{}", text("truncated"));
+    assert!(
+        text("truncated").contains("libhello") && text("truncated").starts_with("truncated: "),
+        "{}",
+        text("truncated")
+    );
     assert!(matches!(failed["missing"], Error::Io { .. }));
-    assert!(text("missing").contains("libnothing_here.so") && text("missing").contains("No such file"), "{}", text("missing"));
+    assert!(
+        text("missing").contains("libnothing_here.so") && text("missing").contains("No such file"),
+        "{}",
+        text("missing")
+    );
     assert!(matches!(failed["malformed"], Error::Manifest { .. }));
-    assert!(text("malformed").contains("plugin.json"), "{}", text("malformed"));
+    assert!(
+        text("malformed").contains("plugin.json"),
+        "{}",
+        text("malformed")
+    );
     assert!(matches!(failed["typo"], Error::Manifest { field, .. } if field == "isolaton"));
     assert!(matches!(failed["not-yet"], Error::Unsupported { .. }));
-    assert!(text("not-yet").contains("source.mode \"exec\" is not supported yet"), "{}", text("not-yet"));
-    assert!(text("process").contains("isolation \"process\" is not supported yet"), "{}", text("process"));
+    assert!(
+        text("not-yet").contains("source.mode \"exec\" is not supported yet"),
+        "{}",
+        text("not-yet")
+    );
+    assert!(
+        text("process").contains("isolation \"process\" is not supported yet"),
+        "{}",
+        text("process")
+    );
     assert!(matches!(failed["bad-sum"], Error::Checksum { .. }));
 
     // list() shows every plugin with its state and error; hello still serves.
     let list = manager.list();
     assert_eq!(list.len(), 10);
     for info in &list {
-        let expected = if info.name == "hello" { PluginState::Loaded } else { PluginState::Failed };
+        let expected = if info.name == "hello" {
+            PluginState::Loaded
+        } else {
+            PluginState::Failed
+        };
         assert_eq!(info.state, expected, "{info:?}");
         assert_eq!(info.error.is_some(), info.name != "hello", "{info:?}");
     }
@@ -217,7 +361,10 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     call(&manager, "hello", &mut ctx).unwrap();
     let err = call(&manager, "wrong-abi", &mut Context::new("x")).unwrap_err();
     assert!(matches!(err, Error::Unavailable { .. }), "{err}");
-    assert!(matches!(call(&manager, "nope", &mut Context::new("x")), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        call(&manager, "nope", &mut Context::new("x")),
+        Err(Error::NotFound { .. })
+    ));
 
     let mut failed_events = 0;
     while let Ok(event) = events.try_recv() {
@@ -235,15 +382,31 @@ fn correct_checksum_loads() {
     let lib = support::library("hello");
     let digest = {
         use std::fmt::Write;
-        let out = std::process::Command::new("sha256sum").arg(&lib).output().unwrap();
+        let out = std::process::Command::new("sha256sum")
+            .arg(&lib)
+            .output()
+            .unwrap();
         let mut hex = String::new();
-        write!(hex, "{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap()).unwrap();
+        write!(
+            hex,
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap()
+        )
+        .unwrap();
         hex
     };
-    install_as(dir.path(), "hello", "hello", Some(&format!(
-        r#"{{"name": "hello", "version": "1.0.0", "source": {{"mode": "local_so", "path": "libhello", "sha256": "{}"}}}}"#,
-        digest.to_uppercase()
-    )));
+    install_as(
+        dir.path(),
+        "hello",
+        "hello",
+        Some(&format!(
+            r#"{{"name": "hello", "version": "1.0.0", "source": {{"mode": "local_so", "path": "libhello", "sha256": "{}"}}}}"#,
+            digest.to_uppercase()
+        )),
+    );
     let manager = PluginManager::new(dir.path()).unwrap();
     manager.load_plugin("hello").unwrap();
 }
@@ -256,7 +419,10 @@ fn deadline_stops_a_slow_plugin() {
     let mut ctx = Context::new("spin").with_timeout(Duration::from_millis(100));
     let err = call(&manager, "slow", &mut ctx).unwrap_err();
     assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(5), "returned at the deadline");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "returned at the deadline"
+    );
     assert_eq!(ctx.label(), "spin", "the label is given back");
 }
 
@@ -264,7 +430,17 @@ fn deadline_stops_a_slow_plugin() {
 fn cancel_from_another_thread_stops_a_slow_plugin() {
     for isolation in ["pooled", "inline"] {
         let dir = tempfile::tempdir().unwrap();
-        install_as(dir.path(), "slow", "slow", Some(&manifest("slow", "slow", "0.1.0", &format!(r#""isolation": "{isolation}""#))));
+        install_as(
+            dir.path(),
+            "slow",
+            "slow",
+            Some(&manifest(
+                "slow",
+                "slow",
+                "0.1.0",
+                &format!(r#""isolation": "{isolation}""#),
+            )),
+        );
         let manager = PluginManager::new(dir.path()).unwrap();
         manager.load_plugins().unwrap();
         let mut ctx = Context::new("spin");
@@ -278,7 +454,10 @@ fn cancel_from_another_thread_stops_a_slow_plugin() {
         canceller.join().unwrap();
         assert!(matches!(err, Error::Cancelled { .. }), "{isolation}: {err}");
         assert!(started.elapsed() < Duration::from_secs(5));
-        assert!(ctx.get_i64("iterations").unwrap() > 0, "{isolation}: the plugin saw the call run");
+        assert!(
+            ctx.get_i64("iterations").unwrap() > 0,
+            "{isolation}: the plugin saw the call run"
+        );
     }
 }
 
@@ -310,9 +489,19 @@ fn concurrent_callers_share_one_executor() {
 fn reload_swaps_versions_and_unloads_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     let with_generation = |version: &str, generation: &str| {
-        manifest("counter", "counter", version, &format!(r#""config": {{"generation": "{generation}"}}"#))
+        manifest(
+            "counter",
+            "counter",
+            version,
+            &format!(r#""config": {{"generation": "{generation}"}}"#),
+        )
     };
-    install_as(dir.path(), "counter", "counter", Some(&with_generation("1.0.0", "v1")));
+    install_as(
+        dir.path(),
+        "counter",
+        "counter",
+        Some(&with_generation("1.0.0", "v1")),
+    );
     let manager = PluginManager::new(dir.path()).unwrap();
     let mut events = manager.subscribe();
     manager.load_plugins().unwrap();
@@ -321,30 +510,64 @@ fn reload_swaps_versions_and_unloads_the_old_one() {
     counter.execute(&mut ctx).unwrap();
     assert_eq!(ctx.get_str("generation"), Some("v1"));
 
-    install_as(dir.path(), "counter", "counter", Some(&with_generation("2.0.0", "v2")));
+    install_as(
+        dir.path(),
+        "counter",
+        "counter",
+        Some(&with_generation("2.0.0", "v2")),
+    );
     let spec = manager.load_plugin("counter").unwrap();
     assert_eq!(spec.version.to_string(), "2.0.0");
     let mut ctx = Context::new("counter.incr");
     counter.execute(&mut ctx).unwrap();
-    assert_eq!(ctx.get_str("generation"), Some("v2"), "the same executor reaches the new version");
-    assert_eq!(mapped_under(&dir.path().join(".dynplug")).len(), 1, "only the new copy is mapped");
+    assert_eq!(
+        ctx.get_str("generation"),
+        Some("v2"),
+        "the same executor reaches the new version"
+    );
+    assert_eq!(
+        mapped_under(&dir.path().join(".dynplug")).len(),
+        1,
+        "only the new copy is mapped"
+    );
 
     let events: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok()).collect();
     assert_eq!(
         events,
         [
-            Event::Loaded { plugin: "counter".into(), version: "1.0.0".into() },
-            Event::Loaded { plugin: "counter".into(), version: "2.0.0".into() },
-            Event::Unloaded { plugin: "counter".into(), version: "1.0.0".into() },
+            Event::Loaded {
+                plugin: "counter".into(),
+                version: "1.0.0".into()
+            },
+            Event::Loaded {
+                plugin: "counter".into(),
+                version: "2.0.0".into()
+            },
+            Event::Unloaded {
+                plugin: "counter".into(),
+                version: "1.0.0".into()
+            },
         ]
     );
 
     // A failed reload keeps the serving version.
-    install_as(dir.path(), "wrong-abi", "counter", Some(&manifest("counter", "wrong-abi", "3.0.0", "")));
+    install_as(
+        dir.path(),
+        "wrong-abi",
+        "counter",
+        Some(&manifest("counter", "wrong-abi", "3.0.0", "")),
+    );
     assert!(manager.load_plugin("counter").is_err());
     let info = manager.info("counter").unwrap();
-    assert_eq!((info.state, info.version.as_deref()), (PluginState::Loaded, Some("2.0.0")));
-    assert!(info.error.unwrap().contains("built against plugin-abi 0.0.9"));
+    assert_eq!(
+        (info.state, info.version.as_deref()),
+        (PluginState::Loaded, Some("2.0.0"))
+    );
+    assert!(
+        info.error
+            .unwrap()
+            .contains("built against plugin-abi 0.0.9")
+    );
     counter.execute(&mut Context::new("counter.incr")).unwrap();
 }
 
@@ -352,7 +575,10 @@ fn reload_swaps_versions_and_unloads_the_old_one() {
 fn async_execute_runs_on_the_pool() {
     let (_dir, manager) = manager_with(&["hello", "slow"]);
     manager.load_plugins().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let (_, hello) = manager.get_plugin("hello").unwrap();
         let mut ctx = Context::new("hello.get").with("name", "async");
@@ -363,7 +589,8 @@ fn async_execute_runs_on_the_pool() {
         let (_, slow) = manager.get_plugin("slow").unwrap();
         let mut ctx = Context::new("spin");
         let token = ctx.cancel_token();
-        let timed_out = tokio::time::timeout(Duration::from_millis(50), slow.execute_async(&mut ctx)).await;
+        let timed_out =
+            tokio::time::timeout(Duration::from_millis(50), slow.execute_async(&mut ctx)).await;
         assert!(timed_out.is_err());
         assert!(token.is_cancelled());
     });

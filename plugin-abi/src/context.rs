@@ -1,9 +1,9 @@
 use std::time::{Duration, Instant};
 
-use crate::ffi::{Borrowed, FfiContext};
-use crate::Value;
 #[cfg(feature = "serde")]
 use crate::PluginError;
+use crate::Value;
+use crate::ffi::{Borrowed, FfiContext};
 
 /// The context of one call, as a plugin sees it.
 ///
@@ -90,7 +90,11 @@ impl Context {
     /// # Errors
     /// When `T`'s `Serialize` implementation fails.
     #[cfg(feature = "serde")]
-    pub fn set_as<T: serde::Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), PluginError> {
+    pub fn set_as<T: serde::Serialize + ?Sized>(
+        &mut self,
+        key: &str,
+        value: &T,
+    ) -> Result<(), PluginError> {
         let value = Value::from_serialize(value)
             .map_err(|e| PluginError::new(format!("value `{key}`: {e}")))?;
         self.raw.set(key, &value);

@@ -49,7 +49,9 @@ macro_rules! __dynplug_init {
         ) -> u32 {
             // SAFETY: called by the host with a valid config view and sink.
             #[allow(unsafe_code)]
-            unsafe { $crate::ffi::run_init(config, sink, $init) }
+            unsafe {
+                $crate::ffi::run_init(config, sink, $init)
+            }
         }
         Some(__dynplug_init)
     }};
@@ -65,7 +67,9 @@ macro_rules! __dynplug_shutdown {
         extern "C" fn __dynplug_shutdown(sink: $crate::ffi::ErrorSink) -> u32 {
             // SAFETY: called by the host with a valid sink.
             #[allow(unsafe_code)]
-            unsafe { $crate::ffi::run_shutdown(sink, $shutdown) }
+            unsafe {
+                $crate::ffi::run_shutdown(sink, $shutdown)
+            }
         }
         Some(__dynplug_shutdown)
     }};

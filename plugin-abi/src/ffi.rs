@@ -124,11 +124,7 @@ pub struct VisitFn {
 pub struct Compound {
     handle: *const Opaque,
     len: usize,
-    visit: extern "C" fn(
-        handle: *const Opaque,
-        visitor: *mut Opaque,
-        f: VisitFn,
-    ),
+    visit: extern "C" fn(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn),
 }
 
 /// A borrowed [`Value`] (or its absence), valid only during the call that passed it.
@@ -229,7 +225,11 @@ impl ValueView {
             ValueView::Bytes(b) => Value::Bytes(unsafe { b.as_slice() }.to_vec()),
             ValueView::List(c) => {
                 let mut items: Vec<Value> = Vec::with_capacity(c.len);
-                (c.visit)(c.handle, (&mut items as *mut Vec<Value>).cast(), VisitFn { func: push_item });
+                (c.visit)(
+                    c.handle,
+                    (&mut items as *mut Vec<Value>).cast(),
+                    VisitFn { func: push_item },
+                );
                 Value::List(items)
             }
             ValueView::Map(c) => {
@@ -255,11 +255,7 @@ pub struct HostVtable {
     /// Removes `key`; whether it was present.
     pub remove: extern "C" fn(data: *mut Opaque, key: RawStr) -> bool,
     /// Calls `f(visitor, key, value)` for every entry, in no particular order.
-    pub entries: extern "C" fn(
-        data: *const Opaque,
-        visitor: *mut Opaque,
-        f: VisitFn,
-    ),
+    pub entries: extern "C" fn(data: *const Opaque, visitor: *mut Opaque, f: VisitFn),
     /// Whether the call was cancelled or is past its deadline.
     pub is_cancelled: extern "C" fn(data: *const Opaque) -> bool,
     /// Nanoseconds left before the deadline (0 when past it), or -1 without one.
@@ -486,7 +482,10 @@ fn report(result: std::thread::Result<Result<(), PluginError>>, sink: impl FnOnc
 /// # Safety
 /// `ctx` must be the valid, exclusive context the host passed to this call.
 #[doc(hidden)]
-pub unsafe fn run_execute(ctx: *mut FfiContext, f: fn(&mut Context) -> Result<(), PluginError>) -> u32 {
+pub unsafe fn run_execute(
+    ctx: *mut FfiContext,
+    f: fn(&mut Context) -> Result<(), PluginError>,
+) -> u32 {
     // SAFETY: the host passes a valid context, exclusively ours for the call;
     // `Context` is a `repr(transparent)` wrapper of `FfiContext`.
     let ctx = unsafe { &mut *ctx.cast::<Context>() };
@@ -499,13 +498,19 @@ pub unsafe fn run_execute(ctx: *mut FfiContext, f: fn(&mut Context) -> Result<()
 /// # Safety
 /// `config` and `sink` must be the ones the host passed to this call.
 #[doc(hidden)]
-pub unsafe fn run_init(config: ValueView, sink: ErrorSink, f: fn(&Value) -> Result<(), PluginError>) -> u32 {
+pub unsafe fn run_init(
+    config: ValueView,
+    sink: ErrorSink,
+    f: fn(&Value) -> Result<(), PluginError>,
+) -> u32 {
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: the host keeps the config alive during the call.
         let config = unsafe { config.to_value() };
         f(&config)
     }));
-    report(result, |message| (sink.write)(sink.data, RawStr::new(message)))
+    report(result, |message| {
+        (sink.write)(sink.data, RawStr::new(message))
+    })
 }
 
 /// Runs a plugin's `shutdown` for the host; used by [`export_plugin!`](crate::export_plugin).
@@ -518,5 +523,7 @@ pub unsafe fn run_shutdown(sink: ErrorSink, f: fn()) -> u32 {
         f();
         Ok(())
     }));
-    report(result, |message| (sink.write)(sink.data, RawStr::new(message)))
+    report(result, |message| {
+        (sink.write)(sink.data, RawStr::new(message))
+    })
 }

@@ -13,7 +13,10 @@ const SAMPLES: &[&str] = &["hello", "counter"];
 pub(crate) fn build_samples() -> anyhow::Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     if !root.join("sample-plugins").is_dir() {
-        bail!("demo needs the dynplug source checkout at {}", root.display());
+        bail!(
+            "demo needs the dynplug source checkout at {}",
+            root.display()
+        );
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
@@ -26,10 +29,15 @@ pub(crate) fn build_samples() -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("cargo build of the sample plugins failed ({status})");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let plugins = target.join("demo-plugins");
     for name in SAMPLES {
-        install(&root.join("sample-plugins").join(name), &target.join("release"), &plugins.join(name))?;
+        install(
+            &root.join("sample-plugins").join(name),
+            &target.join("release"),
+            &plugins.join(name),
+        )?;
     }
     Ok(plugins)
 }
@@ -37,9 +45,14 @@ pub(crate) fn build_samples() -> anyhow::Result<PathBuf> {
 /// Copies a sample's `plugin.json` and library into `dest`, write-then-rename
 /// so a watching host never sees half a plugin.
 fn install(crate_dir: &Path, built: &Path, dest: &Path) -> anyhow::Result<()> {
-    let name = dest.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = dest
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let manifest_path = crate_dir.join("plugin.json");
-    let bytes = std::fs::read(&manifest_path).with_context(|| format!("reading {}", manifest_path.display()))?;
+    let bytes = std::fs::read(&manifest_path)
+        .with_context(|| format!("reading {}", manifest_path.display()))?;
     let manifest = Manifest::parse(&bytes, &manifest_path, &name)?;
     let library = manifest
         .library_path(built)
@@ -49,7 +62,8 @@ fn install(crate_dir: &Path, built: &Path, dest: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&staging)?;
     std::fs::copy(&manifest_path, staging.join("plugin.json"))?;
     let file_name = library.file_name().context("library file name")?;
-    std::fs::copy(&library, staging.join(file_name)).with_context(|| format!("copying {}", library.display()))?;
+    std::fs::copy(&library, staging.join(file_name))
+        .with_context(|| format!("copying {}", library.display()))?;
     let _ = std::fs::remove_dir_all(dest);
     std::fs::rename(&staging, dest)?;
     Ok(())
@@ -68,13 +82,19 @@ pub(crate) fn run() -> anyhow::Result<ExitCode> {
     let (_, hello) = manager.get_plugin("hello")?;
     let mut ctx = Context::new("hello.get").with("name", "Ada");
     hello.execute(&mut ctx)?;
-    println!("hello.get name=Ada      -> greeting = {:?}", ctx.get_str("greeting").unwrap_or_default());
+    println!(
+        "hello.get name=Ada      -> greeting = {:?}",
+        ctx.get_str("greeting").unwrap_or_default()
+    );
 
     let (_, counter) = manager.get_plugin("counter")?;
     for _ in 0..3 {
         let mut ctx = Context::new("counter.incr");
         counter.execute(&mut ctx)?;
-        println!("counter.incr            -> count = {}", ctx.get_i64("count").unwrap_or_default());
+        println!(
+            "counter.incr            -> count = {}",
+            ctx.get_i64("count").unwrap_or_default()
+        );
     }
     println!();
     println!("plugins installed in {}; try:", plugins.display());

@@ -173,7 +173,7 @@ fn call(
     executor
         .execute(&mut ctx)
         .with_context(|| format!("calling {name} with label {label}"))?;
-    let sorted: BTreeMap<_, _> = ctx.values().iter().collect();
+    let sorted: BTreeMap<_, _> = ctx.values().collect();
     println!("{}", serde_json::to_string_pretty(&sorted)?);
     manager.unload_all();
     Ok(ExitCode::SUCCESS)

@@ -158,7 +158,9 @@ impl Library {
     /// `dlclose`s the library. Nothing of it may be referenced afterwards,
     /// which `self` by value and the absence of plugin-made data in the host ensure.
     pub(crate) fn close(mut self) -> Result<(), libloading::Error> {
-        self.handle.take().map_or(Ok(()), libloading::Library::close)
+        self.handle
+            .take()
+            .map_or(Ok(()), libloading::Library::close)
     }
 
     /// Keeps the library mapped for the life of the process (inline plugins,
@@ -244,7 +246,10 @@ extern "C" fn host_label(data: *const Opaque) -> RawStr {
 extern "C" fn host_get(data: *const Opaque, key: RawStr) -> ValueView {
     // SAFETY: in call; `key` is valid during this callback.
     let (call, key) = unsafe { (call(data), key.as_str()) };
-    call.ctx.values.get(key).map_or(ValueView::Absent, ValueView::of)
+    call.ctx
+        .values
+        .get(key)
+        .map_or(ValueView::Absent, ValueView::of)
 }
 
 extern "C" fn host_set(data: *mut Opaque, key: RawStr, value: ValueView) {

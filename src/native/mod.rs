@@ -20,9 +20,9 @@ use ffi::{Library, OpenError};
 use pool::{Pool, Reply};
 pub(crate) use shadow::remove_stale;
 
+use crate::Context;
 use crate::error::{Error, Result};
 use crate::manifest::{Isolation, Manifest, Source};
-use crate::Context;
 
 /// How a version ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,20 +56,24 @@ pub(crate) struct NativeOptions {
 }
 
 impl NativeVersion {
-    pub(crate) fn load(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<NativeVersion> {
+    pub(crate) fn load(
+        manifest: &Manifest,
+        dir: &Path,
+        options: &NativeOptions,
+    ) -> Result<NativeVersion> {
         let plugin = manifest.name.clone();
         let (library, shadow) = open_checked(manifest, dir, &options.shadow_dir)?;
         let library = Arc::new(library);
         let runner = match manifest.isolation {
             Isolation::Inline => Runner::Inline,
-            _ => Runner::Pooled(Pool::start(&plugin, &library, options.pool_size).map_err(|source| {
-                Error::Io {
+            _ => Runner::Pooled(Pool::start(&plugin, &library, options.pool_size).map_err(
+                |source| Error::Io {
                     plugin: plugin.clone(),
                     action: "starting workers for",
                     path: dir.to_owned(),
                     source,
-                }
-            })?),
+                },
+            )?),
         };
         let mut version = NativeVersion {
             plugin: plugin.clone(),
@@ -91,7 +95,10 @@ impl NativeVersion {
     }
 
     /// Runs `f` where plugin code of this version runs: a worker, or here.
-    fn on_thread<T: Send + 'static>(&self, f: impl FnOnce(&Library) -> T + Send + 'static) -> Option<T> {
+    fn on_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Library) -> T + Send + 'static,
+    ) -> Option<T> {
         let library = self.library.as_ref()?;
         match &self.runner {
             Runner::Inline => Some(f(library)),
@@ -110,7 +117,11 @@ impl NativeVersion {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let token = ctx.cancel_token();
         let deadline = ctx.deadline();
-        let label = ctx.label().to_owned();
+        let job_label = if deadline.is_some() {
+            ctx.label().to_owned()
+        } else {
+            String::new()
+        };
         let job = std::mem::take(ctx);
         if let Err(job) = pool.submit(job, Reply::Blocking(tx)) {
             *ctx = job;
@@ -123,6 +134,7 @@ impl NativeVersion {
                     // The plugin keeps the values until it notices; the
                     // caller gets the label, token and deadline back.
                     token.cancel();
+                    let label = job_label.clone();
                     *ctx = Context::new(label.clone())
                         .with_cancel_token(token.clone())
                         .with_deadline(deadline);
@@ -277,7 +289,10 @@ fn open_checked(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<(L
             plugin,
             path: manifest_path,
             field: "source.path".into(),
-            message: format!("resolves outside the plugin directory, to {}", real.display()),
+            message: format!(
+                "resolves outside the plugin directory, to {}",
+                real.display()
+            ),
         });
     }
     let bytes = std::fs::read(&real).map_err(|e| io("reading", e))?;
@@ -300,35 +315,37 @@ fn open_checked(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<(L
         });
     }
     let version = manifest.version.to_string();
-    let shadow = shadow::write_copy(shadow_dir, &plugin, &version, &bytes)
-        .map_err(|e| io("copying", e))?;
+    let shadow =
+        shadow::write_copy(shadow_dir, &plugin, &version, &bytes).map_err(|e| io("copying", e))?;
     let opened = Library::open(&shadow);
     // The mapping keeps the inode alive; unlinking now leaves no file behind
     // even if the process dies.
     let _ = std::fs::remove_file(&shadow);
-    opened.map(|library| (library, shadow)).map_err(|e| match e {
-        OpenError::Dlopen(source) => Error::Open {
-            plugin: plugin.clone(),
-            path: path.clone(),
-            source,
-        },
-        OpenError::MissingRoot => Error::MissingRoot {
-            plugin: plugin.clone(),
-            path: path.clone(),
-            symbol: plugin_abi::ffi::ROOT_SYMBOL,
-        },
-        OpenError::Abi {
-            found,
-            expected,
-            detail,
-        } => Error::AbiMismatch {
-            plugin: plugin.clone(),
-            path: path.clone(),
-            found,
-            expected,
-            detail,
-        },
-    })
+    opened
+        .map(|library| (library, shadow))
+        .map_err(|e| match e {
+            OpenError::Dlopen(source) => Error::Open {
+                plugin: plugin.clone(),
+                path: path.clone(),
+                source,
+            },
+            OpenError::MissingRoot => Error::MissingRoot {
+                plugin: plugin.clone(),
+                path: path.clone(),
+                symbol: plugin_abi::ffi::ROOT_SYMBOL,
+            },
+            OpenError::Abi {
+                found,
+                expected,
+                detail,
+            } => Error::AbiMismatch {
+                plugin: plugin.clone(),
+                path: path.clone(),
+                found,
+                expected,
+                detail,
+            },
+        })
 }
 
 /// Verifies a native plugin without calling it: the artifact is loaded from a

@@ -29,7 +29,11 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub(crate) fn start(plugin: &str, library: &Arc<Library>, size: usize) -> std::io::Result<Pool> {
+    pub(crate) fn start(
+        plugin: &str,
+        library: &Arc<Library>,
+        size: usize,
+    ) -> std::io::Result<Pool> {
         let (jobs, rx) = crossbeam_channel::unbounded();
         let mut pool = Pool {
             jobs: Some(jobs),
@@ -51,14 +55,18 @@ impl Pool {
         let Some(jobs) = &self.jobs else {
             return Err(ctx);
         };
-        jobs.send(Job::Execute { ctx, reply }).map_err(|e| match e.0 {
-            Job::Execute { ctx, .. } => ctx,
-            Job::Control(_) => unreachable!("sent an Execute job"),
-        })
+        jobs.send(Job::Execute { ctx, reply })
+            .map_err(|e| match e.0 {
+                Job::Execute { ctx, .. } => ctx,
+                Job::Control(_) => unreachable!("sent an Execute job"),
+            })
     }
 
     /// Runs `f` on a worker and waits for its result (`init`, `shutdown`).
-    pub(crate) fn run<T: Send + 'static>(&self, f: impl FnOnce(&Library) -> T + Send + 'static) -> Option<T> {
+    pub(crate) fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Library) -> T + Send + 'static,
+    ) -> Option<T> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let job = Job::Control(Box::new(move |lib| {
             let _ = tx.send(f(lib));

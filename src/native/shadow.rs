@@ -16,7 +16,12 @@ use sha2::{Digest, Sha256};
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 /// Writes `bytes` to a new, uniquely named file in `dir`.
-pub(crate) fn write_copy(dir: &Path, plugin: &str, version: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+pub(crate) fn write_copy(
+    dir: &Path,
+    plugin: &str,
+    version: &str,
+    bytes: &[u8],
+) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
     let name = format!(
@@ -42,10 +47,7 @@ pub(crate) fn remove_stale(dir: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let pid = name
-            .rsplit('-')
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
+        let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid
             && pid != std::process::id()
             && !Path::new(&format!("/proc/{pid}")).exists()
@@ -63,9 +65,13 @@ pub(crate) fn remove_stale(dir: &Path) {
 /// file. Every loadable segment must lie inside the file.
 pub(crate) fn check_library(bytes: &[u8]) -> Result<(), String> {
     use object::{Object, ObjectSegment};
-    let file = object::File::parse(bytes).map_err(|e| format!("{e} (truncated or not a library?)"))?;
+    let file =
+        object::File::parse(bytes).map_err(|e| format!("{e} (truncated or not a library?)"))?;
     if file.kind() != object::ObjectKind::Dynamic {
-        return Err(format!("expected a shared library, found a {:?} object", file.kind()));
+        return Err(format!(
+            "expected a shared library, found a {:?} object",
+            file.kind()
+        ));
     }
     for segment in file.segments() {
         let (offset, size) = segment.file_range();
@@ -93,11 +99,9 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 /// Compares two hex digests in constant time (case-insensitive).
 pub(crate) fn digests_equal(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x.to_ascii_lowercase() ^ y.to_ascii_lowercase()))
-            == 0
+        && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| {
+            acc | (x.to_ascii_lowercase() ^ y.to_ascii_lowercase())
+        }) == 0
 }
 
 /// Whether a file at `path` is still mapped into this process.
@@ -110,9 +114,7 @@ pub(crate) fn is_mapped(path: &Path) -> bool {
     maps.lines().any(|line| {
         // The path column starts after five space-separated fields; an
         // unlinked file reads "<path> (deleted)".
-        line.split_whitespace()
-            .nth(5)
-            .is_some_and(|p| p == needle)
+        line.split_whitespace().nth(5).is_some_and(|p| p == needle)
     })
 }
 
@@ -130,7 +132,10 @@ mod tests {
     #[test]
     fn digests_compare_case_insensitively() {
         let h = sha256_hex(b"abc");
-        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert!(digests_equal(&h, &h.to_uppercase()));
         assert!(!digests_equal(&h, &sha256_hex(b"abd")));
         assert!(!digests_equal(&h, "ba"));

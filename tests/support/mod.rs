@@ -6,28 +6,43 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-pub const SAMPLES: &[&str] = &["hello", "counter", "panicking", "failing-init", "slow", "wrong-abi"];
+pub const SAMPLES: &[&str] = &[
+    "hello",
+    "counter",
+    "panicking",
+    "failing-init",
+    "slow",
+    "wrong-abi",
+];
 
 /// The workspace root.
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Builds every sample plugin (debug profile) once per test binary and
-/// returns the directory holding the libraries.
+/// Builds every sample plugin once per test binary (in the profile of the
+/// binary itself: debug for tests, release for benches) and returns the
+/// directory holding the libraries.
 pub fn built() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
+        let release = !cfg!(debug_assertions);
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(root()).args(["build", "--quiet"]);
+        if release {
+            cmd.arg("--release");
+        }
         for name in SAMPLES {
             cmd.args(["-p", name]);
         }
-        let status = cmd.status().expect("running cargo build for the sample plugins");
+        let status = cmd
+            .status()
+            .expect("running cargo build for the sample plugins");
         assert!(status.success(), "building the sample plugins failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-        target.join("debug")
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root().join("target"), PathBuf::from);
+        target.join(if release { "release" } else { "debug" })
     })
 }
 
@@ -57,7 +72,10 @@ pub fn install_as(base: &Path, sample: &str, name: &str, manifest: Option<&str>)
     match manifest {
         Some(text) => std::fs::write(staging.join("plugin.json"), text).unwrap(),
         None => {
-            let sample_manifest = root().join("sample-plugins").join(sample).join("plugin.json");
+            let sample_manifest = root()
+                .join("sample-plugins")
+                .join(sample)
+                .join("plugin.json");
             std::fs::copy(sample_manifest, staging.join("plugin.json")).unwrap();
         }
     }
@@ -70,7 +88,11 @@ pub fn install_as(base: &Path, sample: &str, name: &str, manifest: Option<&str>)
 /// A manifest for a sample library with the given fields spliced in.
 pub fn manifest(name: &str, sample: &str, version: &str, extra: &str) -> String {
     let lib = sample.replace('-', "_");
-    let extra = if extra.is_empty() { String::new() } else { format!(", {extra}") };
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
     format!(
         r#"{{"name": "{name}", "version": "{version}", "source": {{"mode": "local_so", "path": "lib{lib}"}}{extra}}}"#
     )

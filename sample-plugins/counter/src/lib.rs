@@ -20,7 +20,10 @@ fn init(config: &Value) -> Result<(), PluginError> {
         COUNT.store(start, Ordering::SeqCst);
     }
     if let Some(step) = field("step") {
-        STEP.store(step.as_i64().ok_or("config.step must be an integer")?, Ordering::SeqCst);
+        STEP.store(
+            step.as_i64().ok_or("config.step must be an integer")?,
+            Ordering::SeqCst,
+        );
     }
     let generation = field("generation").and_then(Value::as_str).unwrap_or("v1");
     *GENERATION.lock().unwrap() = generation.to_owned();

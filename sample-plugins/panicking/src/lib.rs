@@ -8,7 +8,10 @@ fn execute(ctx: &mut Context) -> Result<(), PluginError> {
             ctx.set("ok", true);
             Ok(())
         }
-        _ => panic!("panicking plugin: deliberate panic on label {}", ctx.label()),
+        _ => panic!(
+            "panicking plugin: deliberate panic on label {}",
+            ctx.label()
+        ),
     }
 }
 
