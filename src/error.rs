@@ -117,6 +117,21 @@ pub enum Error {
         message: String,
     },
 
+    /// The new version is lower than the one serving and downgrades are not allowed.
+    #[error(
+        "{plugin}: {path}: version {found} is lower than the serving {serving}; downgrades are not allowed"
+    )]
+    Downgrade {
+        /// The plugin.
+        plugin: String,
+        /// The new manifest.
+        path: PathBuf,
+        /// The version serving.
+        serving: String,
+        /// The version dropped.
+        found: String,
+    },
+
     /// No plugin of that name is known.
     #[error("{plugin}: no such plugin")]
     NotFound {
@@ -187,6 +202,7 @@ impl Error {
             | Error::MissingRoot { plugin, .. }
             | Error::AbiMismatch { plugin, .. }
             | Error::Init { plugin, .. }
+            | Error::Downgrade { plugin, .. }
             | Error::NotFound { plugin }
             | Error::Unavailable { plugin, .. }
             | Error::Plugin { plugin, .. }
@@ -194,6 +210,22 @@ impl Error {
             | Error::DeadlineExceeded { plugin, .. }
             | Error::Cancelled { plugin, .. } => plugin,
         }
+    }
+}
+
+impl Error {
+    /// Whether the error may come from a file still being written (a short
+    /// read, a cut manifest): the watcher retries those once the file settles.
+    pub(crate) fn may_be_partial_write(&self) -> bool {
+        matches!(
+            self,
+            Error::Io { .. }
+                | Error::Manifest { .. }
+                | Error::Open { .. }
+                | Error::BadLibrary { .. }
+                | Error::MissingRoot { .. }
+                | Error::Checksum { .. }
+        )
     }
 }
 

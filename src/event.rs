@@ -14,14 +14,30 @@ pub enum Event {
         /// Its version.
         version: String,
     },
-    /// Loading failed; if an older version was serving, it still is.
+    /// A plugin that was not serving failed to load.
     Failed {
         /// The plugin.
         plugin: String,
         /// The error, as displayed.
         error: String,
-        /// Whether a previous version keeps serving.
-        still_serving: bool,
+    },
+    /// A new version replaced the serving one (`from == to` for a reload).
+    Upgraded {
+        /// The plugin.
+        plugin: String,
+        /// The version replaced.
+        from: String,
+        /// The version now serving.
+        to: String,
+    },
+    /// A new version was refused or failed before the swap; the old one keeps serving.
+    UpgradeFailed {
+        /// The plugin.
+        plugin: String,
+        /// Why, as displayed.
+        reason: String,
+        /// The version still serving.
+        still_serving: String,
     },
     /// A version was drained, shut down, closed, and its copy is unmapped.
     Unloaded {
@@ -46,17 +62,29 @@ pub enum Event {
         /// Why it is still mapped.
         reason: String,
     },
+    /// The process is running out of pthread keys (glibc has 1024; plugin
+    /// code calling `std::thread::current()` takes one per loaded copy and
+    /// never gives it back). At 1024 the process aborts.
+    TlsKeysLow {
+        /// Keys in use after the last load.
+        in_use: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl Event {
-    /// The plugin the event is about.
-    pub fn plugin(&self) -> &str {
+    /// The plugin the event is about (`None` for process-wide events).
+    pub fn plugin(&self) -> Option<&str> {
         match self {
             Event::Loaded { plugin, .. }
             | Event::Failed { plugin, .. }
+            | Event::Upgraded { plugin, .. }
+            | Event::UpgradeFailed { plugin, .. }
             | Event::Unloaded { plugin, .. }
             | Event::Retained { plugin, .. }
-            | Event::Leaked { plugin, .. } => plugin,
+            | Event::Leaked { plugin, .. } => Some(plugin),
+            Event::TlsKeysLow { .. } => None,
         }
     }
 }

@@ -46,6 +46,7 @@ pub mod manifest;
 mod native;
 mod slot;
 mod version;
+mod watch;
 
 pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
@@ -57,4 +58,5 @@ pub use plugin_abi::Value;
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
-pub use slot::{PluginInfo, PluginState};
+pub use slot::{PluginInfo, PluginState, RetiredVersion};
+pub use watch::Watcher;

@@ -13,7 +13,7 @@ use crate::event::Event;
 use crate::executor::Executor;
 use crate::manifest::{Manifest, is_path_safe};
 use crate::native::{Ending, NativeOptions, remove_stale};
-use crate::slot::{PluginInfo, PluginState, Slot};
+use crate::slot::{PluginInfo, PluginState, RetiredVersion, Slot};
 use crate::version::{LoadOptions, Version};
 
 /// Configures a [`PluginManager`].
@@ -24,6 +24,8 @@ pub struct Builder {
     pool_size: usize,
     drain_timeout: Duration,
     event_capacity: usize,
+    allow_downgrades: bool,
+    settle: Duration,
 }
 
 impl Builder {
@@ -57,6 +59,23 @@ impl Builder {
         self
     }
 
+    /// Whether a version lower than the serving one may replace it (default
+    /// `false`: such an upgrade is refused with [`Error::Downgrade`]).
+    #[must_use]
+    pub fn allow_downgrades(mut self, allow: bool) -> Self {
+        self.allow_downgrades = allow;
+        self
+    }
+
+    /// How long the watcher waits after the last change under a plugin
+    /// directory before loading it (default 25 ms); a failed load is retried
+    /// once after eight times as long, in case the file was still being written.
+    #[must_use]
+    pub fn settle_time(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
     /// Creates the manager.
     ///
     /// # Errors
@@ -87,6 +106,9 @@ impl Builder {
                     },
                 },
                 drain_timeout: self.drain_timeout,
+                allow_downgrades: self.allow_downgrades,
+                settle: self.settle,
+                tls_warned: AtomicUsize::new(0),
                 slots: RwLock::new(BTreeMap::new()),
                 events,
                 loading: Mutex::new(()),
@@ -113,10 +135,13 @@ pub struct PluginManager {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     base: PathBuf,
     options: LoadOptions,
     drain_timeout: Duration,
+    allow_downgrades: bool,
+    pub(crate) settle: Duration,
+    tls_warned: AtomicUsize,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     events: broadcast::Sender<Event>,
     // Loads and unloads of one manager are serialised per call to keep
@@ -149,6 +174,8 @@ impl PluginManager {
             pool_size: 2,
             drain_timeout: Duration::from_secs(30),
             event_capacity: 1024,
+            allow_downgrades: false,
+            settle: Duration::from_millis(25),
         }
     }
 
@@ -234,54 +261,136 @@ impl PluginManager {
     /// # Errors
     /// Why the plugin could not be loaded (also emitted as [`Event::Failed`]).
     pub fn load_plugin(&self, name: &str) -> Result<Arc<Manifest>> {
-        let _serial = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = self.serial();
         self.load_locked(name)
     }
 
     fn load_locked(&self, name: &str) -> Result<Arc<Manifest>> {
+        let slot = self.slot_for(name)?;
+        match self.prepare(&slot) {
+            Ok(version) => Ok(self.install(&slot, version)),
+            Err(error) => {
+                self.record_failure(&slot, &error);
+                Err(error)
+            }
+        }
+    }
+
+    pub(crate) fn slot_for(&self, name: &str) -> Result<Arc<Slot>> {
         if !is_path_safe(name) {
             return Err(Error::NotFound {
                 plugin: name.to_owned(),
             });
         }
-        let dir = self.inner.base.join(name);
-        let slot = self.slot_or_insert(name, &dir);
+        Ok(self.slot_or_insert(name, &self.inner.base.join(name)))
+    }
+
+    /// Reads, checks and loads the version in the slot's directory, without
+    /// touching the serving one.
+    pub(crate) fn prepare(&self, slot: &Slot) -> Result<Version> {
+        let manifest = Manifest::from_dir(&slot.dir)?;
+        if let Some(serving) = slot.current.load().as_ref()
+            && manifest.version < serving.manifest.version
+            && !self.inner.allow_downgrades
+        {
+            return Err(Error::Downgrade {
+                plugin: slot.name.clone(),
+                path: slot.dir.join(crate::manifest::MANIFEST_FILE),
+                serving: serving.manifest.version.to_string(),
+                found: manifest.version.to_string(),
+            });
+        }
         let started = Instant::now();
-        let loaded =
-            Manifest::from_dir(&dir).and_then(|m| Version::load(m, dir, &self.inner.options));
-        match loaded {
-            Ok(version) => {
-                let manifest = Arc::clone(&version.manifest);
-                slot.mark_loaded(&version);
-                let old = slot.swap(Some(Arc::new(version)));
-                tracing::info!(plugin = name, version = %manifest.version, elapsed = ?started.elapsed(), "loaded");
-                self.emit(Event::Loaded {
-                    plugin: name.to_owned(),
-                    version: manifest.version.to_string(),
+        let version = Version::load(manifest, slot.dir.clone(), &self.inner.options)?;
+        tracing::debug!(plugin = %slot.name, elapsed = ?started.elapsed(), "loaded and initialised");
+        Ok(version)
+    }
+
+    /// Swaps `version` in; the one it replaces is drained and unloaded.
+    pub(crate) fn install(&self, slot: &Slot, version: Version) -> Arc<Manifest> {
+        let manifest = Arc::clone(&version.manifest);
+        let to = manifest.version.to_string();
+        slot.mark_loaded(&version);
+        let old = slot.swap(Some(Arc::new(version)));
+        self.check_tls_budget();
+        match old {
+            Some(old) => {
+                let from = old.manifest.version.to_string();
+                slot.status().upgrades += 1;
+                tracing::info!(plugin = %slot.name, %from, %to, "upgraded");
+                self.emit(Event::Upgraded {
+                    plugin: slot.name.clone(),
+                    from,
+                    to,
                 });
-                if let Some(old) = old {
-                    self.retire(&slot, old);
-                }
-                Ok(manifest)
+                self.retire(slot, old);
             }
-            Err(error) => {
-                let still_serving = slot.current.load().is_some();
-                {
-                    let mut status = slot.status();
-                    status.error = Some(error.to_string());
-                    if !still_serving {
-                        status.state = PluginState::Failed;
-                    }
-                }
-                tracing::warn!(plugin = name, still_serving, "load failed: {error}");
-                self.emit(Event::Failed {
-                    plugin: name.to_owned(),
-                    error: error.to_string(),
-                    still_serving,
+            None => {
+                tracing::info!(plugin = %slot.name, version = %to, "loaded");
+                self.emit(Event::Loaded {
+                    plugin: slot.name.clone(),
+                    version: to,
                 });
-                Err(error)
             }
         }
+        manifest
+    }
+
+    pub(crate) fn record_failure(&self, slot: &Slot, error: &Error) {
+        let serving = slot
+            .current
+            .load()
+            .as_ref()
+            .map(|v| v.manifest.version.to_string());
+        {
+            let mut status = slot.status();
+            status.error = Some(error.to_string());
+            if serving.is_none() {
+                status.state = PluginState::Failed;
+            }
+        }
+        match serving {
+            Some(still_serving) => {
+                tracing::warn!(plugin = %slot.name, %still_serving, "upgrade failed: {error}");
+                self.emit(Event::UpgradeFailed {
+                    plugin: slot.name.clone(),
+                    reason: error.to_string(),
+                    still_serving,
+                });
+            }
+            None => {
+                tracing::warn!(plugin = %slot.name, "load failed: {error}");
+                self.emit(Event::Failed {
+                    plugin: slot.name.clone(),
+                    error: error.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Warns (event and log) when pthread keys run low, every 32 keys past 7/8 of the limit.
+    fn check_tls_budget(&self) {
+        let Some(in_use) = crate::native::pthread_keys_in_use() else {
+            return;
+        };
+        let limit = crate::native::PTHREAD_KEYS_MAX;
+        if in_use < limit - limit / 8 {
+            return;
+        }
+        let step = in_use / 32;
+        if self.inner.tls_warned.fetch_max(step, Ordering::Relaxed) < step {
+            tracing::warn!(
+                in_use,
+                limit,
+                "pthread keys running low: the process aborts when they run out"
+            );
+            self.emit(Event::TlsKeysLow { in_use, limit });
+        }
+    }
+
+    /// pthread keys in use by the process (glibc only), against a limit of 1024.
+    pub fn tls_keys_in_use(&self) -> Option<usize> {
+        crate::native::pthread_keys_in_use()
     }
 
     fn slot_or_insert(&self, name: &str, dir: &Path) -> Arc<Slot> {
@@ -296,7 +405,7 @@ impl PluginManager {
         )
     }
 
-    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+    pub(crate) fn slot(&self, name: &str) -> Option<Arc<Slot>> {
         let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
         slots.get(name).cloned()
     }
@@ -343,7 +452,7 @@ impl PluginManager {
     /// [`Error::NotFound`] for an unknown name, [`Error::Unavailable`] if it
     /// is not serving.
     pub fn unload(&self, name: &str) -> Result<PluginState> {
-        let _serial = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
+        let _serial = self.serial();
         let slot = self.slot(name).ok_or_else(|| Error::NotFound {
             plugin: name.to_owned(),
         })?;
@@ -352,6 +461,26 @@ impl PluginManager {
             reason: "not loaded".into(),
         })?;
         Ok(self.retire(&slot, old))
+    }
+
+    pub(crate) fn serial(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.loading.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The directory of `name` is gone: unload it if it serves, forget it if
+    /// it never did (failed plugins are not listed forever).
+    pub(crate) fn forget_or_unload(&self, name: &str) {
+        let Some(slot) = self.slot(name) else { return };
+        match slot.swap(None) {
+            Some(old) => {
+                self.retire(&slot, old);
+            }
+            None if slot.status().state == PluginState::Failed => {
+                let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
+                slots.remove(name);
+            }
+            None => {}
+        }
     }
 
     /// Unloads every plugin (e.g. at shutdown).
@@ -422,16 +551,37 @@ impl PluginManager {
             Event::Leaked { reason, .. } => tracing::warn!(plugin = %slot.name, "leaked: {reason}"),
             _ => tracing::info!(plugin = %slot.name, "{}", state.as_str()),
         }
-        if !serving {
+        {
             let mut status = slot.status();
-            status.state = state;
-            status.error = error;
+            match &event {
+                Event::Unloaded { .. } => status.unloads += 1,
+                Event::Retained { version, .. } | Event::Leaked { version, .. } => {
+                    status.retired.push(RetiredVersion {
+                        version: version.clone(),
+                        state,
+                        reason: error.clone(),
+                    });
+                }
+                _ => {}
+            }
+            if !serving {
+                status.state = state;
+                status.error = error;
+            }
         }
         self.emit(event);
         state
     }
 
-    fn emit(&self, event: Event) {
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> PluginManager {
+        PluginManager { inner }
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
         // No subscriber is not an error.
         let _ = self.inner.events.send(event);
     }

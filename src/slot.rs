@@ -65,6 +65,25 @@ pub struct PluginInfo {
     pub error: Option<String>,
     /// The plugin directory.
     pub dir: PathBuf,
+    /// Versions swapped in after the first (upgrades and reloads).
+    pub upgrades: u64,
+    /// Versions taken out of service and unmapped.
+    pub unloads: u64,
+    /// Versions taken out of service whose code stays mapped: `inline`
+    /// versions (retained on purpose) and leaked ones, oldest first.
+    pub retired: Vec<RetiredVersion>,
+}
+
+/// A version taken out of service that is still mapped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RetiredVersion {
+    /// The version.
+    pub version: String,
+    /// [`PluginState::Retained`] or [`PluginState::Leaked`].
+    pub state: PluginState,
+    /// Why it is still mapped.
+    pub reason: Option<String>,
 }
 
 #[derive(Debug)]
@@ -74,6 +93,12 @@ pub(crate) struct Status {
     pub(crate) version: Option<String>,
     pub(crate) mode: Option<String>,
     pub(crate) isolation: Option<Isolation>,
+    pub(crate) upgrades: u64,
+    pub(crate) unloads: u64,
+    pub(crate) retired: Vec<RetiredVersion>,
+    /// What the watcher last tried to load, so an unchanged directory is not
+    /// loaded (or reported) again.
+    pub(crate) attempted: Option<u64>,
 }
 
 pub(crate) struct Slot {
@@ -95,6 +120,10 @@ impl Slot {
                 version: None,
                 mode: None,
                 isolation: None,
+                upgrades: 0,
+                unloads: 0,
+                retired: Vec::new(),
+                attempted: None,
             }),
         }
     }
@@ -114,6 +143,9 @@ impl Slot {
             state: status.state,
             error: status.error.clone(),
             dir: self.dir.clone(),
+            upgrades: status.upgrades,
+            unloads: status.unloads,
+            retired: status.retired.clone(),
         }
     }
 

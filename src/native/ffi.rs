@@ -300,3 +300,28 @@ extern "C" fn host_set_error(data: *mut Opaque, message: RawStr) {
     let (call, message) = unsafe { (call_mut(data), message.as_str()) };
     call.error = Some(message.to_owned());
 }
+
+/// glibc's `PTHREAD_KEYS_MAX`.
+pub(crate) const PTHREAD_KEYS_MAX: usize = 1024;
+
+/// How many pthread keys the process uses, probed by creating one: glibc
+/// hands out the lowest free key, so its index counts the keys below it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn pthread_keys_in_use() -> Option<usize> {
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: creating a key without destructor and deleting it right away
+    // has no effect beyond the probe.
+    let rc = unsafe { libc::pthread_key_create(&mut key, None) };
+    if rc != 0 {
+        return Some(PTHREAD_KEYS_MAX);
+    }
+    // SAFETY: `key` was just created by us and is used by nobody.
+    unsafe { libc::pthread_key_delete(key) };
+    Some(key as usize)
+}
+
+/// Not probed off glibc.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn pthread_keys_in_use() -> Option<usize> {
+    None
+}

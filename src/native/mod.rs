@@ -17,6 +17,7 @@ use std::time::Instant;
 
 pub(crate) use ffi::Outcome;
 use ffi::{Library, OpenError};
+pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
 use pool::{Pool, Reply};
 pub(crate) use shadow::remove_stale;
 

@@ -79,10 +79,23 @@ pub fn install_as(base: &Path, sample: &str, name: &str, manifest: Option<&str>)
             std::fs::copy(sample_manifest, staging.join("plugin.json")).unwrap();
         }
     }
-    let dest = base.join(name);
-    let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&staging, &dest).unwrap();
-    dest
+    replace_dir(&staging, &base.join(name));
+    base.join(name)
+}
+
+/// Moves `staging` to `dest` the way an operator should: the old directory is
+/// renamed away (to a dot name, which dynplug ignores) and the new one renamed
+/// in right after, so a watcher sees one change.
+pub fn replace_dir(staging: &Path, dest: &Path) {
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = dest.file_name().unwrap().to_string_lossy().into_owned();
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let old = dest.with_file_name(format!(".{name}.old-{seq}"));
+    let had_old = std::fs::rename(dest, &old).is_ok();
+    std::fs::rename(staging, dest).unwrap();
+    if had_old {
+        std::fs::remove_dir_all(&old).unwrap();
+    }
 }
 
 /// A manifest for a sample library with the given fields spliced in.

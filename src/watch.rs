@@ -1,0 +1,284 @@
+//! Watching the plugins directory: plugins are loaded, upgraded and unloaded
+//! as their directories appear, change and disappear.
+//!
+//! Events from `notify` are grouped by plugin directory and debounced: a
+//! plugin is synced once nothing under its directory changed for the settle
+//! time, so a file being written (or a directory replaced by two renames) is
+//! seen once, complete. A load that fails in a way a partial write could
+//! explain (short file, cut manifest) is retried once after a longer pause
+//! before it is reported.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use notify::{EventKind, RecursiveMode, Watcher as _};
+
+use crate::error::{Error, Result};
+use crate::manager::{Inner, PluginManager};
+use crate::manifest::{MANIFEST_FILE, Manifest};
+
+/// Keeps the plugins directory watched; dropping it stops the watching.
+#[must_use = "the directory is watched only while the Watcher lives"]
+pub struct Watcher {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl PluginManager {
+    /// Watches the base directory: a new plugin directory is loaded, a changed
+    /// `plugin.json` or artifact upgrades the plugin (see
+    /// [`load_plugin`](Self::load_plugin)), a removed directory is drained
+    /// and unloaded. Directories that exist but were never loaded are loaded
+    /// when the watch starts. Outcomes are reported as [`Event`](crate::Event)s.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the directory cannot be watched.
+    pub fn watch(&self) -> Result<Watcher> {
+        let base = self
+            .base_dir()
+            .canonicalize()
+            .map_err(|source| self.watch_error(source))?;
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let handler = move |event: notify::Result<notify::Event>| {
+            let _ = events_tx.send(event);
+        };
+        let mut watcher = notify::recommended_watcher(handler)
+            .and_then(|mut w| w.watch(&base, RecursiveMode::Recursive).map(|()| w))
+            .map_err(|e| self.watch_error(std::io::Error::other(e)))?;
+        let (stop, stopped) = crossbeam_channel::bounded(0);
+        let manager = Arc::downgrade(self.inner());
+        let settle = self.inner().settle;
+        let thread = std::thread::Builder::new()
+            .name("dynplug-watch".into())
+            .spawn(move || {
+                let mut sync = Sync {
+                    manager,
+                    base,
+                    settle,
+                    due: HashMap::new(),
+                };
+                sync.initial();
+                sync.run(&events, &stopped);
+                let _ = watcher.unwatch(&sync.base);
+            })
+            .map_err(|source| self.watch_error(source))?;
+        Ok(Watcher {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn watch_error(&self, source: std::io::Error) -> Error {
+        Error::Io {
+            plugin: String::new(),
+            action: "watching",
+            path: self.base_dir().to_owned(),
+            source,
+        }
+    }
+}
+
+struct Sync {
+    manager: Weak<Inner>,
+    base: PathBuf,
+    settle: Duration,
+    /// Plugin name → when to sync it, and how many attempts were made.
+    due: HashMap<String, (Instant, u32)>,
+}
+
+impl Sync {
+    fn manager(&self) -> Option<PluginManager> {
+        self.manager.upgrade().map(PluginManager::from_inner)
+    }
+
+    /// Queues directories that appeared before the watch started.
+    fn initial(&mut self) {
+        let Some(manager) = self.manager() else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(&self.base) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && entry.path().is_dir() && manager.slot(&name).is_none() {
+                self.due.insert(name, (Instant::now(), 0));
+            }
+        }
+    }
+
+    fn run(&mut self, events: &Receiver<notify::Result<notify::Event>>, stop: &Receiver<()>) {
+        loop {
+            let now = Instant::now();
+            let wait = self
+                .due
+                .values()
+                .map(|(at, _)| at.saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::from_secs(3600));
+            crossbeam_channel::select! {
+                recv(stop) -> _ => return,
+                recv(events) -> event => match event {
+                    Ok(Ok(event)) => self.note(&event),
+                    Ok(Err(e)) => tracing::warn!("watch error: {e}"),
+                    Err(_) => return,
+                },
+                default(wait) => {}
+            }
+            let now = Instant::now();
+            let ready: Vec<(String, u32)> = self
+                .due
+                .iter()
+                .filter(|(_, (at, _))| *at <= now)
+                .map(|(name, (_, attempt))| (name.clone(), *attempt))
+                .collect();
+            for (name, attempt) in ready {
+                self.due.remove(&name);
+                let Some(manager) = self.manager() else {
+                    return;
+                };
+                if sync(&manager, &name, attempt) == Next::Retry {
+                    self.due
+                        .insert(name, (Instant::now() + self.settle * 8, attempt + 1));
+                }
+            }
+        }
+    }
+
+    fn note(&mut self, event: &notify::Event) {
+        if matches!(event.kind, EventKind::Access(_)) {
+            return;
+        }
+        let at = Instant::now() + self.settle;
+        for path in &event.paths {
+            if let Some(name) = plugin_of(&self.base, path) {
+                // A new change restarts the settle time and the attempts.
+                self.due.insert(name, (at, 0));
+            }
+        }
+    }
+}
+
+/// The plugin directory name a path under `base` belongs to (dot entries excluded).
+fn plugin_of(base: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(base).ok()?;
+    match rel.components().next()? {
+        Component::Normal(name) => {
+            let name = name.to_str()?;
+            (!name.starts_with('.')).then(|| name.to_owned())
+        }
+        _ => None,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Done,
+    Retry,
+}
+
+/// Brings one plugin in line with its directory.
+fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
+    let _serial = manager.serial();
+    let dir = manager.base_dir().join(name);
+    if !dir.is_dir() {
+        manager.forget_or_unload(name);
+        return Next::Done;
+    }
+    let Ok(slot) = manager.slot_for(name) else {
+        return Next::Done;
+    };
+    let fingerprint = fingerprint(&dir);
+    {
+        let mut status = slot.status();
+        if attempt == 0 && status.attempted == Some(fingerprint) {
+            return Next::Done;
+        }
+        status.attempted = Some(fingerprint);
+    }
+    match manager.prepare(&slot) {
+        Ok(version) => {
+            manager.install(&slot, version);
+            Next::Done
+        }
+        Err(error) if attempt == 0 && error.may_be_partial_write() => {
+            tracing::debug!(
+                plugin = name,
+                "load failed, retrying once the files settle: {error}"
+            );
+            Next::Retry
+        }
+        Err(error) => {
+            manager.record_failure(&slot, &error);
+            Next::Done
+        }
+    }
+}
+
+/// Identifies the directory's content: the manifest's bytes and the
+/// artifact's size, modification time and inode (a rename-in is a new inode).
+fn fingerprint(dir: &Path) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let bytes = std::fs::read(&manifest_path).unwrap_or_default();
+    bytes.hash(&mut hasher);
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let library = Manifest::parse(&bytes, &manifest_path, &name)
+        .ok()
+        .and_then(|m| m.library_path(dir));
+    if let Some(meta) = library.and_then(|p| std::fs::metadata(p).ok()) {
+        meta.len().hash(&mut hasher);
+        meta.modified().ok().hash(&mut hasher);
+        #[cfg(unix)]
+        std::os::unix::fs::MetadataExt::ino(&meta).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_plugin_directories() {
+        let base = Path::new("/p");
+        assert_eq!(
+            plugin_of(base, Path::new("/p/hello/libhello.so")).as_deref(),
+            Some("hello")
+        );
+        assert_eq!(
+            plugin_of(base, Path::new("/p/hello")).as_deref(),
+            Some("hello")
+        );
+        assert_eq!(plugin_of(base, Path::new("/p/.dynplug/shadow/x.so")), None);
+        assert_eq!(
+            plugin_of(base, Path::new("/p/.hello.staging/plugin.json")),
+            None
+        );
+        assert_eq!(plugin_of(base, Path::new("/p")), None);
+        assert_eq!(plugin_of(base, Path::new("/q/hello")), None);
+    }
+}
