@@ -177,7 +177,7 @@ fn bad_drops_keep_the_old_version_serving() {
     let (dir, manager, _watcher, mut events) = watched_counter();
     let load = load(&manager);
     let lib = format!("libcounter.{}", std::env::consts::DLL_EXTENSION);
-    type Damage = Box<dyn Fn(&std::path::Path)>;
+    type Damage<'a> = Box<dyn Fn(&std::path::Path) + 'a>;
     let drops: Vec<(&str, Damage, &str)> = vec![
         (
             "truncated library",
