@@ -132,6 +132,31 @@ pub enum Error {
         found: String,
     },
 
+    /// A route of the plugin is already served by another plugin, which keeps it.
+    #[error("{plugin}: {path}: route {method} {route} is already served by plugin {owner}")]
+    RouteConflict {
+        /// The plugin refused.
+        plugin: String,
+        /// Its manifest.
+        path: PathBuf,
+        /// The route.
+        route: String,
+        /// The method.
+        method: String,
+        /// The plugin serving it.
+        owner: String,
+    },
+
+    /// A server could not listen on an address.
+    #[error("listening on {address}: {source}")]
+    Bind {
+        /// The TCP address or Unix socket path.
+        address: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// No plugin of that name is known.
     #[error("{plugin}: no such plugin")]
     NotFound {
@@ -203,12 +228,14 @@ impl Error {
             | Error::AbiMismatch { plugin, .. }
             | Error::Init { plugin, .. }
             | Error::Downgrade { plugin, .. }
+            | Error::RouteConflict { plugin, .. }
             | Error::NotFound { plugin }
             | Error::Unavailable { plugin, .. }
             | Error::Plugin { plugin, .. }
             | Error::Panic { plugin, .. }
             | Error::DeadlineExceeded { plugin, .. }
             | Error::Cancelled { plugin, .. } => plugin,
+            Error::Bind { .. } => "",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The handle host code calls plugins through.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::Context;
 use crate::error::{Error, Result};
@@ -64,9 +65,15 @@ impl Executor {
     /// # Ok(()) }
     /// ```
     pub fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let stats = &self.slot.stats;
+        stats.started.fetch_add(1, Ordering::Relaxed);
         let current = self.slot.current.load();
-        let version = current.as_ref().ok_or_else(|| self.unavailable())?;
-        version.execute(ctx)
+        let result = match current.as_ref() {
+            Some(version) => version.execute(ctx),
+            None => Err(self.unavailable()),
+        };
+        stats.record(&result);
+        result
     }
 
     /// Runs one call without blocking the async runtime: a `pooled` plugin
@@ -76,12 +83,22 @@ impl Executor {
     /// # Errors
     /// As [`execute`](Self::execute).
     pub async fn execute_async(&self, ctx: &mut Context) -> Result<()> {
-        let version = self
-            .slot
-            .current
-            .load_full()
-            .ok_or_else(|| self.unavailable())?;
-        version.execute_async(ctx).await
+        let stats = &self.slot.stats;
+        stats.started.fetch_add(1, Ordering::Relaxed);
+        // A dropped future still counts as finished (as an error).
+        let guard = AbandonedCall(stats);
+        let result = match self.slot.current.load_full() {
+            Some(version) => version.execute_async(ctx).await,
+            None => Err(self.unavailable()),
+        };
+        std::mem::forget(guard);
+        stats.record(&result);
+        result
+    }
+
+    /// The plugin's call counters.
+    pub fn calls(&self) -> crate::CallCounts {
+        self.slot.stats.snapshot()
     }
 
     fn unavailable(&self) -> Error {
@@ -93,5 +110,14 @@ impl Executor {
                 .clone()
                 .unwrap_or_else(|| format!("plugin is {}", status.state.as_str())),
         }
+    }
+}
+
+struct AbandonedCall<'a>(&'a crate::slot::CallStats);
+
+impl Drop for AbandonedCall<'_> {
+    fn drop(&mut self) {
+        self.0.errors.fetch_add(1, Ordering::Relaxed);
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
     }
 }

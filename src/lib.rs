@@ -44,6 +44,8 @@ mod executor;
 mod manager;
 pub mod manifest;
 mod native;
+#[cfg(feature = "server")]
+pub mod serve;
 mod slot;
 mod version;
 mod watch;
@@ -58,5 +60,5 @@ pub use plugin_abi::Value;
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
-pub use slot::{PluginInfo, PluginState, RetiredVersion};
+pub use slot::{CallCounts, PluginInfo, PluginState, RetiredVersion};
 pub use watch::Watcher;

@@ -1,4 +1,4 @@
-//! The `dynplug` command: list, call, verify and demo plugins.
+//! The `dynplug` command: serve, watch, list, call, verify and demo plugins.
 
 mod cli;
 
@@ -8,7 +8,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    cli::init_logging(args.verbose);
+    cli::init_logging(&args);
     match cli::run(args) {
         Ok(code) => code,
         Err(err) => {

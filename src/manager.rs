@@ -112,6 +112,7 @@ impl Builder {
                 slots: RwLock::new(BTreeMap::new()),
                 events,
                 loading: Mutex::new(()),
+                routes: Mutex::new(()),
             }),
         })
     }
@@ -147,6 +148,7 @@ pub(crate) struct Inner {
     // Loads and unloads of one manager are serialised per call to keep
     // version swaps ordered; scanning runs its loads in parallel under it.
     loading: Mutex<()>,
+    routes: Mutex<()>,
 }
 
 impl std::fmt::Debug for PluginManager {
@@ -267,8 +269,11 @@ impl PluginManager {
 
     fn load_locked(&self, name: &str) -> Result<Arc<Manifest>> {
         let slot = self.slot_for(name)?;
-        match self.prepare(&slot) {
-            Ok(version) => Ok(self.install(&slot, version)),
+        match self
+            .prepare(&slot)
+            .and_then(|version| self.install(&slot, version))
+        {
+            Ok(manifest) => Ok(manifest),
             Err(error) => {
                 self.record_failure(&slot, &error);
                 Err(error)
@@ -300,18 +305,63 @@ impl PluginManager {
                 found: manifest.version.to_string(),
             });
         }
+        // Checked early to avoid a useless load, and again at the swap.
+        self.check_routes(slot, &manifest)?;
         let started = Instant::now();
         let version = Version::load(manifest, slot.dir.clone(), &self.inner.options)?;
         tracing::debug!(plugin = %slot.name, elapsed = ?started.elapsed(), "loaded and initialised");
         Ok(version)
     }
 
+    /// Refuses a manifest whose HTTP route is served by another serving plugin
+    /// (the first one keeps it).
+    fn check_routes(&self, slot: &Slot, manifest: &Manifest) -> Result<()> {
+        if manifest.routes().is_empty() {
+            return Ok(());
+        }
+        let slots: Vec<Arc<Slot>> = {
+            let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
+            slots
+                .values()
+                .filter(|s| s.name != slot.name)
+                .cloned()
+                .collect()
+        };
+        for other in slots {
+            let Some(serving) = other.current.load_full() else {
+                continue;
+            };
+            for route in manifest.routes() {
+                let taken = serving
+                    .manifest
+                    .routes()
+                    .iter()
+                    .any(|r| r.method == route.method && r.shape() == route.shape());
+                if taken {
+                    return Err(Error::RouteConflict {
+                        plugin: slot.name.clone(),
+                        path: slot.dir.join(crate::manifest::MANIFEST_FILE),
+                        route: route.route.clone(),
+                        method: route.method.clone(),
+                        owner: other.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Swaps `version` in; the one it replaces is drained and unloaded.
-    pub(crate) fn install(&self, slot: &Slot, version: Version) -> Arc<Manifest> {
+    pub(crate) fn install(&self, slot: &Slot, version: Version) -> Result<Arc<Manifest>> {
         let manifest = Arc::clone(&version.manifest);
         let to = manifest.version.to_string();
-        slot.mark_loaded(&version);
-        let old = slot.swap(Some(Arc::new(version)));
+        let old = {
+            // Parallel loads (load_plugins) must not both claim a route.
+            let _routes = self.inner.routes.lock().unwrap_or_else(|e| e.into_inner());
+            self.check_routes(slot, &manifest)?;
+            slot.mark_loaded(&version);
+            slot.swap(Some(Arc::new(version)))
+        };
         self.check_tls_budget();
         match old {
             Some(old) => {
@@ -333,7 +383,7 @@ impl PluginManager {
                 });
             }
         }
-        manifest
+        Ok(manifest)
     }
 
     pub(crate) fn record_failure(&self, slot: &Slot, error: &Error) {

@@ -176,6 +176,29 @@ pub struct Route {
     pub method: String,
     /// The label the plugin is called with.
     pub label: String,
+    /// Deadline of each call on this route, in milliseconds (default: the server's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl Route {
+    /// The route with parameter names erased (`/a/:id` → `/a/:`), for
+    /// comparing routes that would match the same requests.
+    pub fn shape(&self) -> String {
+        self.route
+            .split('/')
+            .map(|seg| {
+                if seg.starts_with(':') {
+                    ":"
+                } else if seg.starts_with('*') {
+                    "*"
+                } else {
+                    seg
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
 }
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];

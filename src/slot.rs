@@ -6,6 +6,7 @@
 //! old one is dropped once its last call ends.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::ArcSwapOption;
@@ -69,6 +70,8 @@ pub struct PluginInfo {
     pub upgrades: u64,
     /// Versions taken out of service and unmapped.
     pub unloads: u64,
+    /// Call counters, across versions.
+    pub calls: CallCounts,
     /// Versions taken out of service whose code stays mapped: `inline`
     /// versions (retained on purpose) and leaked ones, oldest first.
     pub retired: Vec<RetiredVersion>,
@@ -105,7 +108,55 @@ pub(crate) struct Slot {
     pub(crate) name: String,
     pub(crate) dir: PathBuf,
     pub(crate) current: ArcSwapOption<Version>,
+    pub(crate) stats: CallStats,
     status: Mutex<Status>,
+}
+
+/// Call counters of one plugin, across its versions. Two relaxed atomic
+/// increments per successful call: cheap next to the call itself.
+#[derive(Debug, Default)]
+pub(crate) struct CallStats {
+    pub(crate) started: AtomicU64,
+    pub(crate) finished: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) panics: AtomicU64,
+}
+
+/// A snapshot of a plugin's call counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[non_exhaustive]
+pub struct CallCounts {
+    /// Calls made (finished or running).
+    pub calls: u64,
+    /// Calls that returned an error (panics included).
+    pub errors: u64,
+    /// Calls in which the plugin panicked.
+    pub panics: u64,
+    /// Calls running now.
+    pub in_flight: u64,
+}
+
+impl CallStats {
+    pub(crate) fn record<T>(&self, result: &crate::Result<T>) {
+        if let Err(error) = result {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(error, crate::Error::Panic { .. }) {
+                self.panics.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> CallCounts {
+        let finished = self.finished.load(Ordering::Relaxed);
+        let started = self.started.load(Ordering::Relaxed).max(finished);
+        CallCounts {
+            calls: started,
+            errors: self.errors.load(Ordering::Relaxed),
+            panics: self.panics.load(Ordering::Relaxed),
+            in_flight: started - finished,
+        }
+    }
 }
 
 impl Slot {
@@ -114,6 +165,7 @@ impl Slot {
             name,
             dir,
             current: ArcSwapOption::empty(),
+            stats: CallStats::default(),
             status: Mutex::new(Status {
                 state: PluginState::Failed,
                 error: None,
@@ -145,6 +197,7 @@ impl Slot {
             dir: self.dir.clone(),
             upgrades: status.upgrades,
             unloads: status.unloads,
+            calls: self.stats.snapshot(),
             retired: status.retired.clone(),
         }
     }

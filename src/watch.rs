@@ -216,11 +216,11 @@ fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
         }
         status.attempted = Some(fingerprint);
     }
-    match manager.prepare(&slot) {
-        Ok(version) => {
-            manager.install(&slot, version);
-            Next::Done
-        }
+    match manager
+        .prepare(&slot)
+        .and_then(|version| manager.install(&slot, version))
+    {
+        Ok(_) => Next::Done,
         Err(error) if attempt == 0 && error.may_be_partial_write() => {
             tracing::debug!(
                 plugin = name,

@@ -1,10 +1,11 @@
-//! `dynplug demo`: the README's first command, from a source checkout.
+//! `dynplug demo`: the README's first command, from a source checkout:
+//! build the sample plugins, then serve them (see `serve.rs`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
 use anyhow::{Context as _, bail};
-use dynplug::{Context, Manifest, PluginManager};
+use dynplug::Manifest;
 
 const SAMPLES: &[&str] = &["hello", "counter"];
 
@@ -67,41 +68,4 @@ fn install(crate_dir: &Path, built: &Path, dest: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(dest);
     std::fs::rename(&staging, dest)?;
     Ok(())
-}
-
-pub(crate) fn run() -> anyhow::Result<ExitCode> {
-    let plugins = build_samples()?;
-    let manager = PluginManager::new(&plugins)?;
-    let report = manager.load_plugins()?;
-    for (name, error) in &report.failed {
-        eprintln!("failed: {name}: {error}");
-    }
-    super::print_table(&manager.list());
-    println!();
-
-    let (_, hello) = manager.get_plugin("hello")?;
-    let mut ctx = Context::new("hello.get").with("name", "Ada");
-    hello.execute(&mut ctx)?;
-    println!(
-        "hello.get name=Ada      -> greeting = {:?}",
-        ctx.get_str("greeting").unwrap_or_default()
-    );
-
-    let (_, counter) = manager.get_plugin("counter")?;
-    for _ in 0..3 {
-        let mut ctx = Context::new("counter.incr");
-        counter.execute(&mut ctx)?;
-        println!(
-            "counter.incr            -> count = {}",
-            ctx.get_i64("count").unwrap_or_default()
-        );
-    }
-    println!();
-    println!("plugins installed in {}; try:", plugins.display());
-    println!(
-        "  cargo run --release -- call --plugins {} hello --label hello.get --set name=you",
-        plugins.display()
-    );
-    manager.unload_all();
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,7 @@
 //! Command-line interface (binary only).
 
 mod demo;
+mod serve;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use dynplug::{Context, PluginInfo, PluginManager, Value};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub(crate) struct Args {
-    /// Log more (-v: every load and call; -vv: debug).
+    /// Log more (-v: info, and `serve` logs every plugin request and response; -vv: debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub(crate) verbose: u8,
     #[command(subcommand)]
@@ -60,13 +61,56 @@ enum Command {
         /// The plugin directory.
         dir: PathBuf,
     },
-    /// From a source checkout: build the sample plugins, load them and call them.
-    Demo,
+    /// Load every plugin and serve them over HTTP and gRPC until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Load every plugin, follow the directory, and print lifecycle events as JSON lines.
+    Watch {
+        #[command(flatten)]
+        dir: PluginsDir,
+    },
+    /// From a source checkout: build the sample plugins and serve them (watching the directory).
+    Demo {
+        /// HTTP address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: std::net::SocketAddr,
+        /// gRPC address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc: std::net::SocketAddr,
+    },
 }
 
-pub(crate) fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => tracing::Level::WARN,
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    dir: PluginsDir,
+    /// HTTP address (default 127.0.0.1:8080 unless --http-unix is given).
+    #[arg(long, env = "DYNPLUG_HTTP")]
+    http: Vec<std::net::SocketAddr>,
+    /// HTTP on a Unix socket.
+    #[arg(long)]
+    http_unix: Vec<PathBuf>,
+    /// gRPC address (default 127.0.0.1:50051 unless --grpc-unix is given).
+    #[arg(long, env = "DYNPLUG_GRPC")]
+    grpc: Vec<std::net::SocketAddr>,
+    /// gRPC on a Unix socket.
+    #[arg(long)]
+    grpc_unix: Vec<PathBuf>,
+    /// Follow the plugins directory: load, upgrade and unload as plugins come, change and go.
+    #[arg(long)]
+    watch: bool,
+    /// Default deadline of a plugin call.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+pub(crate) fn init_logging(args: &Args) {
+    let quiet = matches!(
+        args.command,
+        Command::List { .. } | Command::Call { .. } | Command::Verify { .. }
+    );
+    let level = match args.verbose {
+        0 if quiet => tracing::Level::WARN,
+        0 => tracing::Level::INFO,
         1 => tracing::Level::INFO,
         _ => tracing::Level::DEBUG,
     };
@@ -100,8 +144,31 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo => demo::run(),
+        Command::Serve(serve) => {
+            let verbose = args.verbose > 0;
+            runtime()?.block_on(serve::run(serve, verbose))
+        }
+        Command::Watch { dir } => runtime()?.block_on(serve::watch(&dir.plugins)),
+        Command::Demo { http, grpc } => {
+            let plugins = demo::build_samples()?;
+            let serve = ServeArgs {
+                dir: PluginsDir { plugins },
+                http: vec![http],
+                http_unix: Vec::new(),
+                grpc: vec![grpc],
+                grpc_unix: Vec::new(),
+                watch: true,
+                timeout: Duration::from_secs(30),
+            };
+            runtime()?.block_on(serve::run(serve, args.verbose > 0))
+        }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn list(plugins: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {

@@ -42,8 +42,18 @@ fn execute(ctx: &mut Context) -> Result<(), PluginError> {
         "counter.get" => COUNT.load(Ordering::SeqCst),
         other => return Err(PluginError::new(format!("unknown label {other}"))),
     };
-    ctx.set("count", count);
     let generation = GENERATION.lock().unwrap().clone();
+    // Called through the HTTP façade: answer with a JSON body.
+    if ctx.get_str("method").is_some() {
+        let body = format!(r#"{{"count":{count},"generation":"{generation}"}}"#);
+        ctx.set("response.body", body);
+        let headers = [("content-type".to_owned(), Value::from("application/json"))];
+        ctx.set(
+            "response.headers",
+            Value::Map(headers.into_iter().collect()),
+        );
+    }
+    ctx.set("count", count);
     ctx.set("generation", generation);
     Ok(())
 }

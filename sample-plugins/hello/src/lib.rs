@@ -1,12 +1,31 @@
 //! Sample plugin: labels, values and typed helpers.
 
+use std::collections::BTreeMap;
+
 use plugin_abi::{Context, PluginError, Value, export_plugin};
+
+/// `name` from the values, else from the route (`params`), the query or a JSON body.
+fn name(ctx: &Context) -> String {
+    if let Some(name) = ctx.get_str("name") {
+        return name.to_owned();
+    }
+    ["params", "query", "json"]
+        .iter()
+        .filter_map(|key| ctx.get(key))
+        .find_map(|v| v.as_map()?.get("name")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "world".to_owned())
+}
 
 fn execute(ctx: &mut Context) -> Result<(), PluginError> {
     match ctx.label() {
         "hello.get" => {
-            let who = ctx.get_str("name").unwrap_or("world");
-            let greeting = format!("hello, {who}");
+            let greeting = format!("hello, {}", name(ctx));
+            // Called through the HTTP façade: answer with a JSON body.
+            if ctx.get_str("method").is_some() {
+                let body =
+                    BTreeMap::from([("greeting".to_owned(), Value::from(greeting.as_str()))]);
+                ctx.set("response.body", Value::Map(body));
+            }
             ctx.set("greeting", greeting);
             Ok(())
         }
@@ -29,6 +48,31 @@ fn execute(ctx: &mut Context) -> Result<(), PluginError> {
                 .map(|(k, v)| Value::from(format!("{k}:{}", v.kind())))
                 .collect();
             ctx.set("kinds", kinds);
+            Ok(())
+        }
+        // Shapes an HTTP response from the route's `:kind` and the query.
+        "hello.respond" => {
+            let param = |ctx: &Context, map: &str, key: &str| {
+                ctx.get(map)
+                    .and_then(|m| m.as_map()?.get(key)?.as_str().map(str::to_owned))
+            };
+            let kind = param(ctx, "params", "kind").unwrap_or_default();
+            let status = param(ctx, "query", "status").and_then(|s| s.parse::<i64>().ok());
+            let header = param(ctx, "query", "header");
+            match kind.as_str() {
+                "text" => ctx.set("response.body", "plain text"),
+                "bytes" => ctx.set("response.body", vec![0u8, 159, 146, 150]),
+                "json" => ctx.set("response.body", Value::List(vec![1.into(), "two".into()])),
+                "none" => {}
+                other => return Err(PluginError::new(format!("no response kind {other}"))),
+            }
+            if let Some(status) = status {
+                ctx.set("response.status", status);
+            }
+            if let Some(value) = header {
+                let headers = BTreeMap::from([("x-hello".to_owned(), Value::from(value))]);
+                ctx.set("response.headers", Value::Map(headers));
+            }
             Ok(())
         }
         // The call-overhead benchmark: two strings in, one out.

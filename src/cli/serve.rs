@@ -1,0 +1,128 @@
+//! `dynplug serve` and `dynplug watch`.
+
+use std::path::Path;
+
+use dynplug::serve::{Endpoint, Server};
+use dynplug::{Event, PluginManager};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::ServeArgs;
+
+/// Resolves on SIGINT or SIGTERM.
+async fn terminated() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn load(plugins: &Path) -> anyhow::Result<PluginManager> {
+    let manager = PluginManager::new(plugins)?;
+    let loader = manager.clone();
+    let report = tokio::task::spawn_blocking(move || loader.load_plugins()).await??;
+    eprintln!(
+        "{} plugin(s) loaded from {}, {} failed",
+        report.loaded.len(),
+        plugins.display(),
+        report.failed.len()
+    );
+    Ok(manager)
+}
+
+pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::process::ExitCode> {
+    let manager = load(&args.dir.plugins).await?;
+    let watcher = if args.watch {
+        Some(manager.watch()?)
+    } else {
+        None
+    };
+    let mut server = Server::new(manager.clone())
+        .timeout(args.timeout)
+        .log_calls(verbose);
+    let default_http = args.http.is_empty() && args.http_unix.is_empty();
+    for addr in args
+        .http
+        .iter()
+        .copied()
+        .chain(default_http.then(|| ([127, 0, 0, 1], 8080).into()))
+    {
+        server = server.http(addr);
+    }
+    for path in args.http_unix {
+        server = server.http_unix(path);
+    }
+    let default_grpc = args.grpc.is_empty() && args.grpc_unix.is_empty();
+    for addr in args
+        .grpc
+        .iter()
+        .copied()
+        .chain(default_grpc.then(|| ([127, 0, 0, 1], 50051).into()))
+    {
+        server = server.grpc(addr);
+    }
+    for path in args.grpc_unix {
+        server = server.grpc_unix(path);
+    }
+    let running = server.start().await?;
+    for endpoint in running.http_endpoints() {
+        match endpoint {
+            Endpoint::Tcp(addr) => {
+                println!(
+                    "HTTP  http://{addr}/  (management: http://{addr}/_dynplug/, metrics: http://{addr}/metrics)"
+                );
+                if manager.info("hello").is_some() {
+                    println!("      try: curl http://{addr}/api/hello/Ada");
+                }
+            }
+            Endpoint::Unix(path) => {
+                println!(
+                    "HTTP  {endpoint}  (try: curl --unix-socket {} http://localhost/_dynplug/plugins)",
+                    path.display()
+                );
+            }
+        }
+    }
+    for endpoint in running.grpc_endpoints() {
+        println!("gRPC  {endpoint}  (services dynplug.v1.Plugins, plugin.Plugin; see proto/)");
+    }
+    if args.watch {
+        println!(
+            "watching {} for plugins to load, upgrade and unload",
+            args.dir.plugins.display()
+        );
+    }
+    terminated().await?;
+    eprintln!("shutting down: finishing requests, draining and unloading plugins");
+    drop(watcher);
+    running.shutdown().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+pub(crate) async fn watch(plugins: &Path) -> anyhow::Result<std::process::ExitCode> {
+    let manager = load(plugins).await?;
+    let mut events = manager.subscribe();
+    let watcher = manager.watch()?;
+    eprintln!(
+        "watching {}; events follow as JSON lines",
+        plugins.display()
+    );
+    let print = async {
+        while let Ok(event) = events.recv().await {
+            print_event(&event);
+        }
+    };
+    tokio::select! {
+        _ = print => {}
+        result = terminated() => result?,
+    }
+    drop(watcher);
+    tokio::task::spawn_blocking(move || manager.unload_all()).await?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn print_event(event: &Event) {
+    println!("{}", serde_json::to_string(event).unwrap_or_default());
+}

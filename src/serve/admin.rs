@@ -1,0 +1,145 @@
+//! The management API under `/_dynplug/`, its event stream, and a small web page.
+
+use std::convert::Infallible;
+
+use axum::Router;
+use axum::extract::{Path, State as Extract};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{BroadcastStream, WatchStream};
+
+use super::State;
+use crate::manifest::Route;
+use crate::{Error, PluginInfo, PluginState};
+
+pub(crate) fn router() -> Router<State> {
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/plugins", get(list))
+        .route("/plugins/{name}", get(one).delete(unload))
+        .route("/plugins/{name}/reload", post(reload))
+        .route("/events", get(events))
+}
+
+/// A plugin as the API shows it: its row of `list()` and its mounted routes.
+#[derive(Serialize)]
+struct PluginView {
+    #[serde(flatten)]
+    info: PluginInfo,
+    description: Option<String>,
+    routes: Vec<Route>,
+}
+
+fn view(state: &State, info: PluginInfo) -> PluginView {
+    let routes = state
+        .routes
+        .load()
+        .mounted
+        .get(&info.name)
+        .cloned()
+        .unwrap_or_default();
+    let description = state
+        .manager
+        .get_plugin(&info.name)
+        .ok()
+        .and_then(|(manifest, _)| manifest.description.clone());
+    PluginView {
+        info,
+        description,
+        routes,
+    }
+}
+
+async fn health(Extract(state): Extract<State>) -> Response {
+    let plugins = state.manager.list();
+    let loaded = plugins
+        .iter()
+        .filter(|p| p.state == PluginState::Loaded)
+        .count();
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "plugins": plugins.len(),
+        "loaded": loaded,
+    }))
+    .into_response()
+}
+
+async fn list(Extract(state): Extract<State>) -> Response {
+    let plugins: Vec<PluginView> = state
+        .manager
+        .list()
+        .into_iter()
+        .map(|i| view(&state, i))
+        .collect();
+    axum::Json(plugins).into_response()
+}
+
+async fn one(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
+    match state.manager.info(&name) {
+        Some(info) => axum::Json(view(&state, info)).into_response(),
+        None => Error::NotFound { plugin: name }.into_response(),
+    }
+}
+
+/// Loads the plugin's directory again (an upgrade if it changed); the old
+/// version keeps serving if the new one fails.
+async fn reload(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
+    let manager = state.manager.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        if !manager.base_dir().join(&name).is_dir() {
+            return Err(Error::NotFound { plugin: name });
+        }
+        manager.load_plugin(&name)
+    })
+    .await;
+    match loaded {
+        Ok(Ok(manifest)) => axum::Json(serde_json::json!({
+            "plugin": manifest.name,
+            "version": manifest.version.to_string(),
+            "state": "loaded",
+        }))
+        .into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => super::http::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+    }
+}
+
+/// Drains and unloads the plugin.
+async fn unload(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
+    let manager = state.manager.clone();
+    let plugin = name.clone();
+    match tokio::task::spawn_blocking(move || manager.unload(&plugin)).await {
+        Ok(Ok(ended)) => {
+            axum::Json(serde_json::json!({ "plugin": name, "state": ended })).into_response()
+        }
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => super::http::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+    }
+}
+
+/// Lifecycle events as server-sent events (`event:` is the kind, `data:` the JSON).
+async fn events(Extract(state): Extract<State>) -> Response {
+    let events = BroadcastStream::new(state.manager.subscribe())
+        .filter_map(Result::ok)
+        .map(Some);
+    // End the stream at shutdown, or graceful shutdown would wait for the client.
+    let stop = WatchStream::from_changes(state.shutdown.clone()).map(|_| None);
+    let stream = events.merge(stop).take_while(Option::is_some).map(|event| {
+        let event = event.unwrap_or_else(|| unreachable!("take_while stops before None"));
+        let json = serde_json::to_value(&event).unwrap_or_default();
+        let kind = json["event"].as_str().unwrap_or("event").to_owned();
+        Ok::<_, Infallible>(SseEvent::default().event(kind).data(json.to_string()))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("admin.html"))
+}

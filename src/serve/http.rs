@@ -1,0 +1,255 @@
+//! The HTTP façade: manifest routes to plugin calls, plus the management API
+//! and `/metrics`. Errors become responses here and only here.
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State as Extract;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use super::{State, admin};
+use crate::{Context, Error, Value};
+
+pub(crate) fn router(state: State) -> Router {
+    Router::new()
+        .nest("/_dynplug", admin::router())
+        .route("/metrics", get(metrics))
+        .fallback(facade)
+        .with_state(state)
+}
+
+async fn metrics(Extract(state): Extract<State>) -> Response {
+    let body = state.metrics.render(&state.manager);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Every request that is not the management API: look the route up, call the plugin.
+async fn facade(
+    Extract(state): Extract<State>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let table = state.routes.load();
+    let Some((target, params)) = table.lookup(method.as_str(), uri.path()) else {
+        return error_json(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {method} {}", uri.path()),
+            None,
+        );
+    };
+    let mut ctx = request_context(&target.label, &method, &uri, &headers, body, params);
+    let timeout = target.timeout.unwrap_or(state.timeout);
+    match super::call(&state, &target.executor, &mut ctx, timeout, "http").await {
+        Ok(()) => plugin_response(&target.plugin, &ctx),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The request as context values: `label`, `method`, `path`, `params`,
+/// `query`, `headers`, `body` (bytes) and, for JSON bodies, `json`.
+fn request_context(
+    label: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    params: Vec<(String, String)>,
+) -> Context {
+    let map = |pairs: &mut dyn Iterator<Item = (String, String)>| {
+        Value::Map(
+            pairs
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    };
+    let query = uri.query().map_or_else(Vec::new, parse_query);
+    let mut header_map: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        header_map
+            .entry(name.as_str().to_owned())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(&value);
+            })
+            .or_insert(value);
+    }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+    let mut ctx = Context::new(label)
+        .with("label", label)
+        .with("method", method.as_str())
+        .with("path", uri.path())
+        .with("params", map(&mut params.into_iter()))
+        .with("query", map(&mut query.into_iter()))
+        .with("headers", map(&mut header_map.into_iter()));
+    if is_json && let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
+        ctx.set("json", Value::from(json));
+    }
+    ctx.set("body", Value::Bytes(body.to_vec()));
+    ctx
+}
+
+/// `a=1&b=x%20y` → pairs, percent- and plus-decoded; a repeated key keeps the last value.
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'+', _) => out.push(b' '),
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 2;
+            }
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The plugin's answer: `response.status`, `response.headers`, `response.body`.
+/// Nothing set gives 204; a body without status gives 200.
+fn plugin_response(plugin: &str, ctx: &Context) -> Response {
+    let body = ctx.get("response.body");
+    let status = match ctx.get("response.status") {
+        None if body.is_none() => StatusCode::NO_CONTENT,
+        None => StatusCode::OK,
+        Some(v) => match v
+            .as_i64()
+            .and_then(|s| u16::try_from(s).ok())
+            .and_then(|s| StatusCode::from_u16(s).ok())
+        {
+            Some(status) => status,
+            None => {
+                let message = format!("plugin set an invalid response.status: {v:?}");
+                return error_json(StatusCode::INTERNAL_SERVER_ERROR, &message, Some(plugin));
+            }
+        },
+    };
+    let (content_type, bytes): (&str, Vec<u8>) = match body {
+        None => ("", Vec::new()),
+        Some(Value::String(s)) => ("text/plain; charset=utf-8", s.as_bytes().to_vec()),
+        Some(Value::Bytes(b)) => ("application/octet-stream", b.clone()),
+        Some(other) => (
+            "application/json",
+            serde_json::to_vec(other).unwrap_or_default(),
+        ),
+    };
+    let mut response = if body.is_some() {
+        (status, bytes).into_response()
+    } else {
+        status.into_response()
+    };
+    let headers = response.headers_mut();
+    if !content_type.is_empty() {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    if let Some(Value::Map(set)) = ctx.get("response.headers") {
+        for (name, value) in set {
+            let value = match value {
+                Value::String(s) => s.clone(),
+                other => serde_json::to_string(other).unwrap_or_default(),
+            };
+            match (
+                HeaderName::try_from(name.as_str()),
+                HeaderValue::try_from(value),
+            ) {
+                (Ok(name), Ok(value)) => {
+                    headers.insert(name, value);
+                }
+                _ => {
+                    tracing::warn!(plugin, header = %name, "plugin set an invalid response header; dropped")
+                }
+            }
+        }
+    }
+    response
+}
+
+pub(crate) fn error_json(status: StatusCode, message: &str, plugin: Option<&str>) -> Response {
+    let body = serde_json::json!({ "error": message, "plugin": plugin });
+    (status, axum::Json(body)).into_response()
+}
+
+impl Error {
+    pub(crate) fn http_status(&self) -> StatusCode {
+        match self {
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            // 499 is nginx's "client closed request": the caller cancelled.
+            Error::Cancelled { .. } => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
+            Error::Downgrade { .. } | Error::RouteConflict { .. } => StatusCode::CONFLICT,
+            Error::Manifest { .. } | Error::Unsupported { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The one place errors become HTTP responses: JSON `{"error", "plugin"}`.
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.http_status();
+        let plugin = Some(self.plugin()).filter(|p| !p.is_empty());
+        let mut response = error_json(status, &self.to_string(), plugin);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded() {
+        assert_eq!(
+            parse_query("a=1&b=x%20y+z&c&d=%zz&&e=%41"),
+            [
+                ("a", "1"),
+                ("b", "x y z"),
+                ("c", ""),
+                ("d", "%zz"),
+                ("e", "A")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+    }
+}

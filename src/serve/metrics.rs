@@ -1,0 +1,260 @@
+//! `/metrics` in the Prometheus text format.
+//!
+//! Call counters live in the manager (every call through an `Executor` counts,
+//! façade or host code); the latency histogram is measured here, per plugin
+//! and façade, around each request, so the hot path of in-process calls pays
+//! no clock reads.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::{PluginManager, PluginState};
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    5.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            elapsed.as_nanos().try_into().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Request latencies by (plugin, façade).
+#[derive(Default)]
+pub(crate) struct Metrics {
+    latency: RwLock<HashMap<(String, &'static str), Arc<Histogram>>>,
+}
+
+impl Metrics {
+    pub(crate) fn observe(&self, plugin: &str, facade: &'static str, elapsed: Duration) {
+        let key = (plugin.to_owned(), facade);
+        let found = self
+            .latency
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
+        let histogram = match found {
+            Some(h) => h,
+            None => Arc::clone(
+                self.latency
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(key)
+                    .or_default(),
+            ),
+        };
+        histogram.observe(elapsed);
+    }
+
+    pub(crate) fn render(&self, manager: &PluginManager) -> String {
+        let plugins = manager.list();
+        let mut out = String::new();
+        let mut family =
+            |name: &str,
+             kind: &str,
+             help: &str,
+             rows: &mut dyn Iterator<Item = (String, String)>| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for (labels, value) in rows {
+                    let _ = writeln!(out, "{name}{{{labels}}} {value}");
+                }
+            };
+        let plugin = |name: &str| format!("plugin=\"{}\"", escape(name));
+        family(
+            "dynplug_plugin_info",
+            "gauge",
+            "The version serving (or last known) and the state of each plugin.",
+            &mut plugins.iter().map(|p| {
+                let labels = format!(
+                    "{},version=\"{}\",mode=\"{}\",isolation=\"{}\",state=\"{}\"",
+                    plugin(&p.name),
+                    escape(p.version.as_deref().unwrap_or("")),
+                    escape(p.mode.as_deref().unwrap_or("")),
+                    p.isolation.map_or("", |i| i.as_str()),
+                    p.state.as_str()
+                );
+                (labels, "1".to_owned())
+            }),
+        );
+        family(
+            "dynplug_plugin_up",
+            "gauge",
+            "1 if the plugin is serving calls.",
+            &mut plugins.iter().map(|p| {
+                (
+                    plugin(&p.name),
+                    u8::from(p.state == PluginState::Loaded).to_string(),
+                )
+            }),
+        );
+        let counters: [(&str, &str, &str, fn(&crate::PluginInfo) -> u64); 7] = [
+            (
+                "dynplug_calls_total",
+                "counter",
+                "Calls made to the plugin.",
+                |p| p.calls.calls,
+            ),
+            (
+                "dynplug_errors_total",
+                "counter",
+                "Calls that returned an error.",
+                |p| p.calls.errors,
+            ),
+            (
+                "dynplug_panics_total",
+                "counter",
+                "Calls in which the plugin panicked.",
+                |p| p.calls.panics,
+            ),
+            ("dynplug_in_flight", "gauge", "Calls running now.", |p| {
+                p.calls.in_flight
+            }),
+            (
+                "dynplug_upgrades_total",
+                "counter",
+                "Versions swapped in after the first.",
+                |p| p.upgrades,
+            ),
+            (
+                "dynplug_unloads_total",
+                "counter",
+                "Versions unloaded and unmapped.",
+                |p| p.unloads,
+            ),
+            (
+                "dynplug_mapped_retired_copies",
+                "gauge",
+                "Versions out of service whose code stays mapped (inline retained or leaked).",
+                |p| p.retired.len() as u64,
+            ),
+        ];
+        for (name, kind, help, get) in counters {
+            family(
+                name,
+                kind,
+                help,
+                &mut plugins
+                    .iter()
+                    .map(|p| (plugin(&p.name), get(p).to_string())),
+            );
+        }
+        family(
+            "dynplug_leaked_copies",
+            "gauge",
+            "Versions whose code stayed mapped against intent.",
+            &mut plugins.iter().map(|p| {
+                let leaked = p
+                    .retired
+                    .iter()
+                    .filter(|r| r.state == PluginState::Leaked)
+                    .count();
+                (plugin(&p.name), leaked.to_string())
+            }),
+        );
+        if let Some(keys) = manager.tls_keys_in_use() {
+            let _ = writeln!(
+                out,
+                "# HELP dynplug_pthread_keys_in_use pthread keys used by the process (the limit is 1024).\n\
+                 # TYPE dynplug_pthread_keys_in_use gauge\ndynplug_pthread_keys_in_use {keys}"
+            );
+        }
+        self.render_latency(&mut out);
+        out
+    }
+
+    fn render_latency(&self, out: &mut String) {
+        let name = "dynplug_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Latency of plugin requests through the façades.\n# TYPE {name} histogram"
+        );
+        let latency = self.latency.read().unwrap_or_else(|e| e.into_inner());
+        let mut keys: Vec<_> = latency.keys().collect();
+        keys.sort();
+        for key in keys {
+            let h = &latency[key];
+            let labels = format!("plugin=\"{}\",facade=\"{}\"", escape(&key.0), key.1);
+            let mut cumulative = 0;
+            for (bound, count) in BUCKETS.iter().zip(&h.buckets) {
+                cumulative += count.load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        }
+    }
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_in_the_output() {
+        let metrics = Metrics::default();
+        metrics.observe("p", "http", Duration::from_micros(80));
+        metrics.observe("p", "http", Duration::from_millis(3));
+        metrics.observe("p", "http", Duration::from_secs(9));
+        let mut out = String::new();
+        metrics.render_latency(&mut out);
+        assert!(
+            out.contains(
+                r#"dynplug_request_duration_seconds_bucket{plugin="p",facade="http",le="0.0001"} 1"#
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                r#"dynplug_request_duration_seconds_bucket{plugin="p",facade="http",le="0.005"} 2"#
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                r#"dynplug_request_duration_seconds_bucket{plugin="p",facade="http",le="+Inf"} 3"#
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"dynplug_request_duration_seconds_count{plugin="p",facade="http"} 3"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

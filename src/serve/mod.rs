@@ -1,0 +1,314 @@
+//! The façades: routed HTTP (axum) and gRPC (tonic) in front of every plugin,
+//! a management API, Prometheus metrics and a web page. Feature `server`.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), dynplug::Error> {
+//! let manager = dynplug::PluginManager::new("plugins")?;
+//! manager.load_plugins()?;
+//! let running = dynplug::serve::Server::new(manager)
+//!     .http("127.0.0.1:8080".parse().unwrap())
+//!     .grpc("127.0.0.1:50051".parse().unwrap())
+//!     .start()
+//!     .await?;
+//! tokio::signal::ctrl_c().await.ok();
+//! running.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod grpc;
+mod http;
+mod metrics;
+mod routes;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::serve::ListenerExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::PluginManager;
+use crate::error::{Error, Result};
+use metrics::Metrics;
+use routes::RouteTable;
+
+/// Generated gRPC code (clients and servers) for `proto/*.proto`.
+pub mod proto {
+    /// `dynplug.v1`: the `Plugins` service.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("dynplug.v1");
+    }
+    /// `plugin`: the goplugin `Plugin` service.
+    #[allow(missing_docs, clippy::all)]
+    pub mod goplugin {
+        tonic::include_proto!("plugin");
+    }
+}
+
+/// Where a façade listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "{addr}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Configures and starts the façades.
+#[derive(Debug)]
+pub struct Server {
+    manager: PluginManager,
+    http: Vec<Endpoint>,
+    grpc: Vec<Endpoint>,
+    timeout: Duration,
+    log_calls: bool,
+}
+
+/// Shared by every handler.
+pub(crate) struct Shared {
+    manager: PluginManager,
+    routes: ArcSwap<RouteTable>,
+    metrics: Metrics,
+    timeout: Duration,
+    log_calls: bool,
+    shutdown: watch::Receiver<bool>,
+}
+
+type State = Arc<Shared>;
+
+impl Server {
+    /// A server for `manager`'s plugins, listening nowhere yet.
+    pub fn new(manager: PluginManager) -> Server {
+        Server {
+            manager,
+            http: Vec::new(),
+            grpc: Vec::new(),
+            timeout: Duration::from_secs(30),
+            log_calls: false,
+        }
+    }
+
+    /// Serves HTTP on a TCP address (port 0 picks a free port).
+    #[must_use]
+    pub fn http(mut self, addr: SocketAddr) -> Server {
+        self.http.push(Endpoint::Tcp(addr));
+        self
+    }
+
+    /// Serves HTTP on a Unix socket (a stale socket file is replaced).
+    #[must_use]
+    pub fn http_unix(mut self, path: impl Into<PathBuf>) -> Server {
+        self.http.push(Endpoint::Unix(path.into()));
+        self
+    }
+
+    /// Serves gRPC on a TCP address.
+    #[must_use]
+    pub fn grpc(mut self, addr: SocketAddr) -> Server {
+        self.grpc.push(Endpoint::Tcp(addr));
+        self
+    }
+
+    /// Serves gRPC on a Unix socket.
+    #[must_use]
+    pub fn grpc_unix(mut self, path: impl Into<PathBuf>) -> Server {
+        self.grpc.push(Endpoint::Unix(path.into()));
+        self
+    }
+
+    /// Default deadline of a plugin call (default 30 s); routes may set their own.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Server {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Logs every plugin request and response (at `info`).
+    #[must_use]
+    pub fn log_calls(mut self, on: bool) -> Server {
+        self.log_calls = on;
+        self
+    }
+
+    /// Binds every endpoint and starts serving; must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Bind`] if an endpoint cannot be bound.
+    pub async fn start(self) -> Result<Running> {
+        let (stop, shutdown) = watch::channel(false);
+        let state: State = Arc::new(Shared {
+            routes: ArcSwap::from_pointee(RouteTable::build(&self.manager)),
+            manager: self.manager.clone(),
+            metrics: Metrics::default(),
+            timeout: self.timeout,
+            log_calls: self.log_calls,
+            shutdown: shutdown.clone(),
+        });
+        let mut tasks = vec![tokio::spawn(routes::follow(Arc::clone(&state)))];
+        let mut running = Running {
+            http: Vec::new(),
+            grpc: Vec::new(),
+            stop,
+            tasks: Vec::new(),
+            manager: self.manager,
+        };
+        let app = http::router(Arc::clone(&state));
+        for endpoint in &self.http {
+            let (bound, task) = serve_http(endpoint, app.clone(), shutdown.clone()).await?;
+            running.http.push(bound);
+            tasks.push(task);
+        }
+        for endpoint in &self.grpc {
+            let (bound, task) = grpc::serve(endpoint, Arc::clone(&state), shutdown.clone()).await?;
+            running.grpc.push(bound);
+            tasks.push(task);
+        }
+        running.tasks = tasks;
+        Ok(running)
+    }
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    http: Vec<Endpoint>,
+    grpc: Vec<Endpoint>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    manager: PluginManager,
+}
+
+impl Running {
+    /// Where HTTP is served (actual ports, when 0 was asked).
+    pub fn http_endpoints(&self) -> &[Endpoint] {
+        &self.http
+    }
+
+    /// Where gRPC is served.
+    pub fn grpc_endpoints(&self) -> &[Endpoint] {
+        &self.grpc
+    }
+
+    /// Stops accepting, lets in-flight requests finish, then drains and
+    /// unloads every plugin.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let manager = self.manager;
+        let _ = tokio::task::spawn_blocking(move || manager.unload_all()).await;
+    }
+}
+
+pub(crate) fn bind_error(endpoint: &Endpoint, source: std::io::Error) -> Error {
+    Error::Bind {
+        address: endpoint.to_string(),
+        source,
+    }
+}
+
+/// Binds a Unix socket, replacing a stale socket file (never another kind of file).
+pub(crate) fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        std::fs::remove_file(path)?;
+    }
+    tokio::net::UnixListener::bind(path)
+}
+
+pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn serve_http(
+    endpoint: &Endpoint,
+    app: axum::Router,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(Endpoint, JoinHandle<()>)> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| bind_error(endpoint, e))?;
+            let bound = Endpoint::Tcp(listener.local_addr().map_err(|e| bind_error(endpoint, e))?);
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let task = tokio::spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(shutdown));
+                if let Err(e) = serve.await {
+                    tracing::error!("http server: {e}");
+                }
+            });
+            Ok((bound, task))
+        }
+        Endpoint::Unix(path) => {
+            let listener = bind_unix(path).map_err(|e| bind_error(endpoint, e))?;
+            let task = tokio::spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(shutdown));
+                if let Err(e) = serve.await {
+                    tracing::error!("http server: {e}");
+                }
+            });
+            Ok((endpoint.clone(), task))
+        }
+    }
+}
+
+/// Runs one façade call with its deadline: the context carries it (so the
+/// plugin sees it) and the wait is bounded by it (so a plugin that ignores it
+/// cannot hold the request; dropping the call cancels it).
+pub(crate) async fn call(
+    state: &Shared,
+    executor: &crate::Executor,
+    ctx: &mut crate::Context,
+    timeout: Duration,
+    facade: &'static str,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    if ctx.deadline().is_none() {
+        *ctx = std::mem::take(ctx).with_timeout(timeout);
+    }
+    let wait = ctx.remaining().unwrap_or(timeout);
+    let result = match tokio::time::timeout(wait, executor.execute_async(ctx)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::DeadlineExceeded {
+            plugin: executor.name().to_owned(),
+            label: ctx.label().to_owned(),
+        }),
+    };
+    state
+        .metrics
+        .observe(executor.name(), facade, started.elapsed());
+    if state.log_calls {
+        match &result {
+            Ok(()) => tracing::info!(
+                plugin = executor.name(), label = ctx.label(), %facade, elapsed = ?started.elapsed(),
+                values = ?ctx.values().map(|(k, _)| k).collect::<Vec<_>>(), "call ok"
+            ),
+            Err(e) => tracing::info!(
+                plugin = executor.name(), label = ctx.label(), %facade, elapsed = ?started.elapsed(),
+                "call failed: {e}"
+            ),
+        }
+    }
+    result
+}
