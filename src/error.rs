@@ -57,7 +57,7 @@ pub enum Error {
         found: String,
     },
 
-    /// `dlopen` refused the artifact (truncated file, wrong architecture, missing dependency, …).
+    /// `dlopen` refused the artifact (wrong architecture, missing dependency, …).
     #[error("{plugin}: {path}: cannot load library: {source}")]
     Open {
         /// The plugin.
@@ -94,18 +94,17 @@ pub enum Error {
     },
 
     /// The plugin was built against an incompatible `plugin-abi`.
-    #[error("{plugin}: {path}: built against {found}, but this host needs {expected}{detail}")]
+    #[error("{plugin}: {path}: built against {found}, but this host needs {expected}")]
     AbiMismatch {
         /// The plugin.
         plugin: String,
         /// The artifact.
         path: PathBuf,
-        /// What the plugin was built with, e.g. `plugin-abi 0.0.9 (ABI 0.9)`.
+        /// What the plugin was built with, e.g. `plugin-abi 0.0.9 (ABI 0.9)`,
+        /// with the layout differences found, if any.
         found: String,
         /// What the host needs.
         expected: String,
-        /// Layout differences found, if any (starts with `: `).
-        detail: String,
     },
 
     /// The plugin's `init` returned an error or panicked.
@@ -133,16 +132,14 @@ pub enum Error {
     },
 
     /// A route of the plugin is already served by another plugin, which keeps it.
-    #[error("{plugin}: {path}: route {method} {route} is already served by plugin {owner}")]
+    #[error("{plugin}: {path}: route {route} is already served by plugin {owner}")]
     RouteConflict {
         /// The plugin refused.
         plugin: String,
         /// Its manifest.
         path: PathBuf,
-        /// The route.
+        /// Method and route, e.g. `GET /api/hello/:name`.
         route: String,
-        /// The method.
-        method: String,
         /// The plugin serving it.
         owner: String,
     },

@@ -341,8 +341,7 @@ impl PluginManager {
                     return Err(Error::RouteConflict {
                         plugin: slot.name.clone(),
                         path: slot.dir.join(crate::manifest::MANIFEST_FILE),
-                        route: route.route.clone(),
-                        method: route.method.clone(),
+                        route: format!("{} {}", route.method, route.route),
                         owner: other.name.clone(),
                     });
                 }

@@ -31,11 +31,7 @@ pub(crate) enum Outcome {
 pub(crate) enum OpenError {
     Dlopen(libloading::Error),
     MissingRoot,
-    Abi {
-        found: String,
-        expected: String,
-        detail: String,
-    },
+    Abi { found: String, expected: String },
 }
 
 /// An open plugin library and its checked entry table.
@@ -93,7 +89,6 @@ impl Library {
             return Err(OpenError::Abi {
                 found: "an unknown root format (bad magic bytes)".into(),
                 expected: expected_abi(),
-                detail: String::new(),
             });
         }
         // SAFETY: the magic matched, so `crate_version` is a string literal of the library.
@@ -106,14 +101,12 @@ impl Library {
             return Err(OpenError::Abi {
                 found,
                 expected: expected_abi(),
-                detail: String::new(),
             });
         }
         if let Err(detail) = ffi::check_layout(header.layout) {
             return Err(OpenError::Abi {
-                found,
+                found: format!("{found} with another entry table layout ({detail})"),
                 expected: expected_abi(),
-                detail: format!(": entry table layout differs: {detail}"),
             });
         }
         Ok(NonNull::from(header.vtable))

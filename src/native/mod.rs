@@ -335,16 +335,11 @@ fn open_checked(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<(L
                 path: path.clone(),
                 symbol: plugin_abi::ffi::ROOT_SYMBOL,
             },
-            OpenError::Abi {
-                found,
-                expected,
-                detail,
-            } => Error::AbiMismatch {
+            OpenError::Abi { found, expected } => Error::AbiMismatch {
                 plugin: plugin.clone(),
                 path: path.clone(),
                 found,
                 expected,
-                detail,
             },
         })
 }

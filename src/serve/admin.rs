@@ -140,6 +140,6 @@ async fn events(Extract(state): Extract<State>) -> Response {
         .into_response()
 }
 
-async fn page() -> Html<&'static str> {
+pub(crate) async fn page() -> Html<&'static str> {
     Html(include_str!("admin.html"))
 }

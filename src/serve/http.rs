@@ -16,6 +16,8 @@ use crate::{Context, Error, Value};
 pub(crate) fn router(state: State) -> Router {
     Router::new()
         .nest("/_dynplug", admin::router())
+        // `nest` matches `/_dynplug` but not the trailing-slash form people type.
+        .route("/_dynplug/", get(admin::page))
         .route("/metrics", get(metrics))
         .fallback(facade)
         .with_state(state)

@@ -109,7 +109,7 @@ impl Metrics {
                 )
             }),
         );
-        let counters: [(&str, &str, &str, fn(&crate::PluginInfo) -> u64); 7] = [
+        let counters: [PerPlugin; 7] = [
             (
                 "dynplug_calls_total",
                 "counter",
@@ -209,6 +209,14 @@ impl Metrics {
         }
     }
 }
+
+/// A per-plugin metric: name, type, help, and how to read it from a listing row.
+type PerPlugin = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::PluginInfo) -> u64,
+);
 
 fn escape(value: &str) -> String {
     value

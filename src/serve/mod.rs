@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::PluginManager;
 use crate::error::{Error, Result};
+pub use grpc::{PLUGIN_METADATA, from_proto, to_proto};
 use metrics::Metrics;
 use routes::RouteTable;
 

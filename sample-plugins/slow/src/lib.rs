@@ -6,7 +6,12 @@ use std::time::{Duration, Instant};
 use plugin_abi::{Context, PluginError, export_plugin};
 
 fn execute(ctx: &mut Context) -> Result<(), PluginError> {
-    let max = Duration::from_millis(ctx.get_i64("max_ms").unwrap_or(10_000).max(0) as u64);
+    // `max_ms` as a value, or in the query string when called over HTTP.
+    let from_query = ctx
+        .get("query")
+        .and_then(|q| q.as_map()?.get("max_ms")?.as_str()?.parse::<i64>().ok());
+    let max_ms = ctx.get_i64("max_ms").or(from_query).unwrap_or(10_000);
+    let max = Duration::from_millis(max_ms.max(0) as u64);
     let start = Instant::now();
     let mut iterations = 0_i64;
     while !ctx.is_cancelled() && start.elapsed() < max {
