@@ -7,9 +7,9 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A file or directory could not be read, copied or written.
-    #[error("{plugin}: {action} {path}: {source}")]
+    #[error("{}{action} {}: {source}", prefix(.plugin), .path.display())]
     Io {
-        /// The plugin concerned (or the base directory's name while scanning).
+        /// The plugin concerned (empty for the plugins directory itself).
         plugin: String,
         /// What was being done ("reading", "copying to", …).
         action: &'static str,
@@ -250,6 +250,14 @@ impl Error {
                 | Error::MissingRoot { .. }
                 | Error::Checksum { .. }
         )
+    }
+}
+
+fn prefix(plugin: &str) -> String {
+    if plugin.is_empty() {
+        String::new()
+    } else {
+        format!("{plugin}: ")
     }
 }
 

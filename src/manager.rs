@@ -196,7 +196,8 @@ impl PluginManager {
     ///
     /// # Errors
     /// [`Error::Io`] only if the base directory cannot be read; per-plugin
-    /// failures are in the report (and emitted as [`Event::Failed`]).
+    /// failures are in the report (and emitted as [`Event::Failed`] or
+    /// [`Event::UpgradeFailed`]).
     pub fn load_plugins(&self) -> Result<LoadReport> {
         let names = self.scan()?;
         let _serial = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
@@ -261,13 +262,21 @@ impl PluginManager {
     /// keeps serving.
     ///
     /// # Errors
-    /// Why the plugin could not be loaded (also emitted as [`Event::Failed`]).
+    /// [`Error::NotFound`] if `<base>/<name>` is not a directory; otherwise why
+    /// the plugin could not be loaded (also emitted as [`Event::Failed`], or
+    /// [`Event::UpgradeFailed`] when a version keeps serving).
     pub fn load_plugin(&self, name: &str) -> Result<Arc<Manifest>> {
         let _serial = self.serial();
         self.load_locked(name)
     }
 
     fn load_locked(&self, name: &str) -> Result<Arc<Manifest>> {
+        // A typo must not leave a failed plugin in the listing.
+        if self.slot(name).is_none() && !self.inner.base.join(name).is_dir() {
+            return Err(Error::NotFound {
+                plugin: name.to_owned(),
+            });
+        }
         let slot = self.slot_for(name)?;
         match self
             .prepare(&slot)
@@ -550,10 +559,11 @@ impl PluginManager {
         }
         let deadline = Instant::now() + self.inner.drain_timeout;
         let mut pause = Duration::from_micros(50);
-        // Every running call holds a clone of the Arc; wait for them to finish.
-        while Arc::strong_count(&old) > 1 {
+        // Every running call holds a clone of the Arc; calls whose caller
+        // gave up still count as busy. Wait for both.
+        while Arc::strong_count(&old) > 1 || old.busy() > 0 {
             if Instant::now() >= deadline {
-                let running = Arc::strong_count(&old) - 1;
+                let running = (Arc::strong_count(&old) - 1).max(old.busy());
                 let reason = format!(
                     "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",
                     self.inner.drain_timeout
@@ -638,8 +648,9 @@ impl PluginManager {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Executors may outlive the manager; those versions end when the last
-        // executor drops. The rest end here, in order, with their shutdown called.
+        // Every version ends here (drained by Arc: one with a call in flight
+        // ends when that call returns). Executors that outlive the manager
+        // answer Unavailable.
         let slots = std::mem::take(self.slots.get_mut().unwrap_or_else(|e| e.into_inner()));
         for slot in slots.into_values() {
             drop(slot.swap(None));

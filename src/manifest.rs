@@ -211,7 +211,9 @@ impl Manifest {
     /// field if it is malformed or invalid.
     pub fn from_dir(dir: &Path) -> Result<Manifest> {
         let path = dir.join(MANIFEST_FILE);
-        let dir_name = dir
+        // `dynplug verify .` names the directory by its real name.
+        let real = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+        let dir_name = real
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -351,15 +353,19 @@ impl Manifest {
     }
 
     /// For `local_so`: the library path inside `dir`, with the platform's
-    /// extension added when `source.path` has none.
+    /// extension added when `source.path` has none of `.so`, `.dylib`, `.dll`
+    /// (so `libfoo-1.2` becomes `libfoo-1.2.so`, `libfoo.so.1` stays).
     pub fn library_path(&self, dir: &Path) -> Option<PathBuf> {
         match &self.source {
             Source::LocalSo { path, .. } => {
-                let mut p = dir.join(path);
-                if p.extension().is_none() {
-                    p.set_extension(std::env::consts::DLL_EXTENSION);
-                }
-                Some(p)
+                let has_extension = [".so", ".dylib", ".dll"]
+                    .iter()
+                    .any(|ext| path.ends_with(ext) || path.contains(".so."));
+                Some(if has_extension {
+                    dir.join(path)
+                } else {
+                    dir.join(format!("{path}.{}", std::env::consts::DLL_EXTENSION))
+                })
             }
             _ => None,
         }
@@ -430,6 +436,28 @@ mod tests {
             m.library_path(Path::new("d")).unwrap(),
             Path::new("d").join(format!("libp.{}", std::env::consts::DLL_EXTENSION))
         );
+    }
+
+    #[test]
+    fn library_extension_is_added_only_when_missing() {
+        let with = |path: &str| {
+            let json = format!(
+                r#"{{"name":"p","version":"1.0.0","source":{{"mode":"local_so","path":"{path}"}}}}"#
+            );
+            let m = parse(&json).unwrap();
+            m.library_path(Path::new("d"))
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        };
+        let ext = std::env::consts::DLL_EXTENSION;
+        assert_eq!(with("libfoo"), format!("libfoo.{ext}"));
+        assert_eq!(with("libfoo-1.2"), format!("libfoo-1.2.{ext}"));
+        assert_eq!(with("libfoo.so"), "libfoo.so");
+        assert_eq!(with("libfoo.so.1"), "libfoo.so.1");
+        assert_eq!(with("libfoo.dylib"), "libfoo.dylib");
     }
 
     #[test]

@@ -105,6 +105,14 @@ impl Version {
         }
     }
 
+    /// Calls still running that no caller holds the version for (abandoned
+    /// at a deadline); draining waits for them too.
+    pub(crate) fn busy(&self) -> usize {
+        match &self.backend {
+            Backend::Native(native) => native.busy(),
+        }
+    }
+
     /// The file the version runs from (the shadow copy, for native plugins).
     pub(crate) fn artifact(&self) -> PathBuf {
         match &self.backend {

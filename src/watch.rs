@@ -71,7 +71,7 @@ impl PluginManager {
         let thread = std::thread::Builder::new()
             .name("dynplug-watch".into())
             .spawn(move || {
-                let mut sync = Sync {
+                let mut sync = Follower {
                     manager,
                     base,
                     settle,
@@ -98,7 +98,7 @@ impl PluginManager {
     }
 }
 
-struct Sync {
+struct Follower {
     manager: Weak<Inner>,
     base: PathBuf,
     settle: Duration,
@@ -106,7 +106,7 @@ struct Sync {
     due: HashMap<String, (Instant, u32)>,
 }
 
-impl Sync {
+impl Follower {
     fn manager(&self) -> Option<PluginManager> {
         self.manager.upgrade().map(PluginManager::from_inner)
     }

@@ -134,7 +134,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Verify { dir } => {
             let manifest = dynplug::verify(&dir)?;
             println!(
-                "ok: {} {} ({}, {}, plugin-abi ABI {}.{})",
+                "ok: {} {} ({}, {}; compatible with this host's plugin ABI {}.{})",
                 manifest.name,
                 manifest.version,
                 manifest.source.mode(),

@@ -183,6 +183,15 @@ impl NativeVersion {
         }
     }
 
+    /// Calls still queued or running on the workers, including calls whose
+    /// caller stopped waiting.
+    pub(crate) fn busy(&self) -> usize {
+        match &self.runner {
+            Runner::Inline => 0,
+            Runner::Pooled(pool) => pool.busy(),
+        }
+    }
+
     pub(crate) fn shadow_path(&self) -> &Path {
         &self.shadow
     }

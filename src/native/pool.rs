@@ -5,6 +5,7 @@
 //! released when they are joined, before the library is closed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -26,6 +27,9 @@ enum Job {
 pub(crate) struct Pool {
     jobs: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
+    /// Calls queued or running, including those whose caller gave up (a
+    /// deadline, a dropped future): draining waits for these too.
+    calls: Arc<AtomicUsize>,
 }
 
 impl Pool {
@@ -38,13 +42,15 @@ impl Pool {
         let mut pool = Pool {
             jobs: Some(jobs),
             workers: Vec::with_capacity(size),
+            calls: Arc::new(AtomicUsize::new(0)),
         };
         for i in 0..size.max(1) {
             let rx: Receiver<Job> = rx.clone();
             let library = Arc::clone(library);
+            let calls = Arc::clone(&pool.calls);
             let worker = std::thread::Builder::new()
                 .name(format!("dynplug-{plugin}-{i}"))
-                .spawn(move || work(&library, &rx))?;
+                .spawn(move || work(&library, &rx, &calls))?;
             pool.workers.push(worker);
         }
         Ok(pool)
@@ -55,11 +61,19 @@ impl Pool {
         let Some(jobs) = &self.jobs else {
             return Err(ctx);
         };
-        jobs.send(Job::Execute { ctx, reply })
-            .map_err(|e| match e.0 {
+        self.calls.fetch_add(1, Ordering::AcqRel);
+        jobs.send(Job::Execute { ctx, reply }).map_err(|e| {
+            self.calls.fetch_sub(1, Ordering::AcqRel);
+            match e.0 {
                 Job::Execute { ctx, .. } => ctx,
                 Job::Control(_) => unreachable!("sent an Execute job"),
-            })
+            }
+        })
+    }
+
+    /// Calls queued or running.
+    pub(crate) fn busy(&self) -> usize {
+        self.calls.load(Ordering::Acquire)
     }
 
     /// Runs `f` on a worker and waits for its result (`init`, `shutdown`).
@@ -90,11 +104,12 @@ impl Drop for Pool {
     }
 }
 
-fn work(library: &Library, jobs: &Receiver<Job>) {
+fn work(library: &Library, jobs: &Receiver<Job>, calls: &AtomicUsize) {
     for job in jobs {
         match job {
             Job::Execute { mut ctx, reply } => {
                 let outcome = library.execute(&mut ctx);
+                calls.fetch_sub(1, Ordering::AcqRel);
                 match reply {
                     Reply::Blocking(tx) => {
                         let _ = tx.send((ctx, outcome));

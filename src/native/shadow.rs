@@ -39,7 +39,8 @@ pub(crate) fn write_copy(
 }
 
 /// Removes shadow copies left by processes that no longer run (a crash
-/// between copy and unlink). Best effort.
+/// between copy and unlink). Best effort; Linux only (it asks `/proc`).
+#[cfg(target_os = "linux")]
 pub(crate) fn remove_stale(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -85,6 +86,10 @@ pub(crate) fn check_library(bytes: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Without `/proc`, a live process cannot be told from a dead one: keep everything.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn remove_stale(_dir: &Path) {}
 
 /// Lower-case hex SHA-256 of `bytes`.
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
