@@ -1,17 +1,18 @@
-//! Compiles `proto/*.proto` with protox (pure Rust: no system `protoc` needed).
+//! Compiles `proto/*.proto` with protox (pure Rust: no system `protoc`
+//! needed), for the `server` feature.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     const PROTOS: &[&str] = &["proto/dynplug.proto", "proto/plugin.proto"];
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
-    if std::env::var_os("CARGO_FEATURE_SERVER").is_none() {
-        return Ok(());
+    #[cfg(feature = "server")]
+    {
+        let fds = protox::compile(PROTOS, ["proto"])?;
+        tonic_prost_build::configure()
+            .build_client(true)
+            .build_server(true)
+            .compile_fds(fds)?;
     }
-    let fds = protox::compile(PROTOS, ["proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
     Ok(())
 }

@@ -23,6 +23,12 @@ impl CancelToken {
         self.0.store(true, Ordering::Release);
     }
 
+    fn into_lock(self) -> std::sync::OnceLock<CancelToken> {
+        let lock = std::sync::OnceLock::new();
+        let _ = lock.set(self);
+        lock
+    }
+
     /// Whether [`cancel`](Self::cancel) was called.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Acquire)
@@ -43,7 +49,9 @@ pub struct Context {
     // foldhash: a context is a handful of short keys read a few times per
     // call, where SipHash costs more than the lookup itself (see benches/call.rs).
     pub(crate) values: HashMap<String, Value, foldhash::fast::RandomState>,
-    cancel: CancelToken,
+    // Created on first use: most calls are never cancelled from outside, and
+    // an allocation per call shows in the façade's profile.
+    cancel: std::sync::OnceLock<CancelToken>,
     deadline: Option<Instant>,
 }
 
@@ -54,6 +62,13 @@ impl Context {
             label: label.into(),
             ..Self::default()
         }
+    }
+
+    /// A context for `label` with room for `values` values without rehashing.
+    pub fn with_capacity(label: impl Into<String>, values: usize) -> Self {
+        let mut ctx = Self::new(label);
+        ctx.values.reserve(values);
+        ctx
     }
 
     /// Adds a value (builder style).
@@ -80,7 +95,7 @@ impl Context {
     /// Shares `token`, so cancelling it cancels this call (builder style).
     #[must_use]
     pub fn with_cancel_token(mut self, token: CancelToken) -> Self {
-        self.cancel = token;
+        self.cancel = token.into_lock();
         self
     }
 
@@ -171,12 +186,17 @@ impl Context {
 
     /// A token that cancels this call from another thread.
     pub fn cancel_token(&self) -> CancelToken {
-        self.cancel.clone()
+        self.cancel.get_or_init(CancelToken::new).clone()
+    }
+
+    /// The token, if one was ever taken or given (no allocation otherwise).
+    pub(crate) fn existing_cancel_token(&self) -> Option<&CancelToken> {
+        self.cancel.get()
     }
 
     /// Cancels this call.
     pub fn cancel(&self) {
-        self.cancel.cancel();
+        self.cancel.get_or_init(CancelToken::new).cancel();
     }
 
     /// The deadline, if any.
@@ -191,7 +211,7 @@ impl Context {
 
     /// Whether the call was cancelled or its deadline has passed (what the plugin sees).
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled() || self.is_expired()
+        self.cancel.get().is_some_and(CancelToken::is_cancelled) || self.is_expired()
     }
 
     /// Time left before the deadline (zero once past it).

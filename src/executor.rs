@@ -96,6 +96,16 @@ impl Executor {
         result
     }
 
+    /// Whether the version serving now runs calls on the caller's thread.
+    #[cfg(feature = "server")]
+    pub(crate) fn runs_inline(&self) -> bool {
+        self.slot
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|v| v.manifest.isolation == crate::Isolation::Inline)
+    }
+
     /// The plugin's call counters.
     pub fn calls(&self) -> crate::CallCounts {
         self.slot.stats.snapshot()

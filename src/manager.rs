@@ -568,6 +568,12 @@ impl PluginManager {
                     "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",
                     self.inner.drain_timeout
                 );
+                // Never block loads on a plugin that ignores its deadline:
+                // the last holder unloads the version, on a thread of its own.
+                let name = format!("dynplug-retire-{plugin}");
+                let _ = std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || drop(old));
                 return self.ended(
                     slot,
                     serving,
@@ -668,6 +674,8 @@ impl Drop for Inner {
 pub fn verify(dir: impl AsRef<Path>) -> Result<Manifest> {
     let dir = dir.as_ref();
     let manifest = Manifest::from_dir(dir)?;
+    // `verify .` must put the shadow copy beside the plugin, not inside it.
+    let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
     let parent = dir.parent().unwrap_or(Path::new("."));
     let shadow_dir = parent.join(".dynplug").join("shadow");
     crate::native::verify(&manifest, dir, &shadow_dir)?;

@@ -335,6 +335,12 @@ impl Manifest {
                 if route.label.is_empty() {
                     return fail(&field("label"), "expected a non-empty label".into());
                 }
+                if route.timeout_ms == Some(0) {
+                    return fail(
+                        &field("timeout_ms"),
+                        "expected a positive number of milliseconds, found 0".into(),
+                    );
+                }
             }
         }
         Ok(())

@@ -83,7 +83,11 @@ impl Version {
                 let (plugin, label) = names();
                 Err(Error::DeadlineExceeded { plugin, label })
             }
-            Outcome::Error(_) if ctx.cancel_token().is_cancelled() => {
+            Outcome::Error(_)
+                if ctx
+                    .existing_cancel_token()
+                    .is_some_and(|t| t.is_cancelled()) =>
+            {
                 let (plugin, label) = names();
                 Err(Error::Cancelled { plugin, label })
             }

@@ -237,7 +237,7 @@ fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
 
 /// Identifies the directory's content: the manifest's bytes and the
 /// artifact's size, modification time and inode (a rename-in is a new inode).
-fn fingerprint(dir: &Path) -> u64 {
+pub(crate) fn fingerprint(dir: &Path) -> u64 {
     let mut hasher = DefaultHasher::new();
     let manifest_path = dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&manifest_path).unwrap_or_default();

@@ -110,8 +110,14 @@ pub(crate) async fn watch(plugins: &Path) -> anyhow::Result<std::process::ExitCo
         plugins.display()
     );
     let print = async {
-        while let Ok(event) = events.recv().await {
-            print_event(&event);
+        loop {
+            match events.recv().await {
+                Ok(event) => print_event(&event),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    eprintln!("dynplug: {missed} event(s) dropped: the output fell behind");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
         }
     };
     tokio::select! {

@@ -116,32 +116,28 @@ impl NativeVersion {
             Runner::Pooled(pool) => pool,
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let token = ctx.cancel_token();
-        let deadline = ctx.deadline();
-        let job_label = if deadline.is_some() {
-            ctx.label().to_owned()
-        } else {
-            String::new()
-        };
+        // What the caller gets back if it stops waiting at the deadline.
+        let fallback = ctx
+            .deadline()
+            .map(|deadline| (deadline, ctx.cancel_token(), ctx.label().to_owned()));
         let job = std::mem::take(ctx);
         if let Err(job) = pool.submit(job, Reply::Blocking(tx)) {
             *ctx = job;
             return Err(self.stopped());
         }
-        let reply = match deadline {
+        let reply = match fallback {
             None => rx.recv().map_err(|_| self.stopped()),
-            Some(deadline) => rx.recv_deadline(deadline).map_err(|e| match e {
+            Some((deadline, token, label)) => rx.recv_deadline(deadline).map_err(|e| match e {
                 crossbeam_channel::RecvTimeoutError::Timeout => {
                     // The plugin keeps the values until it notices; the
                     // caller gets the label, token and deadline back.
                     token.cancel();
-                    let label = job_label.clone();
                     *ctx = Context::new(label.clone())
-                        .with_cancel_token(token.clone())
+                        .with_cancel_token(token)
                         .with_deadline(deadline);
                     Error::DeadlineExceeded {
                         plugin: self.plugin.clone(),
-                        label: label.clone(),
+                        label,
                     }
                 }
                 crossbeam_channel::RecvTimeoutError::Disconnected => self.stopped(),

@@ -116,11 +116,14 @@ pub(crate) fn is_mapped(path: &Path) -> bool {
         return false;
     };
     let needle = path.to_string_lossy();
-    maps.lines().any(|line| {
-        // The path column starts after five space-separated fields; an
-        // unlinked file reads "<path> (deleted)".
-        line.split_whitespace().nth(5).is_some_and(|p| p == needle)
-    })
+    maps.lines().filter_map(mapped_path).any(|p| p == needle)
+}
+
+/// The file of a `/proc/self/maps` line: everything from the first `/` (a
+/// path may contain spaces), without the " (deleted)" of an unlinked file.
+pub(crate) fn mapped_path(line: &str) -> Option<&str> {
+    let path = &line[line.find('/')?..];
+    Some(path.strip_suffix(" (deleted)").unwrap_or(path))
 }
 
 /// Whether a file at `path` is still mapped into this process (not checked
@@ -144,6 +147,14 @@ mod tests {
         assert!(digests_equal(&h, &h.to_uppercase()));
         assert!(!digests_equal(&h, &sha256_hex(b"abd")));
         assert!(!digests_equal(&h, "ba"));
+    }
+
+    #[test]
+    fn maps_lines_yield_whole_paths() {
+        let line =
+            "7f1c2a000000-7f1c2a001000 r-xp 00001000 fd:01 1234    /tmp/a dir/libx.so (deleted)";
+        assert_eq!(mapped_path(line), Some("/tmp/a dir/libx.so"));
+        assert_eq!(mapped_path("7f-7f rw-p 00000000 00:00 0 "), None);
     }
 
     #[test]

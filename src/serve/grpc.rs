@@ -157,7 +157,7 @@ impl plugins_server::Plugins for Plugins {
         for (key, value) in request.values {
             ctx.set(key, from_proto(value));
         }
-        super::call(&self.0, &executor, &mut ctx, deadline, "grpc").await?;
+        super::call(&self.0, &executor, &mut ctx, deadline, super::Facade::Grpc).await?;
         let values = ctx
             .into_values()
             .into_iter()
@@ -261,7 +261,7 @@ impl plugin_server::Plugin for GoPlugin {
             _ if request.payload.is_empty() => {}
             _ => ctx.set("payload", Value::Bytes(request.payload)),
         }
-        super::call(&self.0, &executor, &mut ctx, deadline, "grpc").await?;
+        super::call(&self.0, &executor, &mut ctx, deadline, super::Facade::Grpc).await?;
         let values: BTreeMap<String, Value> = ctx.into_values().into_iter().collect();
         Ok(Response::new(goplugin::ExecResponse {
             status: "success".into(),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State as Extract;
+use axum::extract::{Request, State as Extract};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -35,25 +35,39 @@ async fn metrics(Extract(state): Extract<State>) -> Response {
         .into_response()
 }
 
+/// Largest request body passed to a plugin.
+const BODY_LIMIT: usize = 16 * 1024 * 1024;
+
 /// Every request that is not the management API: look the route up, call the plugin.
-async fn facade(
-    Extract(state): Extract<State>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let table = state.routes.load();
-    let Some((target, params)) = table.lookup(method.as_str(), uri.path()) else {
-        return error_json(
-            StatusCode::NOT_FOUND,
-            &format!("no route for {method} {}", uri.path()),
-            None,
-        );
+async fn facade(Extract(state): Extract<State>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
+    let Some((target, params)) = state.routes.load().lookup(method.as_str(), uri.path()) else {
+        let message = format!("no route for {method} {}", uri.path());
+        return error_json(StatusCode::NOT_FOUND, &message, None);
     };
-    let mut ctx = request_context(&target.label, &method, &uri, &headers, body, params);
+    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(e) => {
+            let message = format!("reading the request body: {e}");
+            return error_json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &message,
+                Some(&target.plugin),
+            );
+        }
+    };
+    let mut ctx = request_context(&target.label, method, uri, headers, body, params);
     let timeout = target.timeout.unwrap_or(state.timeout);
-    match super::call(&state, &target.executor, &mut ctx, timeout, "http").await {
+    match super::call(
+        &state,
+        &target.executor,
+        &mut ctx,
+        timeout,
+        super::Facade::Http,
+    )
+    .await
+    {
         Ok(()) => plugin_response(&target.plugin, &ctx),
         Err(e) => e.into_response(),
     }
@@ -92,7 +106,8 @@ fn request_context(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
-    let mut ctx = Context::new(label)
+    // The request's 8 values plus what a plugin typically sets back.
+    let mut ctx = Context::with_capacity(label, 14)
         .with("label", label)
         .with("method", method.as_str())
         .with("path", uri.path())
@@ -113,12 +128,13 @@ fn parse_query(query: &str) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), decode(v))
+            (decode(k, true), decode(v, true))
         })
         .collect()
 }
 
-fn decode(s: &str) -> String {
+/// Percent-decodes; `+` is a space only in query strings.
+pub(crate) fn decode(s: &str, plus_is_space: bool) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -128,7 +144,7 @@ fn decode(s: &str) -> String {
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (bytes[i], hex) {
-            (b'+', _) => out.push(b' '),
+            (b'+', _) if plus_is_space => out.push(b' '),
             (b'%', Some(b)) => {
                 out.push(b);
                 i += 2;

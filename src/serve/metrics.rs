@@ -40,32 +40,48 @@ impl Histogram {
     }
 }
 
-/// Request latencies by (plugin, façade).
+/// Which façade a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Facade {
+    Http = 0,
+    Grpc = 1,
+}
+
+impl Facade {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Facade::Http => "http",
+            Facade::Grpc => "grpc",
+        }
+    }
+}
+
+/// Request latencies by plugin, then façade.
 #[derive(Default)]
 pub(crate) struct Metrics {
-    latency: RwLock<HashMap<(String, &'static str), Arc<Histogram>>>,
+    latency: RwLock<HashMap<String, Arc<[Histogram; 2]>>>,
 }
 
 impl Metrics {
-    pub(crate) fn observe(&self, plugin: &str, facade: &'static str, elapsed: Duration) {
-        let key = (plugin.to_owned(), facade);
+    pub(crate) fn observe(&self, plugin: &str, facade: Facade, elapsed: Duration) {
+        // Looked up by &str: no allocation once the plugin has been seen.
         let found = self
             .latency
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
+            .get(plugin)
             .cloned();
-        let histogram = match found {
+        let histograms = match found {
             Some(h) => h,
             None => Arc::clone(
                 self.latency
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
-                    .entry(key)
+                    .entry(plugin.to_owned())
                     .or_default(),
             ),
         };
-        histogram.observe(elapsed);
+        histograms[facade as usize].observe(elapsed);
     }
 
     pub(crate) fn render(&self, manager: &PluginManager) -> String {
@@ -191,11 +207,21 @@ impl Metrics {
             "# HELP {name} Latency of plugin requests through the façades.\n# TYPE {name} histogram"
         );
         let latency = self.latency.read().unwrap_or_else(|e| e.into_inner());
-        let mut keys: Vec<_> = latency.keys().collect();
-        keys.sort();
-        for key in keys {
-            let h = &latency[key];
-            let labels = format!("plugin=\"{}\",facade=\"{}\"", escape(&key.0), key.1);
+        let mut plugins: Vec<_> = latency.keys().collect();
+        plugins.sort();
+        for (plugin, facade) in plugins
+            .into_iter()
+            .flat_map(|p| [(p, Facade::Http), (p, Facade::Grpc)])
+        {
+            let h = &latency[plugin][facade as usize];
+            if h.count.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let labels = format!(
+                "plugin=\"{}\",facade=\"{}\"",
+                escape(plugin),
+                facade.as_str()
+            );
             let mut cumulative = 0;
             for (bound, count) in BUCKETS.iter().zip(&h.buckets) {
                 cumulative += count.load(Ordering::Relaxed);
@@ -232,9 +258,9 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_in_the_output() {
         let metrics = Metrics::default();
-        metrics.observe("p", "http", Duration::from_micros(80));
-        metrics.observe("p", "http", Duration::from_millis(3));
-        metrics.observe("p", "http", Duration::from_secs(9));
+        metrics.observe("p", Facade::Http, Duration::from_micros(80));
+        metrics.observe("p", Facade::Http, Duration::from_millis(3));
+        metrics.observe("p", Facade::Http, Duration::from_secs(9));
         let mut out = String::new();
         metrics.render_latency(&mut out);
         assert!(

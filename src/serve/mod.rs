@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use crate::PluginManager;
 use crate::error::{Error, Result};
 pub use grpc::{PLUGIN_METADATA, from_proto, to_proto};
-use metrics::Metrics;
+use metrics::{Facade, Metrics};
 use routes::RouteTable;
 
 /// Generated gRPC code (clients and servers) for `proto/*.proto`.
@@ -224,12 +224,19 @@ pub(crate) fn bind_error(endpoint: &Endpoint, source: std::io::Error) -> Error {
     }
 }
 
-/// Binds a Unix socket, replacing a stale socket file (never another kind of file).
+/// Binds a Unix socket, replacing a stale socket file: never another kind of
+/// file, and never a socket some process still accepts on.
 pub(crate) fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
     {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is serving on this socket",
+            ));
+        }
         std::fs::remove_file(path)?;
     }
     tokio::net::UnixListener::bind(path)
@@ -282,19 +289,25 @@ pub(crate) async fn call(
     executor: &crate::Executor,
     ctx: &mut crate::Context,
     timeout: Duration,
-    facade: &'static str,
+    facade: Facade,
 ) -> Result<()> {
     let started = std::time::Instant::now();
     if ctx.deadline().is_none() {
         *ctx = std::mem::take(ctx).with_timeout(timeout);
     }
-    let wait = ctx.remaining().unwrap_or(timeout);
-    let result = match tokio::time::timeout(wait, executor.execute_async(ctx)).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::DeadlineExceeded {
-            plugin: executor.name().to_owned(),
-            label: ctx.label().to_owned(),
-        }),
+    let result = if executor.runs_inline() {
+        // Inline code runs inside this poll: a timer could not interrupt it,
+        // and the plugin sees the deadline through its context.
+        executor.execute_async(ctx).await
+    } else {
+        let wait = ctx.remaining().unwrap_or(timeout);
+        match tokio::time::timeout(wait, executor.execute_async(ctx)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::DeadlineExceeded {
+                plugin: executor.name().to_owned(),
+                label: ctx.label().to_owned(),
+            }),
+        }
     };
     state
         .metrics
@@ -302,11 +315,11 @@ pub(crate) async fn call(
     if state.log_calls {
         match &result {
             Ok(()) => tracing::info!(
-                plugin = executor.name(), label = ctx.label(), %facade, elapsed = ?started.elapsed(),
+                plugin = executor.name(), label = ctx.label(), facade = facade.as_str(), elapsed = ?started.elapsed(),
                 values = ?ctx.values().map(|(k, _)| k).collect::<Vec<_>>(), "call ok"
             ),
             Err(e) => tracing::info!(
-                plugin = executor.name(), label = ctx.label(), %facade, elapsed = ?started.elapsed(),
+                plugin = executor.name(), label = ctx.label(), facade = facade.as_str(), elapsed = ?started.elapsed(),
                 "call failed: {e}"
             ),
         }

@@ -21,9 +21,12 @@ pub(crate) struct Target {
     pub(crate) executor: Executor,
 }
 
+/// Path parameters of a matched route, decoded.
+pub(crate) type Params = Vec<(String, String)>;
+
 #[derive(Default)]
 pub(crate) struct RouteTable {
-    by_method: HashMap<String, matchit::Router<Target>>,
+    by_method: HashMap<String, matchit::Router<Arc<Target>>>,
     /// Every mounted route, per plugin.
     pub(crate) mounted: HashMap<String, Vec<Route>>,
 }
@@ -52,12 +55,12 @@ impl RouteTable {
                 continue;
             };
             for route in manifest.routes() {
-                let target = Target {
+                let target = Arc::new(Target {
                     plugin: info.name.clone(),
                     label: route.label.clone(),
                     timeout: route.timeout_ms.map(Duration::from_millis),
                     executor: executor.clone(),
-                };
+                });
                 let router = table.by_method.entry(route.method.clone()).or_default();
                 // The manager refuses plugins whose routes clash; what matchit
                 // still refuses (e.g. `/a/:x` beside `/a/*rest`) is logged.
@@ -81,14 +84,14 @@ impl RouteTable {
         &self,
         method: &str,
         path: &str,
-    ) -> Option<(Target, Vec<(String, String)>)> {
+    ) -> Option<(Arc<Target>, Params)> {
         let matched = self.by_method.get(method)?.at(path).ok()?;
         let params = matched
             .params
             .iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .map(|(k, v)| (k.to_owned(), super::http::decode(v, false)))
             .collect();
-        Some((matched.value.clone(), params))
+        Some((Arc::clone(matched.value), params))
     }
 }
 

@@ -117,7 +117,8 @@ pub fn mapped_under(dir: &Path) -> Vec<String> {
     let needle = dir.to_string_lossy().into_owned();
     let mut hits: Vec<String> = maps
         .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
+        // The path is everything from the first `/` (it may contain spaces).
+        .filter_map(|l| l.find('/').map(|i| l[i..].trim_end_matches(" (deleted)")))
         .filter(|p| p.starts_with(&needle))
         .map(str::to_owned)
         .collect();

@@ -1,0 +1,254 @@
+//! Façade throughput and latency, against a bare axum handler in the same run.
+//!
+//! Run: `cargo run --release --example http_load -- --seconds 5 --connections 16`
+//!
+//! Serves the `hello` sample through `dynplug::serve` (HTTP on TCP, gRPC on a
+//! Unix socket) and, beside it, a bare axum app whose handler does the same
+//! work (`/api/hello/{name}` → `{"greeting": "hello, <name>"}`). A keep-alive
+//! HTTP/1.1 load generator drives each in turn (alternating, best of
+//! `--rounds`), then sequential gRPC `Exec` calls over the Unix socket measure
+//! the unary round trip with a current-thread client.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::Path;
+use clap::Parser;
+use dynplug::PluginManager;
+use dynplug::serve::proto::v1::plugins_client::PluginsClient;
+use dynplug::serve::proto::v1::{ExecRequest, Value, value::Kind};
+use dynplug::serve::{Endpoint, Server};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Alternating rounds per server; the best round counts.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Sequential gRPC Exec calls.
+    #[arg(long, default_value_t = 20_000)]
+    grpc_calls: usize,
+    /// Isolation of the hello plugin: pooled or inline.
+    #[arg(long, default_value = "pooled")]
+    isolation: String,
+    /// Only serve for this many seconds (print both addresses) so an external
+    /// load generator can drive them, e.g. `wrk -t1 -c16 -d5s URL`.
+    #[arg(long)]
+    hold: Option<u64>,
+}
+
+struct Stats {
+    requests: u64,
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn load(addr: SocketAddr, seconds: u64, connections: usize) -> Stats {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..connections)
+        .map(|i| {
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let mut stream = BufReader::new(stream);
+                let request = format!("GET /api/hello/user{i} HTTP/1.1\r\nhost: bench\r\n\r\n");
+                let mut latencies = Vec::new();
+                let mut line = String::new();
+                while Instant::now() < until {
+                    let start = Instant::now();
+                    stream
+                        .get_mut()
+                        .write_all(request.as_bytes())
+                        .await
+                        .unwrap();
+                    let mut length = 0;
+                    loop {
+                        line.clear();
+                        stream.read_line(&mut line).await.unwrap();
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    stream.read_exact(&mut body).await.unwrap();
+                    assert!(
+                        body.starts_with(b"{\"greeting\":\"hello, user"),
+                        "{}",
+                        String::from_utf8_lossy(&body)
+                    );
+                    latencies.push(start.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    Stats {
+        requests: all.len() as u64,
+        per_second: all.len() as f64 / elapsed,
+        p50: all[all.len() / 2],
+        p99: all[all.len() * 99 / 100],
+    }
+}
+
+async fn bare_axum() -> SocketAddr {
+    async fn hello(Path(name): Path<String>) -> axum::Json<serde_json::Value> {
+        axum::Json(serde_json::json!({ "greeting": format!("hello, {name}") }))
+    }
+    let app = axum::Router::new().route("/api/hello/{name}", axum::routing::get(hello));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+fn grpc_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration) {
+    // Measured elsewhere: a current-thread client runtime halves unary latency.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let channel = tonic::transport::Endpoint::try_from("http://localhost")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(socket).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut client = PluginsClient::new(channel);
+        let request = || ExecRequest {
+            plugin: "hello".into(),
+            label: "hello.get".into(),
+            values: [(
+                "name".to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue("grpc".into())),
+                },
+            )]
+            .into(),
+            timeout_ms: 0,
+        };
+        for _ in 0..1_000 {
+            client.exec(request()).await.unwrap();
+        }
+        let mut latencies: Vec<Duration> = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let start = Instant::now();
+            client.exec(request()).await.unwrap();
+            latencies.push(start.elapsed());
+        }
+        latencies.sort();
+        (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+    })
+}
+
+fn main() {
+    let args = Args::parse();
+    let dir = tempfile::tempdir().unwrap();
+    let lib = support::library("hello");
+    let manifest =
+        std::fs::read_to_string(support::root().join("sample-plugins/hello/plugin.json"))
+            .unwrap()
+            .replace(
+                r#""isolation": "pooled""#,
+                &format!(r#""isolation": "{}""#, args.isolation),
+            );
+    support::install_as(dir.path(), "hello", "hello", Some(&manifest));
+    assert!(lib.exists());
+    let manager = PluginManager::new(dir.path()).unwrap();
+    assert!(manager.load_plugins().unwrap().failed.is_empty());
+    let socket = dir.path().join(".grpc.sock");
+
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
+    let (dynplug_addr, bare_addr, running) = runtime.block_on(async {
+        let running = Server::new(manager.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .grpc_unix(&socket)
+            .start()
+            .await
+            .unwrap();
+        let Endpoint::Tcp(addr) = running.http_endpoints()[0].clone() else {
+            unreachable!()
+        };
+        (addr, bare_axum().await, running)
+    });
+
+    if let Some(seconds) = args.hold {
+        println!("bare axum: http://{bare_addr}/api/hello/wrk");
+        println!("dynplug:   http://{dynplug_addr}/api/hello/wrk");
+        std::thread::sleep(Duration::from_secs(seconds));
+        runtime.block_on(running.shutdown());
+        return;
+    }
+    let (mut best_bare, mut best_dynplug): (Option<Stats>, Option<Stats>) = (None, None);
+    for round in 1..=args.rounds {
+        for (name, addr, best) in [
+            ("bare axum", bare_addr, &mut best_bare),
+            ("dynplug ", dynplug_addr, &mut best_dynplug),
+        ] {
+            let stats = runtime.block_on(load(addr, args.seconds, args.connections));
+            println!(
+                "round {round} {name}: {:>9.0} req/s  p50 {:>9.1?}  p99 {:>9.1?}  ({} requests)",
+                stats.per_second, stats.p50, stats.p99, stats.requests
+            );
+            if best
+                .as_ref()
+                .is_none_or(|b| stats.per_second > b.per_second)
+            {
+                *best = Some(stats);
+            }
+        }
+    }
+    let (bare, dynplug) = (best_bare.unwrap(), best_dynplug.unwrap());
+    println!(
+        "HTTP façade ({} plugin, {} connections): {:.0} req/s vs bare axum {:.0} req/s = {:.2}x; p99 {:?} vs {:?}",
+        args.isolation,
+        args.connections,
+        dynplug.per_second,
+        bare.per_second,
+        dynplug.per_second / bare.per_second,
+        dynplug.p99,
+        bare.p99
+    );
+
+    let (p50, p99) = grpc_latency(socket, args.grpc_calls);
+    println!(
+        "gRPC Exec over a Unix socket ({} sequential calls): p50 {p50:?}  p99 {p99:?}",
+        args.grpc_calls
+    );
+    runtime.block_on(running.shutdown());
+}
