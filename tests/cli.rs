@@ -222,3 +222,99 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
         "plugins were unloaded: {stderr}"
     );
 }
+
+/// The code blocks of the README's "Writing a plugin" section, built as a
+/// third-party crate outside the workspace, loaded and called by the CLI.
+#[test]
+fn third_party_plugin_written_from_the_readme() {
+    let readme = std::fs::read_to_string(support::root().join("README.md")).unwrap();
+    let block = |fence: &str, marker: &str| -> String {
+        readme
+            .split(&format!("```{fence}\n"))
+            .skip(1)
+            .filter_map(|rest| rest.split("\n```").next())
+            .find(|code| code.contains(marker))
+            .unwrap_or_else(|| panic!("README has no ```{fence} block with {marker}"))
+            .to_owned()
+    };
+    let cargo_toml = block("toml", r#"crate-type = ["cdylib"]"#).replace(
+        r#"path = "../dynplug/plugin-abi""#,
+        &format!("path = {:?}", support::root().join("plugin-abi")),
+    );
+    let lib_rs = block(
+        "rust",
+        "export_plugin!(execute, init = init, shutdown = shutdown)",
+    );
+    let manifest = block("json", r#""name": "myplugin""#);
+
+    let work = tempfile::tempdir().unwrap();
+    let krate = work.path().join("myplugin");
+    std::fs::create_dir_all(krate.join("src")).unwrap();
+    std::fs::write(krate.join("Cargo.toml"), cargo_toml).unwrap();
+    std::fs::write(krate.join("src/lib.rs"), lib_rs).unwrap();
+    // Same dependency versions as the workspace: no registry lookups needed.
+    std::fs::copy(support::root().join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
+    let target = support::built().parent().unwrap().join("third-party");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet"])
+        .current_dir(&krate)
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the README's plugin crate builds");
+
+    let plugins = work.path().join("plugins");
+    let dir = plugins.join("myplugin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = format!("libmyplugin.{}", std::env::consts::DLL_EXTENSION);
+    std::fs::copy(target.join("debug").join(&lib), dir.join(&lib)).unwrap();
+    std::fs::write(dir.join("plugin.json"), manifest).unwrap();
+
+    let out = dynplug(&["verify", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let base = plugins.to_str().unwrap();
+    let out = dynplug(&[
+        "call",
+        "--plugins",
+        base,
+        "myplugin",
+        "--label",
+        "myplugin.greet",
+        "--set",
+        "name=Ada",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let values: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        values["greeting"], "hi, Ada",
+        "init read the manifest's config"
+    );
+    let out = dynplug(&[
+        "call",
+        "--plugins",
+        base,
+        "myplugin",
+        "--label",
+        "myplugin.sum",
+        "--set",
+        "numbers=[1,2,3]",
+    ]);
+    let values: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(values["sum"], 6);
+    let out = dynplug(&[
+        "call",
+        "--plugins",
+        base,
+        "myplugin",
+        "--label",
+        "myplugin.wait",
+        "--timeout",
+        "100ms",
+    ]);
+    assert!(
+        text(&out.stderr).contains("deadline exceeded"),
+        "{}",
+        text(&out.stderr)
+    );
+}

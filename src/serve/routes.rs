@@ -80,11 +80,7 @@ impl RouteTable {
     }
 
     /// The target of `method path`, with the path parameters.
-    pub(crate) fn lookup(
-        &self,
-        method: &str,
-        path: &str,
-    ) -> Option<(Arc<Target>, Params)> {
+    pub(crate) fn lookup(&self, method: &str, path: &str) -> Option<(Arc<Target>, Params)> {
         let matched = self.by_method.get(method)?.at(path).ok()?;
         let params = matched
             .params
