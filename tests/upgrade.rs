@@ -41,6 +41,31 @@ fn wait_for(events: &mut Receiver<Event>, what: &str, pred: impl Fn(&Event) -> b
     }
 }
 
+/// Installs `counter` at `version` answering `generation` (write, then rename
+/// into place) and waits for the upgrade event, which it returns.
+fn upgrade_counter(
+    dir: &std::path::Path,
+    events: &mut Receiver<Event>,
+    version: &str,
+    generation: &str,
+) -> Event {
+    install_as(
+        dir,
+        "counter",
+        "counter",
+        Some(&counter_manifest(version, generation, "")),
+    );
+    wait_for(events, "upgrade", |e| matches!(e, Event::Upgraded { .. }))
+}
+
+fn upgraded(from: &str, to: &str) -> Event {
+    Event::Upgraded {
+        plugin: "counter".into(),
+        from: from.into(),
+        to: to.into(),
+    }
+}
+
 fn generation(manager: &PluginManager) -> String {
     let (_, counter) = manager.get_plugin("counter").unwrap();
     let mut ctx = Context::new("counter.get");
@@ -128,23 +153,8 @@ fn upgrade_under_load_fails_no_call() {
     let (dir, manager, _watcher, mut events) = watched_counter();
     let load = load(&manager);
     std::thread::sleep(Duration::from_millis(50));
-    install_as(
-        dir.path(),
-        "counter",
-        "counter",
-        Some(&counter_manifest("2.0.0", "v2", "")),
-    );
-    let upgraded = wait_for(&mut events, "upgrade", |e| {
-        matches!(e, Event::Upgraded { .. })
-    });
-    assert_eq!(
-        upgraded,
-        Event::Upgraded {
-            plugin: "counter".into(),
-            from: "1.0.0".into(),
-            to: "2.0.0".into()
-        }
-    );
+    let event = upgrade_counter(dir.path(), &mut events, "2.0.0", "v2");
+    assert_eq!(event, upgraded("1.0.0", "2.0.0"));
     wait_for(
         &mut events,
         "v1 unloaded",
@@ -323,23 +333,8 @@ fn new_directories_load_and_removed_ones_unload() {
 fn same_version_new_bytes_reloads_and_touch_does_not() {
     let (dir, manager, _watcher, mut events) = watched_counter();
     // New bytes at the same version: a reload.
-    install_as(
-        dir.path(),
-        "counter",
-        "counter",
-        Some(&counter_manifest("1.0.0", "v2", "")),
-    );
-    let reloaded = wait_for(&mut events, "reload", |e| {
-        matches!(e, Event::Upgraded { .. })
-    });
-    assert_eq!(
-        reloaded,
-        Event::Upgraded {
-            plugin: "counter".into(),
-            from: "1.0.0".into(),
-            to: "1.0.0".into()
-        }
-    );
+    let event = upgrade_counter(dir.path(), &mut events, "1.0.0", "v2");
+    assert_eq!(event, upgraded("1.0.0", "1.0.0"));
     assert_eq!(generation(&manager), "v2");
     // Rewriting identical content changes nothing (the fingerprint is the same
     // apart from the manifest's mtime, which it ignores).
@@ -416,21 +411,6 @@ fn allowed_downgrades_replace_the_serving_version() {
     let mut events = manager.subscribe();
     manager.load_plugins().unwrap();
     let _watcher = manager.watch().unwrap();
-    install_as(
-        dir.path(),
-        "counter",
-        "counter",
-        Some(&counter_manifest("1.0.0", "v1", "")),
-    );
-    let upgraded = wait_for(&mut events, "downgrade", |e| {
-        matches!(e, Event::Upgraded { .. })
-    });
-    assert_eq!(
-        upgraded,
-        Event::Upgraded {
-            plugin: "counter".into(),
-            from: "2.0.0".into(),
-            to: "1.0.0".into()
-        }
-    );
+    let event = upgrade_counter(dir.path(), &mut events, "1.0.0", "v1");
+    assert_eq!(event, upgraded("2.0.0", "1.0.0"));
 }

@@ -318,3 +318,27 @@ pub(crate) fn pthread_keys_in_use() -> Option<usize> {
 pub(crate) fn pthread_keys_in_use() -> Option<usize> {
     None
 }
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pthread_key_probe_sees_keys_taken() {
+        let before = pthread_keys_in_use().unwrap();
+        let mut keys = Vec::new();
+        for _ in 0..10 {
+            let mut key: libc::pthread_key_t = 0;
+            // SAFETY: a key without destructor, deleted below.
+            assert_eq!(unsafe { libc::pthread_key_create(&mut key, None) }, 0);
+            keys.push(key);
+        }
+        let after = pthread_keys_in_use().unwrap();
+        for key in keys {
+            // SAFETY: created above, used by nobody.
+            unsafe { libc::pthread_key_delete(key) };
+        }
+        // The ten new keys take the ten lowest free indexes, `before` among them.
+        assert!(after >= before + 10, "{before} -> {after}");
+    }
+}

@@ -242,6 +242,18 @@ pub(crate) fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::U
     tokio::net::UnixListener::bind(path)
 }
 
+/// Binds a TCP endpoint; returns the listener and the address actually bound.
+pub(crate) async fn bind_tcp(
+    endpoint: &Endpoint,
+    addr: &SocketAddr,
+) -> Result<(tokio::net::TcpListener, Endpoint)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| bind_error(endpoint, e))?;
+    let bound = listener.local_addr().map_err(|e| bind_error(endpoint, e))?;
+    Ok((listener, Endpoint::Tcp(bound)))
+}
+
 pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
@@ -253,10 +265,7 @@ async fn serve_http(
 ) -> Result<(Endpoint, JoinHandle<()>)> {
     match endpoint {
         Endpoint::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| bind_error(endpoint, e))?;
-            let bound = Endpoint::Tcp(listener.local_addr().map_err(|e| bind_error(endpoint, e))?);
+            let (listener, bound) = bind_tcp(endpoint, addr).await?;
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
