@@ -37,6 +37,20 @@ impl Context {
         }
     }
 
+    /// The string under `key` in the map under `map` (e.g. an HTTP route
+    /// parameter: `get_str_in("params", "id")`), borrowed without copying the map.
+    pub fn get_str_in(&self, map: &str, key: &str) -> Option<&str> {
+        match self.raw.get_in(map, key) {
+            Borrowed::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A copy of the value under `key` in the map under `map`.
+    pub fn get_in(&self, map: &str, key: &str) -> Option<Value> {
+        self.raw.get_in(map, key).to_value()
+    }
+
     /// The bytes under `key` (a string's UTF-8 too), borrowed without a copy.
     pub fn get_bytes(&self, key: &str) -> Option<&[u8]> {
         match self.raw.get(key) {

@@ -379,6 +379,34 @@ impl FfiContext {
         unsafe { Borrowed::from_view(view) }
     }
 
+    /// The entry `key` of the map under `map`, borrowed without copying the map.
+    pub(crate) fn get_in(&self, map: &str, key: &str) -> Borrowed<'_> {
+        struct Search<'k> {
+            key: &'k str,
+            found: ValueView,
+        }
+        extern "C" fn visit(visitor: *mut Opaque, key: RawStr, value: ValueView) {
+            // SAFETY: `visitor` is the `Search` below, alive for the walk; the
+            // key is valid during this callback.
+            let (search, key) = unsafe { (&mut *visitor.cast::<Search<'_>>(), key.as_str()) };
+            if matches!(search.found, ValueView::Absent) && key == search.key {
+                search.found = value;
+            }
+        }
+        let ValueView::Map(compound) = (self.host().get)(self.data, RawStr::new(map)) else {
+            return Borrowed::Absent;
+        };
+        let mut search = Search {
+            key,
+            found: ValueView::Absent,
+        };
+        let visitor = (&mut search as *mut Search<'_>).cast();
+        (compound.visit)(compound.handle, visitor, VisitFn { func: visit });
+        // SAFETY: the view points into the host's context, which is not
+        // modified while the plugin holds `&self`.
+        unsafe { Borrowed::from_view(search.found) }
+    }
+
     pub(crate) fn set(&mut self, key: &str, value: &Value) {
         (self.host().set)(self.data, RawStr::new(key), ValueView::of(value));
     }

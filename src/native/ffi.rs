@@ -252,7 +252,7 @@ extern "C" fn host_set(data: *mut Opaque, key: RawStr, value: ValueView) {
     match call.ctx.values.get_mut(key) {
         Some(slot) => *slot = value,
         None => {
-            call.ctx.values.insert(key.to_owned(), value);
+            call.ctx.values.insert(key.into(), value);
         }
     }
 }

@@ -4,16 +4,16 @@ use std::collections::BTreeMap;
 
 use plugin_abi::{Context, PluginError, Value, export_plugin};
 
-/// `name` from the values, else from the route (`params`), the query or a JSON body.
-fn name(ctx: &Context) -> String {
-    if let Some(name) = ctx.get_str("name") {
-        return name.to_owned();
-    }
-    ["params", "query", "json"]
-        .iter()
-        .filter_map(|key| ctx.get(key))
-        .find_map(|v| v.as_map()?.get("name")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "world".to_owned())
+/// `name` from the values, else from the route (`params`), the query or a
+/// JSON body; borrowed from the host, never copied.
+fn name(ctx: &Context) -> &str {
+    ctx.get_str("name")
+        .or_else(|| {
+            ["params", "query", "json"]
+                .iter()
+                .find_map(|map| ctx.get_str_in(map, "name"))
+        })
+        .unwrap_or("world")
 }
 
 fn execute(ctx: &mut Context) -> Result<(), PluginError> {
