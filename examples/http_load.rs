@@ -6,8 +6,9 @@
 //! Unix socket) and, beside it, a bare axum app whose handler does the same
 //! work (`/api/hello/{name}` → `{"greeting": "hello, <name>"}`). A keep-alive
 //! HTTP/1.1 load generator drives each in turn (alternating, best of
-//! `--rounds`), then sequential gRPC `Exec` calls over the Unix socket measure
-//! the unary round trip with a current-thread client.
+//! `--rounds`), then sequential gRPC `Exec` calls over Unix sockets measure
+//! the unary round trip with a current-thread client, against a bare tonic
+//! service doing the same work.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -20,7 +21,7 @@ use axum::extract::Path;
 use clap::Parser;
 use dynplug::PluginManager;
 use dynplug::serve::proto::v1::plugins_client::PluginsClient;
-use dynplug::serve::proto::v1::{ExecRequest, Value, value::Kind};
+use dynplug::serve::proto::v1::{self, ExecRequest, Value, plugins_server, value::Kind};
 use dynplug::serve::{Endpoint, Server};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -122,6 +123,43 @@ async fn bare_axum() -> SocketAddr {
     addr
 }
 
+/// A bare tonic `Plugins` service whose `Exec` does the same work as `hello.get`
+/// in place: the gRPC baseline.
+struct BareGrpc;
+
+#[tonic::async_trait]
+impl plugins_server::Plugins for BareGrpc {
+    async fn ping(&self, _: tonic::Request<v1::PingRequest>) -> Result<tonic::Response<v1::PingResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("bare"))
+    }
+    async fn exec(&self, request: tonic::Request<ExecRequest>) -> Result<tonic::Response<v1::ExecResponse>, tonic::Status> {
+        let mut values = request.into_inner().values;
+        let name = match values.get("name").and_then(|v| v.kind.as_ref()) {
+            Some(Kind::StringValue(s)) => s.clone(),
+            _ => "world".into(),
+        };
+        let greeting = Value { kind: Some(Kind::StringValue(format!("hello, {name}"))) };
+        values.insert("greeting".into(), greeting);
+        Ok(tonic::Response::new(v1::ExecResponse { values }))
+    }
+    async fn list(&self, _: tonic::Request<v1::ListRequest>) -> Result<tonic::Response<v1::ListResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("bare"))
+    }
+    type WatchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::LifecycleEvent, tonic::Status>> + Send>>;
+    async fn watch(&self, _: tonic::Request<v1::WatchRequest>) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("bare"))
+    }
+}
+
+async fn bare_grpc(socket: std::path::PathBuf) {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(tokio::net::UnixListener::bind(socket).unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(plugins_server::PluginsServer::new(BareGrpc))
+            .serve_with_incoming(incoming),
+    );
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
@@ -187,6 +225,7 @@ fn main() {
     let manager = PluginManager::new(dir.path()).unwrap();
     assert!(manager.load_plugins().unwrap().failed.is_empty());
     let socket = dir.path().join(".grpc.sock");
+    let bare_socket = dir.path().join(".bare-grpc.sock");
 
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -204,6 +243,7 @@ fn main() {
         let Endpoint::Tcp(addr) = running.http_endpoints()[0].clone() else {
             unreachable!()
         };
+        bare_grpc(bare_socket.clone()).await;
         (addr, bare_axum().await, running)
     });
 
@@ -245,10 +285,12 @@ fn main() {
         bare.p99
     );
 
-    let (p50, p99) = grpc_latency(socket, args.grpc_calls);
-    println!(
-        "gRPC Exec over a Unix socket ({} sequential calls): p50 {p50:?}  p99 {p99:?}",
-        args.grpc_calls
-    );
+    for (name, socket) in [("bare tonic", bare_socket), ("dynplug", socket)] {
+        let (p50, p99) = grpc_latency(socket, args.grpc_calls);
+        println!(
+            "gRPC Exec over a Unix socket, {name} ({} sequential calls): p50 {p50:?}  p99 {p99:?}",
+            args.grpc_calls
+        );
+    }
     runtime.block_on(running.shutdown());
 }
