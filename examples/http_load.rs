@@ -129,30 +129,48 @@ struct BareGrpc;
 
 #[tonic::async_trait]
 impl plugins_server::Plugins for BareGrpc {
-    async fn ping(&self, _: tonic::Request<v1::PingRequest>) -> Result<tonic::Response<v1::PingResponse>, tonic::Status> {
+    async fn ping(
+        &self,
+        _: tonic::Request<v1::PingRequest>,
+    ) -> Result<tonic::Response<v1::PingResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("bare"))
     }
-    async fn exec(&self, request: tonic::Request<ExecRequest>) -> Result<tonic::Response<v1::ExecResponse>, tonic::Status> {
+    async fn exec(
+        &self,
+        request: tonic::Request<ExecRequest>,
+    ) -> Result<tonic::Response<v1::ExecResponse>, tonic::Status> {
         let mut values = request.into_inner().values;
         let name = match values.get("name").and_then(|v| v.kind.as_ref()) {
             Some(Kind::StringValue(s)) => s.clone(),
             _ => "world".into(),
         };
-        let greeting = Value { kind: Some(Kind::StringValue(format!("hello, {name}"))) };
+        let greeting = Value {
+            kind: Some(Kind::StringValue(format!("hello, {name}"))),
+        };
         values.insert("greeting".into(), greeting);
         Ok(tonic::Response::new(v1::ExecResponse { values }))
     }
-    async fn list(&self, _: tonic::Request<v1::ListRequest>) -> Result<tonic::Response<v1::ListResponse>, tonic::Status> {
+    async fn list(
+        &self,
+        _: tonic::Request<v1::ListRequest>,
+    ) -> Result<tonic::Response<v1::ListResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("bare"))
     }
-    type WatchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::LifecycleEvent, tonic::Status>> + Send>>;
-    async fn watch(&self, _: tonic::Request<v1::WatchRequest>) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::LifecycleEvent, tonic::Status>> + Send>,
+    >;
+    async fn watch(
+        &self,
+        _: tonic::Request<v1::WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("bare"))
     }
 }
 
 async fn bare_grpc(socket: std::path::PathBuf) {
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(tokio::net::UnixListener::bind(socket).unwrap());
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(
+        tokio::net::UnixListener::bind(socket).unwrap(),
+    );
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(plugins_server::PluginsServer::new(BareGrpc))

@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use crate::{PluginManager, PluginState};
@@ -20,6 +22,7 @@ const BUCKETS: [f64; 14] = [
 ];
 
 #[derive(Default)]
+#[repr(align(64))]
 struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
@@ -56,31 +59,28 @@ impl Facade {
     }
 }
 
-/// Request latencies by plugin, then façade.
+type Histograms = HashMap<String, Arc<[Histogram; 2]>>;
+
+/// Request latencies by plugin, then façade. Read on every request, written
+/// once per new plugin: an arc-swapped map (copied on write) keeps the read
+/// free of a shared lock word that two cores would bounce.
 #[derive(Default)]
 pub(crate) struct Metrics {
-    latency: RwLock<HashMap<String, Arc<[Histogram; 2]>>>,
+    latency: ArcSwap<Histograms>,
+    insert: Mutex<()>,
 }
 
 impl Metrics {
     pub(crate) fn observe(&self, plugin: &str, facade: Facade, elapsed: Duration) {
         // Looked up by &str: no allocation once the plugin has been seen.
-        let found = self
-            .latency
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(plugin)
-            .cloned();
-        let histograms = match found {
-            Some(h) => h,
-            None => Arc::clone(
-                self.latency
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(plugin.to_owned())
-                    .or_default(),
-            ),
-        };
+        if let Some(histograms) = self.latency.load().get(plugin) {
+            histograms[facade as usize].observe(elapsed);
+            return;
+        }
+        let _insert = self.insert.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copy = Histograms::clone(&self.latency.load());
+        let histograms = Arc::clone(copy.entry(plugin.to_owned()).or_default());
+        self.latency.store(Arc::new(copy));
         histograms[facade as usize].observe(elapsed);
     }
 
@@ -206,7 +206,7 @@ impl Metrics {
             out,
             "# HELP {name} Latency of plugin requests through the façades.\n# TYPE {name} histogram"
         );
-        let latency = self.latency.read().unwrap_or_else(|e| e.into_inner());
+        let latency = self.latency.load();
         let mut plugins: Vec<_> = latency.keys().collect();
         plugins.sort();
         for (plugin, facade) in plugins
