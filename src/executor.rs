@@ -96,14 +96,21 @@ impl Executor {
         result
     }
 
-    /// Whether the version serving now runs calls on the caller's thread.
+    /// Runs the call here and now if the serving version is `inline` (it
+    /// would run on this thread anyway); `None` leaves `ctx` untouched for the
+    /// async path. Saves the async path's `Arc` clone on the hottest route.
     #[cfg(feature = "server")]
-    pub(crate) fn runs_inline(&self) -> bool {
-        self.slot
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|v| v.manifest.isolation == crate::Isolation::Inline)
+    pub(crate) fn try_inline(&self, ctx: &mut Context) -> Option<Result<()>> {
+        let current = self.slot.current.load();
+        let version = current.as_ref()?;
+        if version.manifest.isolation != crate::Isolation::Inline {
+            return None;
+        }
+        let stats = &self.slot.stats;
+        stats.started.fetch_add(1, Ordering::Relaxed);
+        let result = version.execute(ctx);
+        stats.record(&result);
+        Some(result)
     }
 
     /// The plugin's call counters.

@@ -21,21 +21,23 @@ const BUCKETS: [f64; 14] = [
     5.0,
 ];
 
+/// Two atomic increments per observation: the bucket (the last one is
+/// `+Inf`) and the sum; the count is the sum of the buckets.
 #[derive(Default)]
 #[repr(align(64))]
 struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_nanos: AtomicU64,
 }
 
 impl Histogram {
     fn observe(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let i = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add(
             elapsed.as_nanos().try_into().unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -214,7 +216,8 @@ impl Metrics {
             .flat_map(|p| [(p, Facade::Http), (p, Facade::Grpc)])
         {
             let h = &latency[plugin][facade as usize];
-            if h.count.load(Ordering::Relaxed) == 0 {
+            let count: u64 = h.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+            if count == 0 {
                 continue;
             }
             let labels = format!(
@@ -227,7 +230,6 @@ impl Metrics {
                 cumulative += count.load(Ordering::Relaxed);
                 let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
             }
-            let count = h.count.load(Ordering::Relaxed);
             let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
             let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");

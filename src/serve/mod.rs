@@ -304,18 +304,19 @@ pub(crate) async fn call(
     if ctx.deadline().is_none() {
         *ctx = std::mem::take(ctx).with_timeout(timeout);
     }
-    let result = if executor.runs_inline() {
-        // Inline code runs inside this poll: a timer could not interrupt it,
-        // and the plugin sees the deadline through its context.
-        executor.execute_async(ctx).await
-    } else {
-        let wait = ctx.remaining().unwrap_or(timeout);
-        match tokio::time::timeout(wait, executor.execute_async(ctx)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::DeadlineExceeded {
-                plugin: executor.name().to_owned(),
-                label: ctx.label().to_owned(),
-            }),
+    // Inline code runs inside this poll: a timer could not interrupt it, and
+    // the plugin sees the deadline through its context.
+    let result = match executor.try_inline(ctx) {
+        Some(result) => result,
+        None => {
+            let wait = ctx.remaining().unwrap_or(timeout);
+            match tokio::time::timeout(wait, executor.execute_async(ctx)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::DeadlineExceeded {
+                    plugin: executor.name().to_owned(),
+                    label: ctx.label().to_owned(),
+                }),
+            }
         }
     };
     state
