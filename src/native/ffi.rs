@@ -61,13 +61,14 @@ pub(crate) fn expected_abi() -> String {
 impl Library {
     /// `dlopen`s `path` with `RTLD_NOW | RTLD_LOCAL` and checks its root.
     pub(crate) fn open(path: &Path) -> Result<Library, OpenError> {
-        use libloading::os::unix::{RTLD_LOCAL, RTLD_NOW};
-        // SAFETY: loading a library runs its initialisers. A dynplug plugin is
-        // Rust code built with plugin-abi, whose initialisers are those of std;
-        // the operator vouches for the file by dropping it in the plugins
-        // directory (and optionally by its sha256 in the manifest).
-        let lib = unsafe { libloading::os::unix::Library::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-            .map_err(OpenError::Dlopen)?;
+        use libloading::os::unix::{Library as Unix, RTLD_LOCAL, RTLD_NOW};
+        // Loading a library runs its initialisers. A dynplug plugin is Rust
+        // code built with plugin-abi, whose initialisers are those of std; the
+        // operator vouches for the file by dropping it in the plugins directory
+        // (and optionally by its sha256 in the manifest).
+        // SAFETY: as above.
+        let lib =
+            unsafe { Unix::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(OpenError::Dlopen)?;
         let lib = libloading::Library::from(lib);
         let vtable = Self::check_root(&lib)?;
         Ok(Library {

@@ -12,111 +12,14 @@ use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::executor::Executor;
 use crate::manifest::{Manifest, is_path_safe};
-use crate::native::{Ending, NativeOptions, remove_stale};
-use crate::slot::{PluginInfo, PluginState, RetiredVersion, Slot};
+
+use crate::slot::{PluginInfo, PluginState, Slot};
 use crate::version::{LoadOptions, Version};
 
-/// Configures a [`PluginManager`].
-#[derive(Debug, Clone)]
-pub struct Builder {
-    base: PathBuf,
-    shadow_dir: Option<PathBuf>,
-    pool_size: usize,
-    drain_timeout: Duration,
-    event_capacity: usize,
-    allow_downgrades: bool,
-    settle: Duration,
-}
+mod builder;
+mod retire;
 
-impl Builder {
-    /// Where shadow copies are written (default `<base>/.dynplug/shadow`).
-    /// Must be on a filesystem that allows executable mappings.
-    #[must_use]
-    pub fn shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.shadow_dir = Some(dir.into());
-        self
-    }
-
-    /// Worker threads per loaded version of a `pooled` plugin (default 2).
-    #[must_use]
-    pub fn pool_size(mut self, threads: usize) -> Self {
-        self.pool_size = threads.max(1);
-        self
-    }
-
-    /// How long an unload waits for running calls before reporting the
-    /// version as leaked (default 30 s).
-    #[must_use]
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
-        self
-    }
-
-    /// How many events a slow subscriber may lag behind (default 1024).
-    #[must_use]
-    pub fn event_capacity(mut self, capacity: usize) -> Self {
-        self.event_capacity = capacity.max(1);
-        self
-    }
-
-    /// Whether a version lower than the serving one may replace it (default
-    /// `false`: such an upgrade is refused with [`Error::Downgrade`]).
-    #[must_use]
-    pub fn allow_downgrades(mut self, allow: bool) -> Self {
-        self.allow_downgrades = allow;
-        self
-    }
-
-    /// How long the watcher waits after the last change under a plugin
-    /// directory before loading it (default 25 ms); a failed load is retried
-    /// once after eight times as long, in case the file was still being written.
-    #[must_use]
-    pub fn settle_time(mut self, settle: Duration) -> Self {
-        self.settle = settle;
-        self
-    }
-
-    /// Creates the manager.
-    ///
-    /// # Errors
-    /// [`Error::Io`] if the base directory is not a readable directory.
-    pub fn build(self) -> Result<PluginManager> {
-        let io = |source| Error::Io {
-            plugin: String::new(),
-            action: "opening plugins directory",
-            path: self.base.clone(),
-            source,
-        };
-        let meta = std::fs::metadata(&self.base).map_err(io)?;
-        if !meta.is_dir() {
-            return Err(io(std::io::Error::other("not a directory")));
-        }
-        let shadow_dir = self
-            .shadow_dir
-            .unwrap_or_else(|| self.base.join(".dynplug").join("shadow"));
-        remove_stale(&shadow_dir);
-        let (events, _) = broadcast::channel(self.event_capacity);
-        Ok(PluginManager {
-            inner: Arc::new(Inner {
-                base: self.base,
-                options: LoadOptions {
-                    native: NativeOptions {
-                        shadow_dir,
-                        pool_size: self.pool_size,
-                    },
-                },
-                drain_timeout: self.drain_timeout,
-                allow_downgrades: self.allow_downgrades,
-                settle: self.settle,
-                tls_warned: AtomicUsize::new(0),
-                slots: RwLock::new(BTreeMap::new()),
-                events,
-                loading: Mutex::new(()),
-                routes: Mutex::new(()),
-            }),
-        })
-    }
-}
+pub use builder::Builder;
 
 /// What [`PluginManager::load_plugins`] did.
 #[derive(Debug, Default)]
@@ -170,15 +73,7 @@ impl PluginManager {
 
     /// A [`Builder`] for the plugins under `base`.
     pub fn builder(base: impl Into<PathBuf>) -> Builder {
-        Builder {
-            base: base.into(),
-            shadow_dir: None,
-            pool_size: 2,
-            drain_timeout: Duration::from_secs(30),
-            event_capacity: 1024,
-            allow_downgrades: false,
-            settle: Duration::from_millis(25),
-        }
+        Builder::new(base.into())
     }
 
     /// The base directory.
@@ -499,143 +394,6 @@ impl PluginManager {
     /// One plugin's row of [`list`](Self::list).
     pub fn info(&self, name: &str) -> Option<PluginInfo> {
         self.slot(name).map(|s| s.info())
-    }
-
-    /// Takes a plugin out of service: new calls fail with
-    /// [`Error::Unavailable`], running calls finish, then the version is shut
-    /// down and unloaded. Returns the final state ([`PluginState::Unloaded`],
-    /// [`PluginState::Retained`] for `inline`, or [`PluginState::Leaked`]).
-    ///
-    /// # Errors
-    /// [`Error::NotFound`] for an unknown name, [`Error::Unavailable`] if it
-    /// is not serving.
-    pub fn unload(&self, name: &str) -> Result<PluginState> {
-        let _serial = self.serial();
-        let slot = self.slot(name).ok_or_else(|| Error::NotFound {
-            plugin: name.to_owned(),
-        })?;
-        let old = slot.swap(None).ok_or_else(|| Error::Unavailable {
-            plugin: name.to_owned(),
-            reason: "not loaded".into(),
-        })?;
-        Ok(self.retire(&slot, old))
-    }
-
-    pub(crate) fn serial(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.inner.loading.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The directory of `name` is gone: unload it if it serves, forget it if
-    /// it never did (failed plugins are not listed forever).
-    pub(crate) fn forget_or_unload(&self, name: &str) {
-        let Some(slot) = self.slot(name) else { return };
-        match slot.swap(None) {
-            Some(old) => {
-                self.retire(&slot, old);
-            }
-            None if slot.status().state == PluginState::Failed => {
-                let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
-                slots.remove(name);
-            }
-            None => {}
-        }
-    }
-
-    /// Unloads every plugin (e.g. at shutdown).
-    pub fn unload_all(&self) {
-        let names: Vec<String> = self.list().into_iter().map(|i| i.name).collect();
-        for name in names {
-            let _ = self.unload(&name);
-        }
-    }
-
-    /// Drains a version taken out of service, then unloads it and reports how it ended.
-    fn retire(&self, slot: &Slot, old: Arc<Version>) -> PluginState {
-        let plugin = slot.name.clone();
-        let version = old.manifest.version.to_string();
-        let serving = slot.current.load().is_some();
-        if !serving {
-            slot.status().state = PluginState::Draining;
-        }
-        let deadline = Instant::now() + self.inner.drain_timeout;
-        let mut pause = Duration::from_micros(50);
-        // Every running call holds a clone of the Arc; calls whose caller
-        // gave up still count as busy. Wait for both.
-        while Arc::strong_count(&old) > 1 || old.busy() > 0 {
-            if Instant::now() >= deadline {
-                let running = (Arc::strong_count(&old) - 1).max(old.busy());
-                let reason = format!(
-                    "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",
-                    self.inner.drain_timeout
-                );
-                // Never block loads on a plugin that ignores its deadline:
-                // the last holder unloads the version, on a thread of its own.
-                let name = format!("dynplug-retire-{plugin}");
-                let _ = std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || drop(old));
-                return self.ended(
-                    slot,
-                    serving,
-                    Event::Leaked {
-                        plugin,
-                        version,
-                        reason,
-                    },
-                );
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
-        let Ok(mut old) = Arc::try_unwrap(old) else {
-            unreachable!("strong count was 1 and no new clone can appear after the swap");
-        };
-        let artifact = old.artifact();
-        let event = match old.unload() {
-            Ending::Unloaded => Event::Unloaded { plugin, version },
-            Ending::Retained => Event::Retained { plugin, version },
-            Ending::Leaked(reason) => Event::Leaked {
-                plugin,
-                version,
-                reason: format!("{reason} ({})", artifact.display()),
-            },
-        };
-        self.ended(slot, serving, event)
-    }
-
-    /// Records how a retired version ended; the slot's state changes only if
-    /// no newer version is serving.
-    fn ended(&self, slot: &Slot, serving: bool, event: Event) -> PluginState {
-        let (state, error) = match &event {
-            Event::Unloaded { .. } => (PluginState::Unloaded, None),
-            Event::Retained { .. } => (PluginState::Retained, None),
-            Event::Leaked { reason, .. } => (PluginState::Leaked, Some(reason.clone())),
-            _ => unreachable!("only ending events are passed"),
-        };
-        match &event {
-            Event::Leaked { reason, .. } => tracing::warn!(plugin = %slot.name, "leaked: {reason}"),
-            _ => tracing::info!(plugin = %slot.name, "{}", state.as_str()),
-        }
-        {
-            let mut status = slot.status();
-            match &event {
-                Event::Unloaded { .. } => status.unloads += 1,
-                Event::Retained { version, .. } | Event::Leaked { version, .. } => {
-                    status.retired.push(RetiredVersion {
-                        version: version.clone(),
-                        state,
-                        reason: error.clone(),
-                    });
-                }
-                _ => {}
-            }
-            if !serving {
-                status.state = state;
-                status.error = error;
-            }
-        }
-        self.emit(event);
-        state
     }
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {

@@ -1,0 +1,150 @@
+//! Taking versions out of service: unload, drain, and how each one ended.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::PluginManager;
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::native::Ending;
+use crate::slot::{PluginState, RetiredVersion, Slot};
+use crate::version::Version;
+
+impl PluginManager {
+    /// Takes a plugin out of service: new calls fail with
+    /// [`Error::Unavailable`], running calls finish, then the version is shut
+    /// down and unloaded. Returns the final state ([`PluginState::Unloaded`],
+    /// [`PluginState::Retained`] for `inline`, or [`PluginState::Leaked`]).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown name, [`Error::Unavailable`] if it
+    /// is not serving.
+    pub fn unload(&self, name: &str) -> Result<PluginState> {
+        let _serial = self.serial();
+        let slot = self.slot(name).ok_or_else(|| Error::NotFound {
+            plugin: name.to_owned(),
+        })?;
+        let old = slot.swap(None).ok_or_else(|| Error::Unavailable {
+            plugin: name.to_owned(),
+            reason: "not loaded".into(),
+        })?;
+        Ok(self.retire(&slot, old))
+    }
+
+    pub(crate) fn serial(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.loading.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The directory of `name` is gone: unload it if it serves, forget it if
+    /// it never did (failed plugins are not listed forever).
+    pub(crate) fn forget_or_unload(&self, name: &str) {
+        let Some(slot) = self.slot(name) else { return };
+        match slot.swap(None) {
+            Some(old) => {
+                self.retire(&slot, old);
+            }
+            None if slot.status().state == PluginState::Failed => {
+                let mut slots = self.inner.slots.write().unwrap_or_else(|e| e.into_inner());
+                slots.remove(name);
+            }
+            None => {}
+        }
+    }
+
+    /// Unloads every plugin (e.g. at shutdown).
+    pub fn unload_all(&self) {
+        let names: Vec<String> = self.list().into_iter().map(|i| i.name).collect();
+        for name in names {
+            let _ = self.unload(&name);
+        }
+    }
+
+    /// Drains a version taken out of service, then unloads it and reports how it ended.
+    pub(super) fn retire(&self, slot: &Slot, old: Arc<Version>) -> PluginState {
+        let plugin = slot.name.clone();
+        let version = old.manifest.version.to_string();
+        let serving = slot.current.load().is_some();
+        if !serving {
+            slot.status().state = PluginState::Draining;
+        }
+        let deadline = Instant::now() + self.inner.drain_timeout;
+        let mut pause = Duration::from_micros(50);
+        // Every running call holds a clone of the Arc; calls whose caller
+        // gave up still count as busy. Wait for both.
+        while Arc::strong_count(&old) > 1 || old.busy() > 0 {
+            if Instant::now() >= deadline {
+                let running = (Arc::strong_count(&old) - 1).max(old.busy());
+                let reason = format!(
+                    "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",
+                    self.inner.drain_timeout
+                );
+                // Never block loads on a plugin that ignores its deadline:
+                // the last holder unloads the version, on a thread of its own.
+                let name = format!("dynplug-retire-{plugin}");
+                let _ = std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || drop(old));
+                return self.ended(
+                    slot,
+                    serving,
+                    Event::Leaked {
+                        plugin,
+                        version,
+                        reason,
+                    },
+                );
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        let Ok(mut old) = Arc::try_unwrap(old) else {
+            unreachable!("strong count was 1 and no new clone can appear after the swap");
+        };
+        let artifact = old.artifact();
+        let event = match old.unload() {
+            Ending::Unloaded => Event::Unloaded { plugin, version },
+            Ending::Retained => Event::Retained { plugin, version },
+            Ending::Leaked(reason) => Event::Leaked {
+                plugin,
+                version,
+                reason: format!("{reason} ({})", artifact.display()),
+            },
+        };
+        self.ended(slot, serving, event)
+    }
+
+    /// Records how a retired version ended; the slot's state changes only if
+    /// no newer version is serving.
+    fn ended(&self, slot: &Slot, serving: bool, event: Event) -> PluginState {
+        let (state, error) = match &event {
+            Event::Unloaded { .. } => (PluginState::Unloaded, None),
+            Event::Retained { .. } => (PluginState::Retained, None),
+            Event::Leaked { reason, .. } => (PluginState::Leaked, Some(reason.clone())),
+            _ => unreachable!("only ending events are passed"),
+        };
+        match &event {
+            Event::Leaked { reason, .. } => tracing::warn!(plugin = %slot.name, "leaked: {reason}"),
+            _ => tracing::info!(plugin = %slot.name, "{}", state.as_str()),
+        }
+        {
+            let mut status = slot.status();
+            match &event {
+                Event::Unloaded { .. } => status.unloads += 1,
+                Event::Retained { version, .. } | Event::Leaked { version, .. } => {
+                    status.retired.push(RetiredVersion {
+                        version: version.clone(),
+                        state,
+                        reason: error.clone(),
+                    });
+                }
+                _ => {}
+            }
+            if !serving {
+                status.state = state;
+                status.error = error;
+            }
+        }
+        self.emit(event);
+        state
+    }
+}
