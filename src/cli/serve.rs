@@ -8,15 +8,18 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::ServeArgs;
 
-/// Resolves on SIGINT or SIGTERM.
-async fn terminated() -> anyhow::Result<()> {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when it is awaited: call it before announcing the server, or a
+/// signal sent right after the announcement kills the process ungracefully.
+fn terminated() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 async fn load(plugins: &Path) -> anyhow::Result<PluginManager> {
@@ -33,6 +36,7 @@ async fn load(plugins: &Path) -> anyhow::Result<PluginManager> {
 }
 
 pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::process::ExitCode> {
+    let terminated = terminated()?;
     let manager = load(&args.dir.plugins).await?;
     let watcher = if args.watch {
         Some(manager.watch()?)
@@ -94,7 +98,7 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
             args.dir.plugins.display()
         );
     }
-    terminated().await?;
+    terminated.await;
     eprintln!("shutting down: finishing requests, draining and unloading plugins");
     drop(watcher);
     running.shutdown().await;
@@ -102,6 +106,7 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
 }
 
 pub(crate) async fn watch(plugins: &Path) -> anyhow::Result<std::process::ExitCode> {
+    let terminated = terminated()?;
     let manager = load(plugins).await?;
     let mut events = manager.subscribe();
     let watcher = manager.watch()?;
@@ -122,7 +127,7 @@ pub(crate) async fn watch(plugins: &Path) -> anyhow::Result<std::process::ExitCo
     };
     tokio::select! {
         _ = print => {}
-        result = terminated() => result?,
+        () = terminated => {}
     }
     drop(watcher);
     tokio::task::spawn_blocking(move || manager.unload_all()).await?;
