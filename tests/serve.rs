@@ -259,6 +259,13 @@ async fn management_api_lists_reloads_unloads_and_streams_events() {
         r.json(),
         serde_json::json!({"plugin": "counter", "state": "unloaded"})
     );
+    let r = f
+        .request("DELETE", "/_dynplug/plugins/counter", &[], b"")
+        .await;
+    assert_eq!(
+        r.status, 409,
+        "unloading what is not loaded is a conflict, not a 503"
+    );
     eventually("counter route gone", || async {
         f.request("POST", "/api/counter", &[], b"").await.status == 404
     })
@@ -446,6 +453,18 @@ async fn grpc_plugins_service_over_tcp_and_unix() {
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::NotFound);
     }
+    // Client-chosen keys are bounded.
+    let mut client = f.grpc().await;
+    let values = (0..1025).map(|i| (format!("k{i}"), string("v"))).collect();
+    let request = v1::ExecRequest {
+        plugin: "hello".into(),
+        label: "hello.get".into(),
+        values,
+        timeout_ms: 0,
+    };
+    let status = client.exec(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
     // Unloaded plugins are UNAVAILABLE.
     f.manager.unload("counter").unwrap();
     let mut client = f.grpc().await;

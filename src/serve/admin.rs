@@ -117,6 +117,10 @@ async fn unload(Extract(state): Extract<State>, Path(name): Path<String>) -> Res
         Ok(Ok(ended)) => {
             axum::Json(serde_json::json!({ "plugin": name, "state": ended })).into_response()
         }
+        // Not serving: retrying will not help, so not the 503 of a call.
+        Ok(Err(e @ Error::Unavailable { .. })) => {
+            super::http::error_json(StatusCode::CONFLICT, &e.to_string(), Some(&name))
+        }
         Ok(Err(e)) => e.into_response(),
         Err(e) => super::http::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
     }

@@ -115,6 +115,19 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// Most values a client may put in one call: client-chosen keys go into a
+/// fast (not flood-resistant) hash map, so their number is bounded.
+const MAX_VALUES: usize = 1024;
+
+fn check_value_count(count: usize) -> Result<(), Status> {
+    if count > MAX_VALUES {
+        return Err(Status::invalid_argument(format!(
+            "{count} values in one call; at most {MAX_VALUES}"
+        )));
+    }
+    Ok(())
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::LifecycleEvent, Status>> + Send>>;
 
 struct Plugins(State);
@@ -149,6 +162,7 @@ impl plugins_server::Plugins for Plugins {
     ) -> Result<Response<v1::ExecResponse>, Status> {
         let deadline = timeout(&self.0, request.metadata(), request.get_ref().timeout_ms);
         let request = request.into_inner();
+        check_value_count(request.values.len())?;
         let executor = executor(&self.0, &request.plugin)?;
         let mut ctx = Context::new(request.label);
         for (key, value) in request.values {
@@ -251,6 +265,7 @@ impl plugin_server::Plugin for GoPlugin {
         // A JSON object payload becomes the values; anything else is passed as `payload` bytes.
         match serde_json::from_slice::<serde_json::Value>(&request.payload) {
             Ok(serde_json::Value::Object(values)) => {
+                check_value_count(values.len())?;
                 for (key, value) in values {
                     ctx.set(key, Value::from(value));
                 }
