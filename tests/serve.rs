@@ -38,6 +38,7 @@ impl Fixture {
             .http_unix(dir.path().join(".http.sock"))
             .grpc("127.0.0.1:0".parse().unwrap())
             .grpc_unix(dir.path().join(".grpc.sock"))
+            .goplugin_sockets(dir.path().join(".goplugin"))
             .timeout(Duration::from_secs(5))
             .start()
             .await
@@ -556,6 +557,59 @@ async fn goplugin_clients_reach_any_plugin() {
     );
     let status = client.ping(with_plugin("nope", ())).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
+}
+
+/// An unmodified goplugin client (no metadata) reaches a plugin through its
+/// own socket; sockets follow plugins as they unload and load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goplugin_sockets_serve_each_plugin_and_follow_it() {
+    let f = Fixture::start().await;
+    let dir = f.socket(".goplugin");
+    let socket = dir.join("hello.sock");
+    eventually("hello.sock", || {
+        let socket = socket.clone();
+        async move { socket.exists() }
+    })
+    .await;
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+
+    let mut client = PluginClient::new(grpc_over_unix(&socket).await);
+    let exec = dynplug::serve::proto::goplugin::ExecRequest {
+        command: "hello.get".into(),
+        payload: br#"{"name":"socket"}"#.to_vec(),
+    };
+    let reply = client.exec(exec).await.unwrap().into_inner();
+    let values: serde_json::Value = serde_json::from_slice(&reply.data.unwrap().response).unwrap();
+    assert_eq!(values["greeting"], "hello, socket");
+    let ping = client.ping(()).await.unwrap().into_inner();
+    assert_eq!(ping.status, "success");
+
+    let manager = f.manager.clone();
+    tokio::task::spawn_blocking(move || manager.unload("hello").unwrap())
+        .await
+        .unwrap();
+    eventually("hello.sock removed", || {
+        let socket = socket.clone();
+        async move { !socket.exists() }
+    })
+    .await;
+    assert!(
+        dir.join("counter.sock").exists(),
+        "other plugins keep their sockets"
+    );
+    let manager = f.manager.clone();
+    tokio::task::spawn_blocking(move || manager.load_plugin("hello").unwrap())
+        .await
+        .unwrap();
+    eventually("hello.sock back", || {
+        let socket = socket.clone();
+        async move { socket.exists() }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,9 @@ pub(crate) struct ServeArgs {
     /// gRPC on a Unix socket.
     #[arg(long)]
     grpc_unix: Vec<PathBuf>,
+    /// Serve the goplugin `plugin.Plugin` service on DIR/<plugin>.sock for every loaded plugin.
+    #[arg(long, value_name = "DIR")]
+    goplugin_dir: Option<PathBuf>,
     /// Follow the plugins directory: load, upgrade and unload as plugins come, change and go.
     #[arg(long)]
     watch: bool,
@@ -157,6 +160,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 http_unix: Vec::new(),
                 grpc: vec![grpc],
                 grpc_unix: Vec::new(),
+                goplugin_dir: None,
                 watch: true,
                 timeout: Duration::from_secs(30),
             };

@@ -70,6 +70,9 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
     for path in args.grpc_unix {
         server = server.grpc_unix(path);
     }
+    if let Some(dir) = &args.goplugin_dir {
+        server = server.goplugin_sockets(dir);
+    }
     let running = server.start().await?;
     for endpoint in running.http_endpoints() {
         match endpoint {

@@ -78,6 +78,7 @@ pub struct Server {
     grpc: Vec<Endpoint>,
     timeout: Duration,
     log_calls: bool,
+    goplugin_dir: Option<PathBuf>,
 }
 
 /// Shared by every handler.
@@ -101,7 +102,17 @@ impl Server {
             grpc: Vec::new(),
             timeout: Duration::from_secs(30),
             log_calls: false,
+            goplugin_dir: None,
         }
+    }
+
+    /// Also serves the goplugin `plugin.Plugin` service on `<dir>/<plugin>.sock`
+    /// for every loaded plugin (the directory is created with mode 0700), so
+    /// an unmodified goplugin client can call any plugin through its socket.
+    #[must_use]
+    pub fn goplugin_sockets(mut self, dir: impl Into<PathBuf>) -> Server {
+        self.goplugin_dir = Some(dir.into());
+        self
     }
 
     /// Serves HTTP on a TCP address (port 0 picks a free port).
@@ -179,6 +190,10 @@ impl Server {
             running.grpc.push(bound);
             tasks.push(task);
         }
+        if let Some(dir) = self.goplugin_dir {
+            private_dir(&dir).map_err(|e| bind_error(&Endpoint::Unix(dir.clone()), e))?;
+            tasks.push(tokio::spawn(grpc::plugin_sockets(Arc::clone(&state), dir)));
+        }
         running.tasks = tasks;
         Ok(running)
     }
@@ -222,6 +237,17 @@ pub(crate) fn bind_error(endpoint: &Endpoint, source: std::io::Error) -> Error {
         address: endpoint.to_string(),
         source,
     }
+}
+
+/// Creates `dir` if needed, readable by its owner only (sockets in it accept
+/// calls to plugins).
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Binds a Unix socket, replacing a stale socket file: never another kind of
