@@ -1,8 +1,7 @@
 //! The gRPC façade: `dynplug.v1.Plugins` and the goplugin `plugin.Plugin`
 //! service, on TCP and Unix sockets. Errors become `Status` here and only here.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +14,8 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use super::proto::goplugin::{self, plugin_server};
+use super::goplugin::GoPlugin;
+use super::proto::goplugin::plugin_server;
 use super::proto::v1::{self, plugins_server, value::Kind};
 use super::{Endpoint, State, bind_error, bind_unix, stopped};
 use crate::error::Result;
@@ -86,12 +86,12 @@ impl From<Error> for Status {
     }
 }
 
-fn executor(state: &State, plugin: &str) -> Result<Executor, Status> {
+pub(crate) fn executor(state: &State, plugin: &str) -> Result<Executor, Status> {
     Ok(state.manager.get_plugin(plugin)?.1)
 }
 
 /// The call's deadline: the request's, the client's `grpc-timeout`, or the server's.
-fn timeout(state: &State, metadata: &MetadataMap, timeout_ms: u64) -> Duration {
+pub(crate) fn timeout(state: &State, metadata: &MetadataMap, timeout_ms: u64) -> Duration {
     let asked = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
     let header = metadata
         .get("grpc-timeout")
@@ -123,7 +123,7 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// fast (not flood-resistant) hash map, so their number is bounded.
 const MAX_VALUES: usize = 1024;
 
-fn check_value_count(count: usize) -> Result<(), Status> {
+pub(crate) fn check_value_count(count: usize) -> Result<(), Status> {
     if count > MAX_VALUES {
         return Err(Status::invalid_argument(format!(
             "{count} values in one call; at most {MAX_VALUES}"
@@ -228,81 +228,6 @@ impl plugins_server::Plugins for Plugins {
     }
 }
 
-/// The goplugin service: for one plugin (its own socket), or for the plugin
-/// named by the request metadata.
-struct GoPlugin {
-    state: State,
-    plugin: Option<String>,
-}
-
-impl GoPlugin {
-    fn plugin(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        if let Some(plugin) = &self.plugin {
-            return Ok(plugin.clone());
-        }
-        metadata
-            .get(PLUGIN_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "select the plugin with the `{PLUGIN_METADATA}` metadata"
-                ))
-            })
-    }
-}
-
-#[tonic::async_trait]
-impl plugin_server::Plugin for GoPlugin {
-    async fn ping(&self, request: Request<()>) -> Result<Response<goplugin::PingResponse>, Status> {
-        let name = self.plugin(request.metadata())?;
-        executor(&self.state, &name)?;
-        Ok(Response::new(goplugin::PingResponse {
-            status: "success".into(),
-            data: Some(goplugin::Data {
-                response: "pong".into(),
-            }),
-        }))
-    }
-
-    async fn exec(
-        &self,
-        request: Request<goplugin::ExecRequest>,
-    ) -> Result<Response<goplugin::ExecResponse>, Status> {
-        let name = self.plugin(request.metadata())?;
-        let deadline = timeout(&self.state, request.metadata(), 0);
-        let request = request.into_inner();
-        let executor = executor(&self.state, &name)?;
-        let mut ctx = Context::new(request.command);
-        // A JSON object payload becomes the values; anything else is passed as `payload` bytes.
-        match serde_json::from_slice::<serde_json::Value>(&request.payload) {
-            Ok(serde_json::Value::Object(values)) => {
-                check_value_count(values.len())?;
-                for (key, value) in values {
-                    ctx.set(key, Value::from(value));
-                }
-            }
-            _ if request.payload.is_empty() => {}
-            _ => ctx.set("payload", Value::Bytes(request.payload)),
-        }
-        super::call(
-            &self.state,
-            &executor,
-            &mut ctx,
-            deadline,
-            super::Facade::Grpc,
-        )
-        .await?;
-        let values: BTreeMap<String, Value> = ctx.into_values().into_iter().collect();
-        Ok(Response::new(goplugin::ExecResponse {
-            status: "success".into(),
-            data: Some(goplugin::DataRpc {
-                response: serde_json::to_vec(&values).unwrap_or_default(),
-            }),
-        }))
-    }
-}
-
 /// Wire value → context value.
 pub fn from_proto(value: v1::Value) -> Value {
     match value.kind {
@@ -366,91 +291,5 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("x"), None);
         assert_eq!(parse_grpc_timeout(""), None);
-    }
-}
-
-/// Serves the goplugin service on `<dir>/<plugin>.sock` for every loaded
-/// plugin, so an unmodified goplugin client (which knows nothing of
-/// `x-dynplug-plugin`) can call any dynplug plugin. Sockets follow plugins as
-/// they load and unload; all are removed at shutdown.
-pub(crate) async fn plugin_sockets(state: State, dir: PathBuf) {
-    let mut events = state.manager.subscribe();
-    let mut shutdown = state.shutdown.clone();
-    let mut served: HashMap<String, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
-    loop {
-        sync_sockets(&state, &dir, &mut served).await;
-        tokio::select! {
-            event = events.recv() => {
-                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = event {
-                    break;
-                }
-            }
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        }
-    }
-    for (name, (stop, task)) in served.drain() {
-        let _ = stop.send(true);
-        let _ = task.await;
-        let _ = std::fs::remove_file(socket_path(&dir, &name));
-    }
-}
-
-fn socket_path(dir: &Path, plugin: &str) -> PathBuf {
-    dir.join(format!("{plugin}.sock"))
-}
-
-async fn sync_sockets(
-    state: &State,
-    dir: &Path,
-    served: &mut HashMap<String, (watch::Sender<bool>, JoinHandle<()>)>,
-) {
-    let loaded: HashSet<String> = state
-        .manager
-        .list()
-        .into_iter()
-        .filter(|p| p.state == PluginState::Loaded)
-        .map(|p| p.name)
-        .collect();
-    let gone: Vec<String> = served
-        .keys()
-        .filter(|n| !loaded.contains(*n))
-        .cloned()
-        .collect();
-    for name in gone {
-        if let Some((stop, task)) = served.remove(&name) {
-            let _ = stop.send(true);
-            let _ = task.await;
-            let _ = std::fs::remove_file(socket_path(dir, &name));
-        }
-    }
-    for name in loaded {
-        if served.contains_key(&name) {
-            continue;
-        }
-        let path = socket_path(dir, &name);
-        let listener = match bind_unix(&path) {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::warn!(plugin = %name, socket = %path.display(), "goplugin socket not served: {e}");
-                continue;
-            }
-        };
-        let (stop, stopped_rx) = watch::channel(false);
-        let service = plugin_server::PluginServer::new(GoPlugin {
-            state: Arc::clone(state),
-            plugin: Some(name.clone()),
-        });
-        let task = tokio::spawn(async move {
-            let serve = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener),
-                    stopped(stopped_rx),
-                );
-            if let Err(e) = serve.await {
-                tracing::error!("goplugin socket server: {e}");
-            }
-        });
-        served.insert(name, (stop, task));
     }
 }

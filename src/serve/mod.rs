@@ -16,6 +16,7 @@
 //! ```
 
 mod admin;
+mod goplugin;
 mod grpc;
 mod http;
 mod metrics;
@@ -192,7 +193,10 @@ impl Server {
         }
         if let Some(dir) = self.goplugin_dir {
             private_dir(&dir).map_err(|e| bind_error(&Endpoint::Unix(dir.clone()), e))?;
-            tasks.push(tokio::spawn(grpc::plugin_sockets(Arc::clone(&state), dir)));
+            tasks.push(tokio::spawn(goplugin::plugin_sockets(
+                Arc::clone(&state),
+                dir,
+            )));
         }
         running.tasks = tasks;
         Ok(running)
