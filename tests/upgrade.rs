@@ -414,3 +414,38 @@ fn allowed_downgrades_replace_the_serving_version() {
     let event = upgrade_counter(dir.path(), &mut events, "1.0.0", "v1");
     assert_eq!(event, upgraded("2.0.0", "1.0.0"));
 }
+
+/// A library written in two halves with a pause longer than the settle time:
+/// the first half fails to load, but that is retried, not reported, and the
+/// complete file becomes the new version.
+#[test]
+fn a_partly_written_library_is_retried_not_reported() {
+    let (dir, manager, _watcher, mut events) = watched_counter();
+    let plugin_dir = dir.path().join("counter");
+    let lib = support::library("counter");
+    let bytes = std::fs::read(&lib).unwrap();
+    // Writing in place is safe for dynplug (it runs a shadow copy), and it
+    // is what a slow copy looks like.
+    let target = plugin_dir.join(lib.file_name().unwrap());
+    let mut file = std::fs::File::create(&target).unwrap();
+    use std::io::Write;
+    file.write_all(&bytes[..bytes.len() / 4]).unwrap();
+    file.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(80));
+    std::fs::write(
+        plugin_dir.join("plugin.json"),
+        counter_manifest("1.1.0", "v2", ""),
+    )
+    .unwrap();
+    file.write_all(&bytes[bytes.len() / 4..]).unwrap();
+    drop(file);
+    let event = wait_for(&mut events, "the complete library", |e| {
+        matches!(e, Event::Upgraded { .. } | Event::UpgradeFailed { .. })
+    });
+    assert_eq!(
+        event,
+        upgraded("1.0.0", "1.1.0"),
+        "no failure was reported first"
+    );
+    assert_eq!(generation(&manager), "v2");
+}
