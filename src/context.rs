@@ -85,7 +85,8 @@ impl Context {
     /// Sets the deadline to `timeout` from now (builder style).
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.deadline = Some(Instant::now() + timeout);
+        // A timeout too large for the clock means no deadline, not a panic.
+        self.deadline = Instant::now().checked_add(timeout);
         self
     }
 

@@ -449,3 +449,20 @@ fn a_partly_written_library_is_retried_not_reported() {
     );
     assert_eq!(generation(&manager), "v2");
 }
+
+/// Moving a plugin away unloads it; moving the very same directory back
+/// loads it again (same content, same fingerprint).
+#[test]
+fn a_removed_plugin_restored_unchanged_loads_again() {
+    let (dir, manager, _watcher, mut events) = watched_counter();
+    let away = dir.path().join(".counter.away");
+    std::fs::rename(dir.path().join("counter"), &away).unwrap();
+    wait_for(&mut events, "unloaded", |e| {
+        matches!(e, Event::Unloaded { .. })
+    });
+    std::fs::rename(&away, dir.path().join("counter")).unwrap();
+    wait_for(&mut events, "loaded again", |e| {
+        matches!(e, Event::Loaded { .. })
+    });
+    assert_eq!(generation(&manager), "v1");
+}

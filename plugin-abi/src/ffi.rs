@@ -224,7 +224,8 @@ impl ValueView {
             // SAFETY: as above.
             ValueView::Bytes(b) => Value::Bytes(unsafe { b.as_slice() }.to_vec()),
             ValueView::List(c) => {
-                let mut items: Vec<Value> = Vec::with_capacity(c.len);
+                // A length from the other side is a hint, never trusted for an allocation.
+                let mut items: Vec<Value> = Vec::with_capacity(c.len.min(1024));
                 (c.visit)(
                     c.handle,
                     (&mut items as *mut Vec<Value>).cast(),

@@ -341,7 +341,9 @@ impl PluginManager {
         }
     }
 
-    /// pthread keys in use by the process (glibc only), against a limit of 1024.
+    /// pthread keys in use by the process (glibc only), against a limit of
+    /// 1024. A lower bound: it is the lowest free key, so a key deleted below
+    /// the highest one in use hides the keys above it.
     pub fn tls_keys_in_use(&self) -> Option<usize> {
         crate::native::pthread_keys_in_use()
     }

@@ -24,6 +24,8 @@ impl PluginManager {
         let slot = self.slot(name).ok_or_else(|| Error::NotFound {
             plugin: name.to_owned(),
         })?;
+        // Loading the same content again must work after an unload.
+        slot.status().attempted = None;
         let old = slot.swap(None).ok_or_else(|| Error::Unavailable {
             plugin: name.to_owned(),
             reason: "not loaded".into(),
@@ -39,6 +41,8 @@ impl PluginManager {
     /// it never did (failed plugins are not listed forever).
     pub(crate) fn forget_or_unload(&self, name: &str) {
         let Some(slot) = self.slot(name) else { return };
+        // Restoring the same directory later must load it again.
+        slot.status().attempted = None;
         match slot.swap(None) {
             Some(old) => {
                 self.retire(&slot, old);

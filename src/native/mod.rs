@@ -198,6 +198,13 @@ impl NativeVersion {
         if let Some(ending) = &self.ending {
             return ending.clone();
         }
+        // Calls whose caller gave up may still run; `shutdown` must not race
+        // them. Nothing can submit any more (the version is out of service).
+        let mut pause = std::time::Duration::from_micros(50);
+        while self.busy() > 0 {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(5));
+        }
         let shutdown = self.on_thread(|lib| lib.shutdown());
         if let Some(Outcome::Error(m) | Outcome::Panic(m)) = shutdown {
             tracing::warn!(plugin = %self.plugin, "shutdown failed: {m}");
@@ -244,7 +251,31 @@ impl NativeVersion {
 
 impl Drop for NativeVersion {
     fn drop(&mut self) {
-        self.unload();
+        if self.ending.is_some() {
+            return;
+        }
+        if self.busy() == 0 {
+            self.unload();
+            return;
+        }
+        // The last holder may be a tokio worker, and abandoned calls can run
+        // as long as the plugin ignores cancellation: finish elsewhere.
+        let mut rest = NativeVersion {
+            plugin: self.plugin.clone(),
+            library: self.library.take(),
+            runner: std::mem::replace(&mut self.runner, Runner::Inline),
+            shadow: self.shadow.clone(),
+            ending: None,
+        };
+        self.ending = Some(Ending::Leaked("finished on another thread".into()));
+        let name = format!("dynplug-unload-{}", self.plugin);
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            let ending = rest.unload();
+            tracing::info!(plugin = %rest.plugin, ?ending, "finished after its abandoned calls");
+        });
+        if let Err(e) = spawned {
+            tracing::error!(plugin = %self.plugin, "cannot finish the version: {e}");
+        }
     }
 }
 

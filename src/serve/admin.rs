@@ -132,7 +132,9 @@ async fn events(Extract(state): Extract<State>) -> Response {
         .filter_map(Result::ok)
         .map(Some);
     // End the stream at shutdown, or graceful shutdown would wait for the client.
-    let stop = WatchStream::from_changes(state.shutdown.clone()).map(|_| None);
+    let stop = WatchStream::new(state.shutdown.clone())
+        .filter(|stop| *stop)
+        .map(|_| None);
     let stream = events.merge(stop).take_while(Option::is_some).map(|event| {
         let event = event.unwrap_or_else(|| unreachable!("take_while stops before None"));
         let json = serde_json::to_value(&event).unwrap_or_default();

@@ -56,6 +56,7 @@ pub(crate) async fn serve(
         Endpoint::Unix(path) => {
             let incoming =
                 UnixListenerStream::new(bind_unix(path).map_err(|e| bind_error(endpoint, e))?);
+            let socket = path.clone();
             let task = tokio::spawn(async move {
                 if let Err(e) = router
                     .serve_with_incoming_shutdown(incoming, stopped(shutdown))
@@ -63,6 +64,7 @@ pub(crate) async fn serve(
                 {
                     tracing::error!("grpc server: {e}");
                 }
+                let _ = std::fs::remove_file(socket);
             });
             Ok((endpoint.clone(), task))
         }
@@ -107,6 +109,10 @@ pub(crate) fn timeout(state: &State, metadata: &MetadataMap, timeout_ms: u64) ->
 /// `grpc-timeout` is digits and a unit: H, M, S, m, u, n.
 fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    // The spec allows at most 8 digits; more is refused, not trusted.
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -214,7 +220,9 @@ impl plugins_server::Plugins for Plugins {
             .filter_map(Result::ok)
             .map(Some);
         // End at shutdown, or graceful shutdown would wait for the client.
-        let stop = WatchStream::from_changes(self.0.shutdown.clone()).map(|_| None);
+        let stop = WatchStream::new(self.0.shutdown.clone())
+            .filter(|stop| *stop)
+            .map(|_| None);
         let stream = events.merge(stop).take_while(Option::is_some).map(|event| {
             let event = event.unwrap_or_else(|| unreachable!("take_while stops before None"));
             let json = serde_json::to_value(&event).unwrap_or_default();
@@ -290,6 +298,8 @@ mod tests {
         assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout("18446744073709551615S"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout(""), None);
     }
 }

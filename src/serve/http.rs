@@ -38,6 +38,21 @@ async fn metrics(Extract(state): Extract<State>) -> Response {
 /// Largest request body passed to a plugin.
 const BODY_LIMIT: usize = 16 * 1024 * 1024;
 
+/// Largest JSON body also parsed into the `json` value (a parsed tree takes
+/// many times the bytes).
+const JSON_LIMIT: usize = 1024 * 1024;
+
+/// Response headers a plugin may not set.
+const FRAMING: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
 /// Every request that is not the management API: look the route up, call the plugin.
 async fn facade(Extract(state): Extract<State>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
@@ -118,10 +133,14 @@ fn request_context(
         .with("params", map(params))
         .with("query", map(query))
         .with("headers", Value::Map(header_map));
-    if is_json && let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
+    if is_json
+        && body.len() <= JSON_LIMIT
+        && let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body)
+    {
         ctx.set("json", Value::from(json));
     }
-    ctx.set("body", Value::Bytes(body.to_vec()));
+    // No copy when the buffer is not shared.
+    ctx.set("body", Value::Bytes(Vec::from(body)));
     ctx
 }
 
@@ -168,8 +187,10 @@ fn plugin_response(plugin: &str, mut ctx: Context) -> Response {
     let status = match ctx.get("response.status") {
         None if body.is_none() => StatusCode::NO_CONTENT,
         None => StatusCode::OK,
+        // Only final statuses: a 1xx would switch protocols or confuse hyper.
         Some(v) => match v
             .as_i64()
+            .filter(|s| (200..=599).contains(s))
             .and_then(|s| u16::try_from(s).ok())
             .and_then(|s| StatusCode::from_u16(s).ok())
         {
@@ -206,6 +227,11 @@ fn plugin_response(plugin: &str, mut ctx: Context) -> Response {
                 HeaderName::try_from(name.as_str()),
                 HeaderValue::try_from(value),
             ) {
+                // Framing and hop-by-hop headers belong to the server: a wrong
+                // content-length would cut or stall the response.
+                (Ok(name), Ok(_)) if FRAMING.contains(&name.as_str()) => {
+                    tracing::warn!(plugin, header = %name, "plugin set a framing header; dropped")
+                }
                 (Ok(name), Ok(value)) => {
                     headers.insert(name, value);
                 }

@@ -309,11 +309,13 @@ async fn serve_http(
         }
         Endpoint::Unix(path) => {
             let listener = bind_unix(path).map_err(|e| bind_error(endpoint, e))?;
+            let socket = path.clone();
             let task = tokio::spawn(async move {
                 let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(shutdown));
                 if let Err(e) = serve.await {
                     tracing::error!("http server: {e}");
                 }
+                let _ = std::fs::remove_file(socket);
             });
             Ok((endpoint.clone(), task))
         }
@@ -340,12 +342,17 @@ pub(crate) async fn call(
         Some(result) => result,
         None => {
             let wait = ctx.remaining().unwrap_or(timeout);
+            // The call owns the context while it runs: keep what the error needs.
+            let label = ctx.label().to_owned();
             match tokio::time::timeout(wait, executor.execute_async(ctx)).await {
                 Ok(result) => result,
-                Err(_) => Err(Error::DeadlineExceeded {
-                    plugin: executor.name().to_owned(),
-                    label: ctx.label().to_owned(),
-                }),
+                Err(_) => {
+                    ctx.set_label(label.clone());
+                    Err(Error::DeadlineExceeded {
+                        plugin: executor.name().to_owned(),
+                        label,
+                    })
+                }
             }
         }
     };
