@@ -189,17 +189,7 @@ fn grpc_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let channel = tonic::transport::Endpoint::try_from("http://localhost")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(socket).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = support::server::grpc_over_unix(&socket).await;
         let mut client = PluginsClient::new(channel);
         let request = || ExecRequest {
             plugin: "hello".into(),
