@@ -65,13 +65,18 @@ impl Executor {
     /// # Ok(()) }
     /// ```
     pub fn execute(&self, ctx: &mut Context) -> Result<()> {
-        let stats = &self.slot.stats;
-        stats.started.fetch_add(1, Ordering::Relaxed);
         let current = self.slot.current.load();
-        let result = match current.as_ref() {
+        self.counted(|| match current.as_ref() {
             Some(version) => version.execute(ctx),
             None => Err(self.unavailable()),
-        };
+        })
+    }
+
+    /// Runs `call` with the plugin's call counters around it.
+    fn counted(&self, call: impl FnOnce() -> Result<()>) -> Result<()> {
+        let stats = &self.slot.stats;
+        stats.started.fetch_add(1, Ordering::Relaxed);
+        let result = call();
         stats.record(&result);
         result
     }
@@ -106,11 +111,7 @@ impl Executor {
         if version.manifest.isolation != crate::Isolation::Inline {
             return None;
         }
-        let stats = &self.slot.stats;
-        stats.started.fetch_add(1, Ordering::Relaxed);
-        let result = version.execute(ctx);
-        stats.record(&result);
-        Some(result)
+        Some(self.counted(|| version.execute(ctx)))
     }
 
     /// The plugin's call counters.

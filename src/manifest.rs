@@ -364,9 +364,10 @@ impl Manifest {
     pub fn library_path(&self, dir: &Path) -> Option<PathBuf> {
         match &self.source {
             Source::LocalSo { path, .. } => {
-                let has_extension = [".so", ".dylib", ".dll"]
-                    .iter()
-                    .any(|ext| path.ends_with(ext) || path.contains(".so."));
+                let has_extension = path.contains(".so.")
+                    || [".so", ".dylib", ".dll"]
+                        .iter()
+                        .any(|ext| path.ends_with(ext));
                 Some(if has_extension {
                     dir.join(path)
                 } else {

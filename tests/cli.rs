@@ -18,6 +18,13 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Asserts the command failed with exit code 1 and a message containing `needle`.
+fn fails_with(out: &Output, needle: &str) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
 fn plugins() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for sample in ["hello", "counter", "wrong-abi"] {
@@ -85,25 +92,14 @@ fn call_prints_values_as_json_and_fails_with_one_line() {
     );
 
     let out = dynplug(&["call", "--plugins", base, "hello", "--label", "nope"]);
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("unknown label nope"), "{stderr}");
+    fails_with(&out, "unknown label nope");
+    assert_eq!(text(&out.stderr).lines().count(), 1, "one line");
 
     let out = dynplug(&["call", "--plugins", base, "wrong-abi", "--label", "x"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("built against plugin-abi 0.0.9"),
-        "{}",
-        text(&out.stderr)
-    );
+    fails_with(&out, "built against plugin-abi 0.0.9");
 
     let out = dynplug(&["call", "--plugins", base, "nope", "--label", "x"]);
-    assert!(
-        text(&out.stderr).contains("nope: no such plugin"),
-        "{}",
-        text(&out.stderr)
-    );
+    fails_with(&out, "nope: no such plugin");
 }
 
 #[test]
@@ -120,12 +116,7 @@ fn call_honours_the_timeout() {
         "--timeout",
         "150ms",
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("deadline exceeded"),
-        "{}",
-        text(&out.stderr)
-    );
+    fails_with(&out, "deadline exceeded");
 }
 
 #[test]
@@ -148,12 +139,7 @@ fn verify_checks_without_running() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     let out = dynplug(&["verify", dir.path().join("wrong-abi").to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("this host needs plugin-abi"),
-        "{}",
-        text(&out.stderr)
-    );
+    fails_with(&out, "this host needs plugin-abi");
 }
 
 /// `dynplug serve` on an ephemeral port: prints where it listens, serves,
@@ -312,9 +298,5 @@ fn third_party_plugin_written_from_the_readme() {
         "--timeout",
         "100ms",
     ]);
-    assert!(
-        text(&out.stderr).contains("deadline exceeded"),
-        "{}",
-        text(&out.stderr)
-    );
+    fails_with(&out, "deadline exceeded");
 }

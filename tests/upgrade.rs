@@ -41,6 +41,16 @@ fn wait_for(events: &mut Receiver<Event>, what: &str, pred: impl Fn(&Event) -> b
     }
 }
 
+/// Waits for the next event of the same kind as `expected` and asserts it is
+/// exactly `expected`.
+fn expect_event(events: &mut Receiver<Event>, expected: Event) {
+    let kind = std::mem::discriminant(&expected);
+    let got = wait_for(events, &format!("{expected:?}"), |e| {
+        std::mem::discriminant(e) == kind
+    });
+    assert_eq!(got, expected);
+}
+
 /// Installs `counter` at `version` answering `generation` (write, then rename
 /// into place) and waits for the upgrade event, which it returns.
 fn upgrade_counter(
@@ -293,29 +303,23 @@ fn new_directories_load_and_removed_ones_unload() {
         Some(&manifest(".hidden", "hello", "1.0.0", "")),
     );
     support::install(dir.path(), "hello");
-    let loaded = wait_for(&mut events, "hello loaded", |e| {
-        matches!(e, Event::Loaded { .. })
-    });
-    assert_eq!(
-        loaded,
+    expect_event(
+        &mut events,
         Event::Loaded {
             plugin: "hello".into(),
-            version: "1.0.0".into()
-        }
+            version: "1.0.0".into(),
+        },
     );
     let (_, hello) = manager.get_plugin("hello").unwrap();
     hello.execute(&mut Context::new("hello.get")).unwrap();
 
     std::fs::rename(dir.path().join("hello"), dir.path().join(".trash")).unwrap();
-    let unloaded = wait_for(&mut events, "hello unloaded", |e| {
-        matches!(e, Event::Unloaded { .. })
-    });
-    assert_eq!(
-        unloaded,
+    expect_event(
+        &mut events,
         Event::Unloaded {
             plugin: "hello".into(),
-            version: "1.0.0".into()
-        }
+            version: "1.0.0".into(),
+        },
     );
     assert!(hello.execute(&mut Context::new("hello.get")).is_err());
     assert_eq!(
@@ -370,15 +374,12 @@ fn inline_versions_are_retained_and_listed() {
         "counter",
         Some(&counter_manifest("2.0.0", "v2", r#""isolation": "inline""#)),
     );
-    let retained = wait_for(&mut events, "retained", |e| {
-        matches!(e, Event::Retained { .. })
-    });
-    assert_eq!(
-        retained,
+    expect_event(
+        &mut events,
         Event::Retained {
             plugin: "counter".into(),
-            version: "1.0.0".into()
-        }
+            version: "1.0.0".into(),
+        },
     );
     assert_eq!(generation(&manager), "v2");
     let info = manager.info("counter").unwrap();

@@ -1,6 +1,7 @@
 //! `dynplug serve` and `dynplug watch`.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use dynplug::serve::{Endpoint, Server};
 use dynplug::{Event, PluginManager};
@@ -20,6 +21,16 @@ fn terminated() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
     })
+}
+
+/// The TCP addresses of a façade: those given, or `127.0.0.1:port` when no
+/// endpoint of that kind (TCP or Unix) was given at all.
+fn tcp_or_default(tcp: &[SocketAddr], unix: &[PathBuf], port: u16) -> Vec<SocketAddr> {
+    if tcp.is_empty() && unix.is_empty() {
+        vec![SocketAddr::from(([127, 0, 0, 1], port))]
+    } else {
+        tcp.to_vec()
+    }
 }
 
 async fn load(plugins: &Path) -> anyhow::Result<PluginManager> {
@@ -46,25 +57,13 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
     let mut server = Server::new(manager.clone())
         .timeout(args.timeout)
         .log_calls(verbose);
-    let default_http = args.http.is_empty() && args.http_unix.is_empty();
-    for addr in args
-        .http
-        .iter()
-        .copied()
-        .chain(default_http.then(|| ([127, 0, 0, 1], 8080).into()))
-    {
+    for addr in tcp_or_default(&args.http, &args.http_unix, 8080) {
         server = server.http(addr);
     }
     for path in args.http_unix {
         server = server.http_unix(path);
     }
-    let default_grpc = args.grpc.is_empty() && args.grpc_unix.is_empty();
-    for addr in args
-        .grpc
-        .iter()
-        .copied()
-        .chain(default_grpc.then(|| ([127, 0, 0, 1], 50051).into()))
-    {
+    for addr in tcp_or_default(&args.grpc, &args.grpc_unix, 50051) {
         server = server.grpc(addr);
     }
     for path in args.grpc_unix {
