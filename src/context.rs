@@ -212,6 +212,11 @@ impl Context {
         self.deadline
     }
 
+    /// Sets the deadline.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
+    }
+
     /// Whether the deadline has passed.
     pub fn is_expired(&self) -> bool {
         self.deadline.is_some_and(|d| Instant::now() >= d)

@@ -152,6 +152,16 @@ impl Isolation {
     }
 }
 
+/// Whether `path` belongs to the HTTP server itself (management API,
+/// metrics) rather than to plugin routes. One rule for the manifest check
+/// and the server's dispatch.
+pub(crate) fn is_reserved_path(path: &str) -> bool {
+    path == "/metrics"
+        || path
+            .strip_prefix("/_dynplug")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// `http_services`: routes served by the HTTP façade.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +330,15 @@ impl Manifest {
                     return fail(
                         &field("route"),
                         format!("expected a path starting with `/`, found `{}`", route.route),
+                    );
+                }
+                if is_reserved_path(&route.route) {
+                    return fail(
+                        &field("route"),
+                        format!(
+                            "`{}` is reserved for dynplug's management API and metrics (`/_dynplug/...`, `/metrics`)",
+                            route.route
+                        ),
                     );
                 }
                 if !METHODS.contains(&route.method.as_str()) {
@@ -544,6 +563,14 @@ mod tests {
                 "http_services.routes[0].route",
             ),
             (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a"},"http_services":{"routes":[{"route":"/_dynplug/plugins","method":"GET","label":"x"}]}}"#,
+                "http_services.routes[0].route",
+            ),
+            (
+                r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"a"},"http_services":{"routes":[{"route":"/metrics","method":"GET","label":"x"}]}}"#,
+                "http_services.routes[0].route",
+            ),
+            (
                 r#"{"name":"p","version":"1.0.0","source":{"mode":"exec","path":"x"}}"#,
                 "source",
             ),
@@ -553,6 +580,21 @@ mod tests {
             let (field, message) = field_of(json);
             assert_eq!(field, want, "{json}: {message}");
             assert!(!message.is_empty());
+        }
+    }
+
+    #[test]
+    fn reserved_paths() {
+        for path in [
+            "/metrics",
+            "/_dynplug",
+            "/_dynplug/",
+            "/_dynplug/plugins/:name",
+        ] {
+            assert!(is_reserved_path(path), "{path}");
+        }
+        for path in ["/", "/metrics/x", "/_dynplugs", "/api/_dynplug", "/metric"] {
+            assert!(!is_reserved_path(path), "{path}");
         }
     }
 

@@ -83,6 +83,15 @@ async fn errors_are_json_with_the_right_status() {
         r.status, 404,
         "a known path with another method is not routed"
     );
+    let r = f.get("/_dynplug/nope").await;
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            404,
+            serde_json::json!({"error": "no route for GET /_dynplug/nope", "plugin": null})
+        ),
+        "the management API answers its own unknown paths the same way"
+    );
 
     let r = f.get("/api/respond/weird").await;
     assert_eq!(r.status, 500);

@@ -77,6 +77,7 @@ impl plugin_server::Plugin for GoPlugin {
         super::call(
             &self.state,
             &executor,
+            None,
             &mut ctx,
             deadline,
             super::Facade::Grpc,

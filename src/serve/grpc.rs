@@ -178,7 +178,15 @@ impl plugins_server::Plugins for Plugins {
         for (key, value) in request.values {
             ctx.set(key, from_proto(value));
         }
-        super::call(&self.0, &executor, &mut ctx, deadline, super::Facade::Grpc).await?;
+        super::call(
+            &self.0,
+            &executor,
+            None,
+            &mut ctx,
+            deadline,
+            super::Facade::Grpc,
+        )
+        .await?;
         let values = ctx
             .into_values()
             .into_iter()

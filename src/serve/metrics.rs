@@ -25,13 +25,13 @@ const BUCKETS: [f64; 14] = [
 /// `+Inf`) and the sum; the count is the sum of the buckets.
 #[derive(Default)]
 #[repr(align(64))]
-struct Histogram {
+pub(crate) struct Histogram {
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_nanos: AtomicU64,
 }
 
 impl Histogram {
-    fn observe(&self, elapsed: Duration) {
+    pub(crate) fn observe(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
         let i = BUCKETS
             .iter()
@@ -61,7 +61,10 @@ impl Facade {
     }
 }
 
-type Histograms = HashMap<String, Arc<[Histogram; 2]>>;
+/// One plugin's request latencies, per [`Facade`].
+pub(crate) type Latency = [Histogram; 2];
+
+type Histograms = HashMap<String, Arc<Latency>>;
 
 /// Request latencies by plugin, then façade. Read on every request, written
 /// once per new plugin: an arc-swapped map (copied on write) keeps the read
@@ -75,15 +78,24 @@ pub(crate) struct Metrics {
 impl Metrics {
     pub(crate) fn observe(&self, plugin: &str, facade: Facade, elapsed: Duration) {
         // Looked up by &str: no allocation once the plugin has been seen.
-        if let Some(histograms) = self.latency.load().get(plugin) {
-            histograms[facade as usize].observe(elapsed);
+        if let Some(latency) = self.latency.load().get(plugin) {
+            latency[facade as usize].observe(elapsed);
             return;
+        }
+        self.latency(plugin)[facade as usize].observe(elapsed);
+    }
+
+    /// The histograms of `plugin`, created on first use: the HTTP route table
+    /// keeps them per route, so a request observes without a lookup.
+    pub(crate) fn latency(&self, plugin: &str) -> Arc<Latency> {
+        if let Some(latency) = self.latency.load().get(plugin) {
+            return Arc::clone(latency);
         }
         let _insert = self.insert.lock().unwrap_or_else(|e| e.into_inner());
         let mut copy = Histograms::clone(&self.latency.load());
-        let histograms = Arc::clone(copy.entry(plugin.to_owned()).or_default());
+        let latency = Arc::clone(copy.entry(plugin.to_owned()).or_default());
         self.latency.store(Arc::new(copy));
-        histograms[facade as usize].observe(elapsed);
+        latency
     }
 
     pub(crate) fn render(&self, manager: &PluginManager) -> String {

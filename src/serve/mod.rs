@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use axum::ServiceExt as _;
 use axum::serve::ListenerExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -164,10 +165,11 @@ impl Server {
     /// [`Error::Bind`] if an endpoint cannot be bound.
     pub async fn start(self) -> Result<Running> {
         let (stop, shutdown) = watch::channel(false);
+        let metrics = Metrics::default();
         let state: State = Arc::new(Shared {
-            routes: ArcSwap::from_pointee(RouteTable::build(&self.manager)),
+            routes: ArcSwap::from_pointee(RouteTable::build(&self.manager, &metrics)),
             manager: self.manager.clone(),
-            metrics: Metrics::default(),
+            metrics,
             timeout: self.timeout,
             log_calls: self.log_calls,
             shutdown: shutdown.clone(),
@@ -180,7 +182,7 @@ impl Server {
             tasks: Vec::new(),
             manager: self.manager,
         };
-        let app = http::router(Arc::clone(&state));
+        let app = http::App::new(Arc::clone(&state));
         for endpoint in &self.http {
             let (bound, task) = serve_http(endpoint, app.clone(), shutdown.clone()).await?;
             running.http.push(bound);
@@ -290,7 +292,7 @@ pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
 
 async fn serve_http(
     endpoint: &Endpoint,
-    app: axum::Router,
+    app: http::App,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(Endpoint, JoinHandle<()>)> {
     match endpoint {
@@ -300,7 +302,8 @@ async fn serve_http(
                 let _ = tcp.set_nodelay(true);
             });
             let task = tokio::spawn(async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(shutdown));
+                let serve = axum::serve(listener, app.clone().into_make_service())
+                    .with_graceful_shutdown(stopped(shutdown));
                 if let Err(e) = serve.await {
                     tracing::error!("http server: {e}");
                 }
@@ -311,7 +314,8 @@ async fn serve_http(
             let listener = bind_unix(path).map_err(|e| bind_error(endpoint, e))?;
             let socket = path.clone();
             let task = tokio::spawn(async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(shutdown));
+                let serve = axum::serve(listener, app.clone().into_make_service())
+                    .with_graceful_shutdown(stopped(shutdown));
                 if let Err(e) = serve.await {
                     tracing::error!("http server: {e}");
                 }
@@ -324,17 +328,23 @@ async fn serve_http(
 
 /// Runs one façade call with its deadline: the context carries it (so the
 /// plugin sees it) and the wait is bounded by it (so a plugin that ignores it
-/// cannot hold the request; dropping the call cancels it).
+/// cannot hold the request; dropping the call cancels it). `latency` is the
+/// plugin's histograms when the caller has them at hand (HTTP routes do).
 pub(crate) async fn call(
     state: &Shared,
     executor: &crate::Executor,
+    latency: Option<&metrics::Latency>,
     ctx: &mut crate::Context,
     timeout: Duration,
     facade: Facade,
 ) -> Result<()> {
     let started = std::time::Instant::now();
     if ctx.deadline().is_none() {
-        *ctx = std::mem::take(ctx).with_timeout(timeout);
+        // From the clock read above: one read fewer per request. A timeout
+        // too large for the clock means no deadline.
+        if let Some(deadline) = started.checked_add(timeout) {
+            ctx.set_deadline(deadline);
+        }
     }
     // Inline code runs inside this poll: a timer could not interrupt it, and
     // the plugin sees the deadline through its context.
@@ -356,9 +366,12 @@ pub(crate) async fn call(
             }
         }
     };
-    state
-        .metrics
-        .observe(executor.name(), facade, started.elapsed());
+    match latency {
+        Some(latency) => latency[facade as usize].observe(started.elapsed()),
+        None => state
+            .metrics
+            .observe(executor.name(), facade, started.elapsed()),
+    }
     if state.log_calls {
         match &result {
             Ok(()) => tracing::info!(

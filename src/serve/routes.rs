@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::State;
+use super::metrics::{Latency, Metrics};
 use crate::manifest::Route;
-use crate::{Executor, PluginManager, PluginState};
+use crate::{Executor, PluginManager, PluginState, Value};
 
 /// Where a matched request goes.
 #[derive(Clone)]
@@ -19,10 +20,8 @@ pub(crate) struct Target {
     pub(crate) label: String,
     pub(crate) timeout: Option<Duration>,
     pub(crate) executor: Executor,
+    pub(crate) latency: Arc<Latency>,
 }
-
-/// Path parameters of a matched route, decoded.
-pub(crate) type Params = Vec<(String, String)>;
 
 #[derive(Default)]
 pub(crate) struct RouteTable {
@@ -45,7 +44,7 @@ fn pattern(route: &str) -> String {
 }
 
 impl RouteTable {
-    pub(crate) fn build(manager: &PluginManager) -> RouteTable {
+    pub(crate) fn build(manager: &PluginManager, metrics: &Metrics) -> RouteTable {
         let mut table = RouteTable::default();
         for info in manager.list() {
             if info.state != PluginState::Loaded {
@@ -54,12 +53,14 @@ impl RouteTable {
             let Ok((manifest, executor)) = manager.get_plugin(&info.name) else {
                 continue;
             };
+            let latency = metrics.latency(&info.name);
             for route in manifest.routes() {
                 let target = Arc::new(Target {
                     plugin: info.name.clone(),
                     label: route.label.clone(),
                     timeout: route.timeout_ms.map(Duration::from_millis),
                     executor: executor.clone(),
+                    latency: Arc::clone(&latency),
                 });
                 let router = table.by_method.entry(route.method.clone()).or_default();
                 // The manager refuses plugins whose routes clash; what matchit
@@ -79,15 +80,15 @@ impl RouteTable {
         table
     }
 
-    /// The target of `method path`, with the path parameters.
-    pub(crate) fn lookup(&self, method: &str, path: &str) -> Option<(Arc<Target>, Params)> {
+    /// The target of `method path`, with the path parameters (decoded) as
+    /// the `params` map value.
+    pub(crate) fn lookup(&self, method: &str, path: &str) -> Option<(Arc<Target>, Value)> {
         let matched = self.by_method.get(method)?.at(path).ok()?;
-        let params = matched
-            .params
-            .iter()
-            .map(|(k, v)| (k.to_owned(), super::http::decode(v, false)))
-            .collect();
-        Some((Arc::clone(matched.value), params))
+        let mut params = std::collections::BTreeMap::new();
+        for (k, v) in matched.params.iter() {
+            params.insert(k.to_owned(), Value::String(super::http::decode(v, false)));
+        }
+        Some((Arc::clone(matched.value), Value::Map(params)))
     }
 }
 
@@ -98,12 +99,12 @@ pub(crate) async fn follow(state: State) {
     // Anything that happened between the first build and the subscription.
     state
         .routes
-        .store(Arc::new(RouteTable::build(&state.manager)));
+        .store(Arc::new(RouteTable::build(&state.manager, &state.metrics)));
     loop {
         tokio::select! {
             event = events.recv() => match event {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
-                    state.routes.store(Arc::new(RouteTable::build(&state.manager)));
+                    state.routes.store(Arc::new(RouteTable::build(&state.manager, &state.metrics)));
                 }
                 Err(RecvError::Closed) => return,
             },
