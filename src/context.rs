@@ -47,7 +47,8 @@ impl CancelToken {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Context {
-    label: String,
+    // Inline up to 24 bytes: labels are short, and a façade call copies its label.
+    label: CompactString,
     // foldhash: a context is a handful of short keys read a few times per
     // call, where SipHash costs more than the lookup itself (see benches/call.rs).
     // Keys are short: CompactString keeps up to 24 bytes inline, which saves
@@ -61,15 +62,15 @@ pub struct Context {
 
 impl Context {
     /// A context for a call with `label`, without values or deadline.
-    pub fn new(label: impl Into<String>) -> Self {
+    pub fn new(label: impl AsRef<str>) -> Self {
         Self {
-            label: label.into(),
+            label: CompactString::new(label.as_ref()),
             ..Self::default()
         }
     }
 
     /// A context for `label` with room for `values` values without rehashing.
-    pub fn with_capacity(label: impl Into<String>, values: usize) -> Self {
+    pub fn with_capacity(label: impl AsRef<str>, values: usize) -> Self {
         let mut ctx = Self::new(label);
         ctx.values.reserve(values);
         ctx
@@ -110,8 +111,8 @@ impl Context {
     }
 
     /// Replaces the label.
-    pub fn set_label(&mut self, label: impl Into<String>) {
-        self.label = label.into();
+    pub fn set_label(&mut self, label: impl AsRef<str>) {
+        self.label = CompactString::new(label.as_ref());
     }
 
     /// The value under `key`.

@@ -352,15 +352,16 @@ pub(crate) async fn call(
         Some(result) => result,
         None => {
             let wait = ctx.remaining().unwrap_or(timeout);
-            // The call owns the context while it runs: keep what the error needs.
-            let label = ctx.label().to_owned();
+            // The call owns the context while it runs: keep what the error
+            // needs (inline, no allocation, for labels up to 24 bytes).
+            let label = compact_str::CompactString::new(ctx.label());
             match tokio::time::timeout(wait, executor.execute_async(ctx)).await {
                 Ok(result) => result,
                 Err(_) => {
-                    ctx.set_label(label.clone());
+                    ctx.set_label(&label);
                     Err(Error::DeadlineExceeded {
                         plugin: executor.name().to_owned(),
-                        label,
+                        label: label.into_string(),
                     })
                 }
             }
