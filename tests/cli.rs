@@ -95,6 +95,28 @@ fn call_prints_values_as_json_and_fails_with_one_line() {
     fails_with(&out, "unknown label nope");
     assert_eq!(text(&out.stderr).lines().count(), 1, "one line");
 
+    // The manager's options are accepted by every command that loads plugins.
+    let out = dynplug(&[
+        "call",
+        "--plugins",
+        base,
+        "--pool-size",
+        "1",
+        "--drain-timeout",
+        "2s",
+        "hello",
+        "--label",
+        "hello.get",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = dynplug(&["list", "--plugins", base, "--drain-timeout", "soon"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--drain-timeout"),
+        "{}",
+        text(&out.stderr)
+    );
+
     let out = dynplug(&["call", "--plugins", base, "wrong-abi", "--label", "x"]);
     fails_with(&out, "built against plugin-abi 0.0.9");
 

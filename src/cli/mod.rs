@@ -23,11 +23,36 @@ pub(crate) struct Args {
     command: Command,
 }
 
+/// Where the plugins are and how the manager runs them.
 #[derive(Debug, clap::Args)]
 struct PluginsDir {
     /// The plugins directory.
     #[arg(long, env = "DYNPLUG_PLUGINS_DIR", default_value = "plugins")]
     plugins: PathBuf,
+    /// Worker threads of each `pooled` plugin version (default 2).
+    #[arg(long, env = "DYNPLUG_POOL_SIZE", value_name = "THREADS")]
+    pool_size: Option<usize>,
+    /// How long a replaced or unloaded version may finish its calls before it
+    /// is reported leaked (default 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Accept a lower version over a serving one (refused by default).
+    #[arg(long)]
+    allow_downgrades: bool,
+}
+
+impl PluginsDir {
+    fn manager(&self) -> dynplug::Result<PluginManager> {
+        let mut builder =
+            PluginManager::builder(&self.plugins).allow_downgrades(self.allow_downgrades);
+        if let Some(threads) = self.pool_size {
+            builder = builder.pool_size(threads);
+        }
+        if let Some(timeout) = self.drain_timeout {
+            builder = builder.drain_timeout(timeout);
+        }
+        builder.build()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,14 +151,14 @@ pub(crate) fn init_logging(args: &Args) {
 
 pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
-        Command::List { dir, json } => list(&dir.plugins, json),
+        Command::List { dir, json } => list(&dir, json),
         Command::Call {
             dir,
             name,
             label,
             values,
             timeout,
-        } => call(&dir.plugins, &name, &label, &values, timeout),
+        } => call(&dir, &name, &label, &values, timeout),
         Command::Verify { dir } => {
             let manifest = dynplug::verify(&dir)?;
             println!(
@@ -151,11 +176,16 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             let verbose = args.verbose > 0;
             runtime()?.block_on(serve::run(serve, verbose))
         }
-        Command::Watch { dir } => runtime()?.block_on(serve::watch(&dir.plugins)),
+        Command::Watch { dir } => runtime()?.block_on(serve::watch(&dir)),
         Command::Demo { http, grpc } => {
             let plugins = demo::build_samples()?;
             let serve = ServeArgs {
-                dir: PluginsDir { plugins },
+                dir: PluginsDir {
+                    plugins,
+                    pool_size: None,
+                    drain_timeout: None,
+                    allow_downgrades: false,
+                },
                 http: vec![http],
                 http_unix: Vec::new(),
                 grpc: vec![grpc],
@@ -175,8 +205,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn list(plugins: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
-    let manager = PluginManager::new(plugins)?;
+fn list(dir: &PluginsDir, json: bool) -> anyhow::Result<ExitCode> {
+    let manager = dir.manager()?;
     manager.load_plugins()?;
     let rows = manager.list();
     if json {
@@ -220,7 +250,7 @@ pub(crate) fn print_table(rows: &[PluginInfo]) {
 }
 
 fn call(
-    plugins: &std::path::Path,
+    dir: &PluginsDir,
     name: &str,
     label: &str,
     values: &[String],
@@ -238,7 +268,7 @@ fn call(
     if let Some(timeout) = timeout {
         ctx = ctx.with_timeout(timeout);
     }
-    let manager = PluginManager::new(plugins)?;
+    let manager = dir.manager()?;
     manager.load_plugin(name)?;
     let (_, executor) = manager.get_plugin(name)?;
     executor

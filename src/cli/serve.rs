@@ -1,13 +1,13 @@
 //! `dynplug serve` and `dynplug watch`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use dynplug::serve::{Endpoint, Server};
 use dynplug::{Event, PluginManager};
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::ServeArgs;
+use super::{PluginsDir, ServeArgs};
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
 /// called, not when it is awaited: call it before announcing the server, or a
@@ -33,8 +33,9 @@ fn tcp_or_default(tcp: &[SocketAddr], unix: &[PathBuf], port: u16) -> Vec<Socket
     }
 }
 
-async fn load(plugins: &Path) -> anyhow::Result<PluginManager> {
-    let manager = PluginManager::new(plugins)?;
+async fn load(dir: &PluginsDir) -> anyhow::Result<PluginManager> {
+    let plugins = &dir.plugins;
+    let manager = dir.manager()?;
     let loader = manager.clone();
     let report = tokio::task::spawn_blocking(move || loader.load_plugins()).await??;
     eprintln!(
@@ -48,7 +49,7 @@ async fn load(plugins: &Path) -> anyhow::Result<PluginManager> {
 
 pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::process::ExitCode> {
     let terminated = terminated()?;
-    let manager = load(&args.dir.plugins).await?;
+    let manager = load(&args.dir).await?;
     let watcher = if args.watch {
         Some(manager.watch()?)
     } else {
@@ -107,9 +108,10 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-pub(crate) async fn watch(plugins: &Path) -> anyhow::Result<std::process::ExitCode> {
+pub(crate) async fn watch(dir: &PluginsDir) -> anyhow::Result<std::process::ExitCode> {
     let terminated = terminated()?;
-    let manager = load(plugins).await?;
+    let plugins = &dir.plugins;
+    let manager = load(dir).await?;
     let mut events = manager.subscribe();
     let watcher = manager.watch()?;
     eprintln!(
