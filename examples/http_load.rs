@@ -48,6 +48,9 @@ struct Args {
     /// Isolation of the hello plugin: pooled or inline.
     #[arg(long, default_value = "pooled")]
     isolation: String,
+    /// Worker threads of the pooled version.
+    #[arg(long, default_value_t = 2)]
+    pool_size: usize,
     /// Only serve for this many seconds (print both addresses) so an external
     /// load generator can drive them, e.g. `wrk -t1 -c16 -d5s URL`.
     #[arg(long)]
@@ -270,7 +273,10 @@ fn main() {
             );
     support::install_as(dir.path(), "hello", "hello", Some(&manifest));
     assert!(lib.exists());
-    let manager = PluginManager::new(dir.path()).unwrap();
+    let manager = PluginManager::builder(dir.path())
+        .pool_size(args.pool_size)
+        .build()
+        .unwrap();
     assert!(manager.load_plugins().unwrap().failed.is_empty());
     let socket = dir.path().join(".grpc.sock");
     let bare_socket = dir.path().join(".bare-grpc.sock");
