@@ -301,3 +301,59 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
         "no longer listening"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_facade_mounts_in_a_hosts_own_axum_app() {
+    let dir = tempfile::tempdir().unwrap();
+    support::install(dir.path(), "hello");
+    let manager = dynplug::PluginManager::new(dir.path()).unwrap();
+    manager.load_plugins().unwrap();
+    // No endpoints of its own: the host serves HTTP.
+    let running = dynplug::serve::Server::new(manager.clone())
+        .start()
+        .await
+        .unwrap();
+    assert!(running.http_endpoints().is_empty());
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "the host's page" }))
+        .nest_service("/plugins", running.http_service())
+        .fallback_service(running.http_service());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let get = |path: &'static str| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        exchange(stream, "GET", path, &[], b"").await
+    };
+
+    assert_eq!(get("/").await.body, b"the host's page");
+    for path in ["/api/hello/Ada", "/plugins/api/hello/Ada"] {
+        let r = get(path).await;
+        assert_eq!(
+            (r.status, r.json()["greeting"].clone()),
+            (200, "hello, Ada".into()),
+            "{path}"
+        );
+    }
+    let r = get("/plugins/_dynplug/plugins").await;
+    assert_eq!(r.json()[0]["name"], "hello");
+    assert!(
+        String::from_utf8_lossy(&get("/metrics").await.body)
+            .contains("dynplug_calls_total{plugin=\"hello\"} 2")
+    );
+
+    // The mounted service follows the plugin out and back in.
+    manager.unload("hello").unwrap();
+    eventually("the route is unmounted", || async {
+        get("/api/hello/Ada").await.status == 404
+    })
+    .await;
+    manager.load_plugin("hello").unwrap();
+    eventually("the route is back", || async {
+        get("/api/hello/Ada").await.status == 200
+    })
+    .await;
+
+    running.shutdown().await;
+    server.abort();
+}

@@ -17,18 +17,39 @@ use axum::routing::get;
 use super::{State, admin};
 use crate::{Context, Error, Value};
 
-/// The HTTP service: the management API and `/metrics` go through an axum
-/// router, every other request straight to the façade, so a plugin route
-/// pays for one routing pass (the route table's), not two, and no boxed
-/// fallback route is cloned per request.
+/// The HTTP façade as a tower service, to mount in a host's own axum app
+/// (from [`Running::http_service`](super::Running::http_service)): plugin
+/// routes, the management API under `/_dynplug/` and `/metrics`.
+///
+/// ```no_run
+/// # async fn run(manager: dynplug::PluginManager) -> Result<(), Box<dyn std::error::Error>> {
+/// // No endpoints: the host serves HTTP itself.
+/// let running = dynplug::serve::Server::new(manager).start().await?;
+/// let app = axum::Router::new()
+///     .route("/", axum::routing::get(|| async { "the host's own page" }))
+///     .fallback_service(running.http_service());
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// axum::serve(listener, app).await?;
+/// # Ok(()) }
+/// ```
+///
+/// Internally, the management API and `/metrics` go through an axum router
+/// and every other request straight to the façade, so a plugin route pays
+/// for one routing pass (the route table's), not two.
 #[derive(Clone)]
-pub(crate) struct App {
+pub struct HttpService {
     state: State,
     management: Router,
 }
 
-impl App {
-    pub(crate) fn new(state: State) -> App {
+impl std::fmt::Debug for HttpService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpService").finish_non_exhaustive()
+    }
+}
+
+impl HttpService {
+    pub(crate) fn new(state: State) -> HttpService {
         let management = Router::new()
             .nest("/_dynplug", admin::router())
             // `nest` matches `/_dynplug` but not the trailing-slash form people type.
@@ -39,11 +60,11 @@ impl App {
                 error_json(StatusCode::NOT_FOUND, &message, None)
             })
             .with_state(Arc::clone(&state));
-        App { state, management }
+        HttpService { state, management }
     }
 }
 
-impl tower_service::Service<Request> for App {
+impl tower_service::Service<Request> for HttpService {
     type Response = Response;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;

@@ -37,6 +37,7 @@ use tokio::task::JoinHandle;
 use crate::PluginManager;
 use crate::error::{Error, Result};
 pub use grpc::{PLUGIN_METADATA, from_proto, to_proto};
+pub use http::HttpService;
 use metrics::{Facade, Metrics};
 use routes::RouteTable;
 
@@ -175,14 +176,15 @@ impl Server {
             shutdown: shutdown.clone(),
         });
         let mut tasks = vec![tokio::spawn(routes::follow(Arc::clone(&state)))];
+        let app = http::HttpService::new(Arc::clone(&state));
         let mut running = Running {
             http: Vec::new(),
             grpc: Vec::new(),
             stop,
             tasks: Vec::new(),
             manager: self.manager,
+            http_service: app.clone(),
         };
-        let app = http::App::new(Arc::clone(&state));
         for endpoint in &self.http {
             let (bound, task) = serve_http(endpoint, app.clone(), shutdown.clone()).await?;
             running.http.push(bound);
@@ -213,9 +215,19 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     manager: PluginManager,
+    http_service: HttpService,
 }
 
 impl Running {
+    /// The HTTP façade as a tower service, for a host that serves HTTP
+    /// itself: mount it in an axum `Router` (`fallback_service`,
+    /// `nest_service`) or serve it with hyper. It follows plugins as they
+    /// load, upgrade and unload, like the façade on the server's own
+    /// endpoints; [`shutdown`](Self::shutdown) ends its event streams.
+    pub fn http_service(&self) -> HttpService {
+        self.http_service.clone()
+    }
+
     /// Where HTTP is served (actual ports, when 0 was asked).
     pub fn http_endpoints(&self) -> &[Endpoint] {
         &self.http
@@ -292,7 +304,7 @@ pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
 
 async fn serve_http(
     endpoint: &Endpoint,
-    app: http::App,
+    app: HttpService,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(Endpoint, JoinHandle<()>)> {
     match endpoint {
