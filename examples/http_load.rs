@@ -1,13 +1,14 @@
 //! Façade throughput and latency, against a bare axum handler in the same run.
 //!
-//! Run: `cargo run --release --example http_load -- --seconds 5 --connections 16`
+//! Run: `cargo run --release --example http_load -- --seconds 2 --rounds 5 [--isolation inline]`
 //!
 //! Serves the `hello` sample through `dynplug::serve` (HTTP on TCP, gRPC on a
 //! Unix socket) and, beside it, a bare axum app whose handler does the same
 //! work (`/api/hello/{name}` → `{"greeting": "hello, <name>"}`). A keep-alive
-//! HTTP/1.1 load generator drives each in turn (alternating, best of
-//! `--rounds`), then sequential gRPC `Exec` calls over Unix sockets measure
-//! the unary round trip with a current-thread client, against a bare tonic
+//! HTTP/1.1 load generator drives both in every round, back to back (which
+//! goes first alternates); the median of the rounds' ratios is the figure.
+//! Then sequential gRPC `Exec` calls over Unix sockets measure the unary
+//! round trip with a current-thread client, against a bare tonic
 //! service doing the same work.
 //!
 //! Each round also counts heap allocations per request in this process (the
@@ -34,13 +35,13 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 #[derive(Parser)]
 struct Args {
     /// Seconds per measurement.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 2)]
     seconds: u64,
     /// Concurrent keep-alive connections.
     #[arg(long, default_value_t = 16)]
     connections: usize,
-    /// Alternating rounds per server; the best round counts.
-    #[arg(long, default_value_t = 2)]
+    /// Rounds, each driving both servers back to back; the median ratio counts.
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Sequential gRPC Exec calls.
     #[arg(long, default_value_t = 20_000)]
@@ -308,17 +309,28 @@ fn main() {
         runtime.block_on(running.shutdown());
         return;
     }
+    // Each round drives both servers back to back, first one then the other
+    // (alternating which goes first): their ratio is the round's figure, and
+    // the median over rounds is the one to quote (the machine's noise moves
+    // both servers of a round alike, rounds apart).
     let (mut best_bare, mut best_dynplug): (Option<Stats>, Option<Stats>) = (None, None);
+    let mut ratios = Vec::new();
     for round in 1..=args.rounds {
-        for (name, addr, best) in [
-            ("bare axum", bare_addr, &mut best_bare),
-            ("dynplug ", dynplug_addr, &mut best_dynplug),
-        ] {
+        let mut rates = [0.0; 2];
+        let mut order = [
+            (0, "bare axum", bare_addr, &mut best_bare),
+            (1, "dynplug ", dynplug_addr, &mut best_dynplug),
+        ];
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for (i, name, addr, best) in order {
             let stats = runtime.block_on(load(addr, args.seconds, args.connections));
             println!(
                 "round {round} {name}: {:>9.0} req/s  p50 {:>9.1?}  p99 {:>9.1?}  ({} requests, {:.1} allocations each)",
                 stats.per_second, stats.p50, stats.p99, stats.requests, stats.allocations
             );
+            rates[i] = stats.per_second;
             if best
                 .as_ref()
                 .is_none_or(|b| stats.per_second > b.per_second)
@@ -326,15 +338,20 @@ fn main() {
                 *best = Some(stats);
             }
         }
+        ratios.push(rates[1] / rates[0]);
     }
+    ratios.sort_by(f64::total_cmp);
     let (bare, dynplug) = (best_bare.unwrap(), best_dynplug.unwrap());
     println!(
-        "HTTP façade ({} plugin, {} connections): {:.0} req/s vs bare axum {:.0} req/s = {:.2}x; p99 {:?} vs {:?}; allocations per request {:.1} vs {:.1}",
+        "HTTP façade ({} plugin, {} connections): median of {} rounds {:.2}x bare axum (range {:.2}–{:.2}); best rounds {:.0} vs {:.0} req/s; p99 {:?} vs {:?}; allocations per request {:.1} vs {:.1}",
         args.isolation,
         args.connections,
+        ratios.len(),
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1],
         dynplug.per_second,
         bare.per_second,
-        dynplug.per_second / bare.per_second,
         dynplug.p99,
         bare.p99,
         dynplug.allocations,
