@@ -41,8 +41,8 @@ struct Args {
     #[arg(long, default_value_t = 16)]
     connections: usize,
     /// Rounds, each driving both servers back to back; the median ratio counts.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
     /// Sequential gRPC Exec calls.
     #[arg(long, default_value_t = 20_000)]
     grpc_calls: usize,

@@ -179,6 +179,8 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
             "--grpc",
             "127.0.0.1:0",
             "--watch",
+            "--pool-size",
+            "3",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -208,6 +210,14 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
         response.ends_with(r#"{"greeting":"hello, cli"}"#),
         "{response}"
     );
+
+    // `--pool-size` reached the manager: three workers per pooled version.
+    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.starts_with("dynplug-hello-"))
+        .count();
+    assert_eq!(workers, 3, "worker threads of the pooled hello");
 
     // As an operator would.
     let status = Command::new("kill")

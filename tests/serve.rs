@@ -317,6 +317,7 @@ async fn the_http_facade_mounts_in_a_hosts_own_axum_app() {
     let app = axum::Router::new()
         .route("/", axum::routing::get(|| async { "the host's page" }))
         .nest_service("/plugins", running.http_service())
+        .nest_service("/public", running.http_service().without_management())
         .fallback_service(running.http_service());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -337,9 +338,21 @@ async fn the_http_facade_mounts_in_a_hosts_own_axum_app() {
     }
     let r = get("/plugins/_dynplug/plugins").await;
     assert_eq!(r.json()[0]["name"], "hello");
+    // The page works under a prefix: relative URLs, and a relative redirect to it.
+    let page = String::from_utf8(get("/plugins/_dynplug/").await.body).unwrap();
+    assert!(page.contains("fetch('plugins')") && !page.contains("'/_dynplug"));
+    let r = get("/plugins/_dynplug").await;
+    assert_eq!((r.status, r.header("location")), (308, Some("_dynplug/")));
+    // Without management: plugin routes only.
+    assert_eq!(get("/public/api/hello/Ada").await.status, 200);
+    for path in ["/public/_dynplug/plugins", "/public/metrics"] {
+        let r = get(path).await;
+        assert_eq!(r.status, 404, "{path}");
+        assert!(r.json()["error"].as_str().unwrap().starts_with("no route"));
+    }
     assert!(
         String::from_utf8_lossy(&get("/metrics").await.body)
-            .contains("dynplug_calls_total{plugin=\"hello\"} 2")
+            .contains("dynplug_calls_total{plugin=\"hello\"} 3")
     );
 
     // The mounted service follows the plugin out and back in.
@@ -354,6 +367,15 @@ async fn the_http_facade_mounts_in_a_hosts_own_axum_app() {
     })
     .await;
 
+    // After shutdown, the mounted service refuses rather than serving from
+    // unloaded plugins or reloading them.
     running.shutdown().await;
+    let r = get("/api/hello/Ada").await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (503, "the dynplug server has shut down".into())
+    );
+    assert_eq!(get("/_dynplug/health").await.status, 503);
+    assert_eq!(get("/").await.body, b"the host's page");
     server.abort();
 }

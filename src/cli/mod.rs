@@ -30,8 +30,8 @@ struct PluginsDir {
     #[arg(long, env = "DYNPLUG_PLUGINS_DIR", default_value = "plugins")]
     plugins: PathBuf,
     /// Worker threads of each `pooled` plugin version (default 2).
-    #[arg(long, env = "DYNPLUG_POOL_SIZE", value_name = "THREADS")]
-    pool_size: Option<usize>,
+    #[arg(long, env = "DYNPLUG_POOL_SIZE", value_name = "THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pool_size: Option<u16>,
     /// How long a replaced or unloaded version may finish its calls before it
     /// is reported leaked (default 30s).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -46,7 +46,7 @@ impl PluginsDir {
         let mut builder =
             PluginManager::builder(&self.plugins).allow_downgrades(self.allow_downgrades);
         if let Some(threads) = self.pool_size {
-            builder = builder.pool_size(threads);
+            builder = builder.pool_size(threads.into());
         }
         if let Some(timeout) = self.drain_timeout {
             builder = builder.drain_timeout(timeout);

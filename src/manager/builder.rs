@@ -77,11 +77,12 @@ impl Builder {
     }
 
     /// How long the watcher waits after the last change under a plugin
-    /// directory before loading it (default 25 ms); a failed load is retried
-    /// once after eight times as long, in case the file was still being written.
+    /// directory before loading it (default 25 ms, at most an hour); a failed
+    /// load is retried once after eight times as long, in case the file was
+    /// still being written.
     #[must_use]
     pub fn settle_time(mut self, settle: Duration) -> Self {
-        self.settle = settle;
+        self.settle = settle.min(Duration::from_secs(3600));
         self
     }
 

@@ -71,12 +71,13 @@ impl PluginManager {
         if !serving {
             slot.status().state = PluginState::Draining;
         }
-        let deadline = Instant::now() + self.inner.drain_timeout;
+        // A timeout too large for the clock means no deadline, not a panic.
+        let deadline = Instant::now().checked_add(self.inner.drain_timeout);
         let mut pause = Duration::from_micros(50);
         // Every running call holds a clone of the Arc; calls whose caller
         // gave up still count as busy. Wait for both.
         while Arc::strong_count(&old) > 1 || old.busy() > 0 {
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 let running = (Arc::strong_count(&old) - 1).max(old.busy());
                 let reason = format!(
                     "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",

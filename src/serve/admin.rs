@@ -18,7 +18,6 @@ use crate::{Error, PluginInfo, PluginState};
 
 pub(crate) fn router() -> Router<State> {
     Router::new()
-        .route("/", get(page))
         .route("/health", get(health))
         .route("/plugins", get(list))
         .route("/plugins/{name}", get(one).delete(unload))

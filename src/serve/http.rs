@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Request, State as Extract};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 
 use super::{State, admin};
@@ -33,13 +33,20 @@ use crate::{Context, Error, Value};
 /// # Ok(()) }
 /// ```
 ///
+/// The management API can reload and unload plugins and has no
+/// authentication: mount the service where only operators reach it, or take
+/// [`without_management`](Self::without_management) for a public listener.
+/// Under `nest_service`, plugins see the path after the prefix (`path`
+/// value, route matching).
+///
 /// Internally, the management API and `/metrics` go through an axum router
 /// and every other request straight to the façade, so a plugin route pays
 /// for one routing pass (the route table's), not two.
 #[derive(Clone)]
 pub struct HttpService {
-    state: State,
-    management: Router,
+    pub(super) state: State,
+    /// `None`: the reserved paths answer 404 like any unknown route.
+    management: Option<Router>,
 }
 
 impl std::fmt::Debug for HttpService {
@@ -52,15 +59,32 @@ impl HttpService {
     pub(crate) fn new(state: State) -> HttpService {
         let management = Router::new()
             .nest("/_dynplug", admin::router())
-            // `nest` matches `/_dynplug` but not the trailing-slash form people type.
+            // The page uses relative URLs (so it works wherever a host mounts
+            // the service): it lives at `/_dynplug/`, and `/_dynplug` redirects
+            // there, relatively, for the same reason.
             .route("/_dynplug/", get(admin::page))
+            .route(
+                "/_dynplug",
+                get(|| async { Redirect::permanent("_dynplug/") }),
+            )
             .route("/metrics", get(metrics))
             .fallback(|request: Request| async move {
                 let message = format!("no route for {} {}", request.method(), request.uri().path());
                 error_json(StatusCode::NOT_FOUND, &message, None)
             })
             .with_state(Arc::clone(&state));
-        HttpService { state, management }
+        HttpService {
+            state,
+            management: Some(management),
+        }
+    }
+
+    /// The same service with only the plugin routes: `/_dynplug/...` and
+    /// `/metrics` answer 404 like any unknown path.
+    #[must_use]
+    pub fn without_management(mut self) -> HttpService {
+        self.management = None;
+        self
     }
 }
 
@@ -74,11 +98,28 @@ impl tower_service::Service<Request> for HttpService {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        if crate::manifest::is_reserved_path(request.uri().path()) {
-            Box::pin(self.management.call(request))
-        } else {
-            let state = Arc::clone(&self.state);
-            Box::pin(async move { Ok(facade(state, request).await) })
+        if self
+            .state
+            .stopped
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let response = error_json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the dynplug server has shut down",
+                None,
+            );
+            return Box::pin(std::future::ready(Ok(response)));
+        }
+        match &mut self.management {
+            // An axum `Router` is always ready: `call` without `poll_ready`
+            // is within its contract.
+            Some(management) if crate::manifest::is_reserved_path(request.uri().path()) => {
+                Box::pin(management.call(request))
+            }
+            _ => {
+                let state = Arc::clone(&self.state);
+                Box::pin(async move { Ok(facade(state, request).await) })
+            }
         }
     }
 }

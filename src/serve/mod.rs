@@ -92,6 +92,10 @@ pub(crate) struct Shared {
     timeout: Duration,
     log_calls: bool,
     shutdown: watch::Receiver<bool>,
+    /// Set by `Running::shutdown` once the server's own endpoints have
+    /// drained, before plugins unload: a service a host mounted answers 503
+    /// from then on. (An atomic load per request, not the watch's lock.)
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 type State = Arc<Shared>;
@@ -174,6 +178,7 @@ impl Server {
             timeout: self.timeout,
             log_calls: self.log_calls,
             shutdown: shutdown.clone(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         });
         let mut tasks = vec![tokio::spawn(routes::follow(Arc::clone(&state)))];
         let app = http::HttpService::new(Arc::clone(&state));
@@ -221,9 +226,10 @@ pub struct Running {
 impl Running {
     /// The HTTP façade as a tower service, for a host that serves HTTP
     /// itself: mount it in an axum `Router` (`fallback_service`,
-    /// `nest_service`) or serve it with hyper. It follows plugins as they
-    /// load, upgrade and unload, like the façade on the server's own
-    /// endpoints; [`shutdown`](Self::shutdown) ends its event streams.
+    /// `nest_service`). It follows plugins as they load, upgrade and unload,
+    /// like the façade on the server's own endpoints;
+    /// [`shutdown`](Self::shutdown) ends its event streams and, once the
+    /// server's own endpoints have drained, makes it answer 503.
     pub fn http_service(&self) -> HttpService {
         self.http_service.clone()
     }
@@ -239,12 +245,18 @@ impl Running {
     }
 
     /// Stops accepting, lets in-flight requests finish, then drains and
-    /// unloads every plugin.
+    /// unloads every plugin. A service from [`http_service`](Self::http_service)
+    /// that a host still serves answers 503 from the moment plugins start
+    /// unloading (its event streams end at once).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
+        self.http_service
+            .state
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let manager = self.manager;
         let _ = tokio::task::spawn_blocking(move || manager.unload_all()).await;
     }
