@@ -426,6 +426,43 @@ fn deadline_stops_a_slow_plugin() {
 }
 
 #[test]
+fn a_call_whose_deadline_passes_in_the_queue_is_not_started() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "slow");
+    let manager = PluginManager::builder(dir.path())
+        .pool_size(1)
+        .build()
+        .unwrap();
+    manager.load_plugins().unwrap();
+    let (_, slow) = manager.get_plugin("slow").unwrap();
+    // Occupies the only worker for 400 ms.
+    let busy = {
+        let slow = slow.clone();
+        std::thread::spawn(move || {
+            let mut ctx = Context::new("spin").with("max_ms", 400);
+            slow.execute(&mut ctx)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    for _ in 0..3 {
+        let mut ctx = Context::new("spin").with_timeout(Duration::from_millis(50));
+        let err = slow.execute(&mut ctx).unwrap_err();
+        assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
+    }
+    busy.join().unwrap().unwrap();
+    // The three expired calls were dequeued without running the plugin: this
+    // call is the second one the plugin started.
+    let mut ctx = Context::new("count");
+    slow.execute(&mut ctx).unwrap();
+    assert_eq!(ctx.get_i64("started"), Some(2));
+    assert_eq!(
+        manager.info("slow").unwrap().calls.errors,
+        3,
+        "they still count as failed calls"
+    );
+}
+
+#[test]
 fn cancel_from_another_thread_stops_a_slow_plugin() {
     for isolation in ["pooled", "inline"] {
         let dir = tempfile::tempdir().unwrap();

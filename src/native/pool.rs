@@ -108,7 +108,17 @@ fn work(library: &Library, jobs: &Receiver<Job>, calls: &AtomicUsize) {
     for job in jobs {
         match job {
             Job::Execute { mut ctx, reply } => {
-                let outcome = library.execute(&mut ctx);
+                // A call whose caller gave up while it waited in the queue
+                // (deadline passed, cancelled) is not started: under overload
+                // the queue would otherwise fill with work nobody waits for.
+                // The caller's result is DeadlineExceeded / Cancelled.
+                let outcome = if ctx.is_cancelled() {
+                    Outcome::Error(
+                        "not started: the call was cancelled or past its deadline".into(),
+                    )
+                } else {
+                    library.execute(&mut ctx)
+                };
                 calls.fetch_sub(1, Ordering::AcqRel);
                 match reply {
                     Reply::Blocking(tx) => {

@@ -1,11 +1,20 @@
 //! Failure fixture: loops until the call is cancelled or past its deadline
-//! (or `max_ms`, default 10 s, as a safety net).
+//! (or `max_ms`, default 10 s, as a safety net). Label `count` returns how
+//! many calls this copy has started, itself included, without looping.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use plugin_abi::{Context, PluginError, export_plugin};
 
+static STARTED: AtomicI64 = AtomicI64::new(0);
+
 fn execute(ctx: &mut Context) -> Result<(), PluginError> {
+    let started = STARTED.fetch_add(1, Ordering::Relaxed) + 1;
+    if ctx.label() == "count" {
+        ctx.set("started", started);
+        return Ok(());
+    }
     // `max_ms` as a value, or in the query string when called over HTTP.
     let from_query = ctx
         .get("query")
