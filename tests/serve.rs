@@ -53,6 +53,10 @@ async fn routes_map_requests_to_plugins_and_responses_back() {
     );
     let r = f.get("/api/respond/none?status=202").await;
     assert_eq!(r.status, 202);
+    // HEAD is served by the GET route: same status and headers, no body.
+    let r = f.request("HEAD", "/api/hello/Ada", &[], b"").await;
+    assert_eq!((r.status, r.body.len()), (200, 0));
+    assert_eq!(r.header("content-length"), Some("25"));
 
     // Counter keeps state across HTTP calls.
     f.request("POST", "/api/counter", &[], b"").await;

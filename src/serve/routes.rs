@@ -81,9 +81,14 @@ impl RouteTable {
     }
 
     /// The target of `method path`, with the path parameters (decoded) as
-    /// the `params` map value.
+    /// the `params` map value. `HEAD` falls back to the `GET` route, as in
+    /// axum (the plugin sees `method` = `HEAD`; hyper sends no body).
     pub(crate) fn lookup(&self, method: &str, path: &str) -> Option<(Arc<Target>, Value)> {
-        let matched = self.by_method.get(method)?.at(path).ok()?;
+        let at = |method: &str| self.by_method.get(method)?.at(path).ok();
+        let matched = match at(method) {
+            None if method == "HEAD" => at("GET")?,
+            matched => matched?,
+        };
         let mut params = std::collections::BTreeMap::new();
         for (k, v) in matched.params.iter() {
             params.insert(k.to_owned(), Value::String(super::http::decode(v, false)));
