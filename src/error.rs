@@ -170,6 +170,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The plugin's queue is full: as many calls as the manager's
+    /// `queue_limit` allows already wait for one of its workers. Retry later.
+    #[error("{plugin}: overloaded: queue full ({limit} waiting)")]
+    Overloaded {
+        /// The plugin.
+        plugin: String,
+        /// The queue limit that was reached.
+        limit: usize,
+    },
+
     /// The plugin's `execute` returned an error.
     #[error("{plugin}: {label}: {message}")]
     Plugin {
@@ -228,6 +238,7 @@ impl Error {
             | Error::RouteConflict { plugin, .. }
             | Error::NotFound { plugin }
             | Error::Unavailable { plugin, .. }
+            | Error::Overloaded { plugin, .. }
             | Error::Plugin { plugin, .. }
             | Error::Panic { plugin, .. }
             | Error::DeadlineExceeded { plugin, .. }

@@ -102,6 +102,8 @@ fn call_prints_values_as_json_and_fails_with_one_line() {
         base,
         "--pool-size",
         "1",
+        "--queue-limit",
+        "8",
         "--drain-timeout",
         "2s",
         "hello",

@@ -463,6 +463,44 @@ fn a_call_whose_deadline_passes_in_the_queue_is_not_started() {
 }
 
 #[test]
+fn past_the_queue_limit_a_call_fails_at_once_as_overloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "slow");
+    let manager = PluginManager::builder(dir.path())
+        .pool_size(1)
+        .queue_limit(1)
+        .build()
+        .unwrap();
+    manager.load_plugins().unwrap();
+    let (_, slow) = manager.get_plugin("slow").unwrap();
+    let spin = |ms: i64| {
+        let slow = slow.clone();
+        std::thread::spawn(move || slow.execute(&mut Context::new("spin").with("max_ms", ms)))
+    };
+    let running = spin(400);
+    std::thread::sleep(Duration::from_millis(50));
+    let queued = spin(10);
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    let mut ctx = Context::new("spin").with("max_ms", 10);
+    let err = slow.execute(&mut ctx).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "refused at once, not queued"
+    );
+    assert!(matches!(err, Error::Overloaded { limit: 1, .. }), "{err}");
+    assert_eq!(err.to_string(), "slow: overloaded: queue full (1 waiting)");
+    assert_eq!(
+        (ctx.label(), ctx.get_i64("max_ms")),
+        ("spin", Some(10)),
+        "the context comes back"
+    );
+    running.join().unwrap().unwrap();
+    queued.join().unwrap().unwrap();
+    slow.execute(&mut ctx).unwrap();
+}
+
+#[test]
 fn cancel_from_another_thread_stops_a_slow_plugin() {
     for isolation in ["pooled", "inline"] {
         let dir = tempfile::tempdir().unwrap();

@@ -32,6 +32,10 @@ struct PluginsDir {
     /// Worker threads of each `pooled` plugin version (default 2).
     #[arg(long, env = "DYNPLUG_POOL_SIZE", value_name = "THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pool_size: Option<u16>,
+    /// At most this many calls wait for a worker of a `pooled` version; past
+    /// it a call fails at once as overloaded (HTTP 503). Default: no limit.
+    #[arg(long, env = "DYNPLUG_QUEUE_LIMIT", value_name = "CALLS")]
+    queue_limit: Option<usize>,
     /// How long a replaced or unloaded version may finish its calls before it
     /// is reported leaked (default 30s).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -47,6 +51,9 @@ impl PluginsDir {
             PluginManager::builder(&self.plugins).allow_downgrades(self.allow_downgrades);
         if let Some(threads) = self.pool_size {
             builder = builder.pool_size(threads.into());
+        }
+        if let Some(calls) = self.queue_limit {
+            builder = builder.queue_limit(calls);
         }
         if let Some(timeout) = self.drain_timeout {
             builder = builder.drain_timeout(timeout);
@@ -183,6 +190,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 dir: PluginsDir {
                     plugins,
                     pool_size: None,
+                    queue_limit: None,
                     drain_timeout: None,
                     allow_downgrades: false,
                 },

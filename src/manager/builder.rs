@@ -19,6 +19,7 @@ pub struct Builder {
     base: PathBuf,
     shadow_dir: Option<PathBuf>,
     pool_size: usize,
+    queue_limit: Option<usize>,
     drain_timeout: Duration,
     event_capacity: usize,
     allow_downgrades: bool,
@@ -31,6 +32,7 @@ impl Builder {
             base,
             shadow_dir: None,
             pool_size: 2,
+            queue_limit: None,
             drain_timeout: Duration::from_secs(30),
             event_capacity: 1024,
             allow_downgrades: false,
@@ -50,6 +52,16 @@ impl Builder {
     #[must_use]
     pub fn pool_size(mut self, threads: usize) -> Self {
         self.pool_size = threads.max(1);
+        self
+    }
+
+    /// At most this many calls wait for a worker of a `pooled` version
+    /// (beyond the `pool_size` running); a call past that fails at once with
+    /// [`Error::Overloaded`] (HTTP 503, gRPC `UNAVAILABLE`) instead of
+    /// queueing. Default: no limit (calls queue until their deadline).
+    #[must_use]
+    pub fn queue_limit(mut self, calls: usize) -> Self {
+        self.queue_limit = Some(calls);
         self
     }
 
@@ -113,6 +125,7 @@ impl Builder {
                     native: NativeOptions {
                         shadow_dir,
                         pool_size: self.pool_size,
+                        queue_limit: self.queue_limit,
                     },
                 },
                 drain_timeout: self.drain_timeout,

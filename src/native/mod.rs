@@ -18,7 +18,7 @@ use std::time::Instant;
 pub(crate) use ffi::Outcome;
 use ffi::{Library, OpenError};
 pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
-use pool::{Pool, Reply};
+use pool::{Pool, Refused, Reply};
 pub(crate) use shadow::remove_stale;
 
 use crate::Context;
@@ -54,6 +54,7 @@ pub(crate) struct NativeVersion {
 pub(crate) struct NativeOptions {
     pub(crate) shadow_dir: PathBuf,
     pub(crate) pool_size: usize,
+    pub(crate) queue_limit: Option<usize>,
 }
 
 impl NativeVersion {
@@ -67,14 +68,16 @@ impl NativeVersion {
         let library = Arc::new(library);
         let runner = match manifest.isolation {
             Isolation::Inline => Runner::Inline,
-            _ => Runner::Pooled(Pool::start(&plugin, &library, options.pool_size).map_err(
-                |source| Error::Io {
-                    plugin: plugin.clone(),
-                    action: "starting workers for",
-                    path: dir.to_owned(),
-                    source,
-                },
-            )?),
+            _ => Runner::Pooled(
+                Pool::start(&plugin, &library, options.pool_size, options.queue_limit).map_err(
+                    |source| Error::Io {
+                        plugin: plugin.clone(),
+                        action: "starting workers for",
+                        path: dir.to_owned(),
+                        source,
+                    },
+                )?,
+            ),
         };
         let mut version = NativeVersion {
             plugin: plugin.clone(),
@@ -121,9 +124,8 @@ impl NativeVersion {
             .deadline()
             .map(|deadline| (deadline, ctx.cancel_token(), ctx.label().to_owned()));
         let job = std::mem::take(ctx);
-        if let Err(job) = pool.submit(job, Reply::Blocking(tx)) {
-            *ctx = job;
-            return Err(self.stopped());
+        if let Err(refused) = pool.submit(job, Reply::Blocking(tx)) {
+            return Err(self.refused(pool, refused, ctx));
         }
         let reply = match fallback {
             None => rx.recv().map_err(|_| self.stopped()),
@@ -162,14 +164,30 @@ impl NativeVersion {
         let token = ctx.cancel_token();
         // If this future is dropped, the call is cancelled rather than left running.
         let mut guard = CancelOnDrop(Some(token));
-        if let Err(job) = pool.submit(std::mem::take(ctx), Reply::Async(tx)) {
-            *ctx = job;
-            return Err(self.stopped());
+        if let Err(refused) = pool.submit(std::mem::take(ctx), Reply::Async(tx)) {
+            return Err(self.refused(pool, refused, ctx));
         }
         let (done, outcome) = rx.await.map_err(|_| self.stopped())?;
         guard.0 = None;
         *ctx = done;
         Ok(outcome)
+    }
+
+    /// Gives the context back to the caller and says why the pool refused it.
+    fn refused(&self, pool: &Pool, refused: Refused, ctx: &mut Context) -> Error {
+        match refused {
+            Refused::Stopped(job) => {
+                *ctx = job;
+                self.stopped()
+            }
+            Refused::Full(job) => {
+                *ctx = job;
+                Error::Overloaded {
+                    plugin: self.plugin.clone(),
+                    limit: pool.queue_limit().unwrap_or_default(),
+                }
+            }
+        }
     }
 
     fn stopped(&self) -> Error {

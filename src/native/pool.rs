@@ -30,21 +30,36 @@ pub(crate) struct Pool {
     /// Calls queued or running, including those whose caller gave up (a
     /// deadline, a dropped future): draining waits for these too.
     calls: Arc<AtomicUsize>,
+    /// Most calls queued or running at once (`None`: no limit).
+    capacity: Option<usize>,
+}
+
+/// Why a call was not queued; the context comes back to the caller.
+pub(crate) enum Refused {
+    /// The pool has stopped.
+    Stopped(Context),
+    /// As many calls as the queue limit allows are already waiting.
+    Full(Context),
 }
 
 impl Pool {
+    /// `size` workers; with `queue_limit`, at most that many calls wait for
+    /// a worker (beyond the ones running).
     pub(crate) fn start(
         plugin: &str,
         library: &Arc<Library>,
         size: usize,
+        queue_limit: Option<usize>,
     ) -> std::io::Result<Pool> {
         let (jobs, rx) = crossbeam_channel::unbounded();
+        let size = size.max(1);
         let mut pool = Pool {
             jobs: Some(jobs),
             workers: Vec::with_capacity(size),
             calls: Arc::new(AtomicUsize::new(0)),
+            capacity: queue_limit.map(|limit| size.saturating_add(limit)),
         };
-        for i in 0..size.max(1) {
+        for i in 0..size {
             let rx: Receiver<Job> = rx.clone();
             let library = Arc::clone(library);
             let calls = Arc::clone(&pool.calls);
@@ -56,19 +71,28 @@ impl Pool {
         Ok(pool)
     }
 
-    /// Queues a call; `Err` gives the context back if the pool has stopped.
-    pub(crate) fn submit(&self, ctx: Context, reply: Reply) -> Result<(), Context> {
+    /// Queues a call, or gives the context back with the reason.
+    pub(crate) fn submit(&self, ctx: Context, reply: Reply) -> Result<(), Refused> {
         let Some(jobs) = &self.jobs else {
-            return Err(ctx);
+            return Err(Refused::Stopped(ctx));
         };
-        self.calls.fetch_add(1, Ordering::AcqRel);
+        let before = self.calls.fetch_add(1, Ordering::AcqRel);
+        if self.capacity.is_some_and(|capacity| before >= capacity) {
+            self.calls.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Full(ctx));
+        }
         jobs.send(Job::Execute { ctx, reply }).map_err(|e| {
             self.calls.fetch_sub(1, Ordering::AcqRel);
             match e.0 {
-                Job::Execute { ctx, .. } => ctx,
+                Job::Execute { ctx, .. } => Refused::Stopped(ctx),
                 Job::Control(_) => unreachable!("sent an Execute job"),
             }
         })
+    }
+
+    /// How many calls may wait for a worker, if limited.
+    pub(crate) fn queue_limit(&self) -> Option<usize> {
+        self.capacity.map(|capacity| capacity - self.workers.len())
     }
 
     /// Calls queued or running.

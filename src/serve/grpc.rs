@@ -77,7 +77,7 @@ impl From<Error> for Status {
         let message = error.to_string();
         match error {
             Error::NotFound { .. } => Status::not_found(message),
-            Error::Unavailable { .. } => Status::unavailable(message),
+            Error::Unavailable { .. } | Error::Overloaded { .. } => Status::unavailable(message),
             Error::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             Error::Cancelled { .. } => Status::cancelled(message),
             Error::Downgrade { .. } | Error::RouteConflict { .. } => {

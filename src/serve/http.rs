@@ -359,7 +359,7 @@ impl Error {
     pub(crate) fn http_status(&self) -> StatusCode {
         match self {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable { .. } | Error::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             // 499 is nginx's "client closed request": the caller cancelled.
             Error::Cancelled { .. } => {
