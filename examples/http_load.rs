@@ -2,14 +2,14 @@
 //!
 //! Run: `cargo run --release --example http_load -- --seconds 2 --rounds 5 [--isolation inline]`
 //!
-//! Serves the `hello` sample through `dynplug::serve` (HTTP on TCP, gRPC on a
-//! Unix socket) and, beside it, a bare axum app whose handler does the same
-//! work (`/api/hello/{name}` → `{"greeting": "hello, <name>"}`). A keep-alive
+//! Serves the `hello` sample through `dynplug::serve` (HTTP on TCP and a Unix
+//! socket, gRPC on a Unix socket) and, beside it, a bare axum app (TCP and a
+//! Unix socket) whose handler does the same work (`/api/hello/{name}` → `{"greeting": "hello, <name>"}`). A keep-alive
 //! HTTP/1.1 load generator drives both in every round, back to back (which
 //! goes first alternates); the median of the rounds' ratios is the figure.
-//! Then sequential gRPC `Exec` calls over Unix sockets measure the unary
-//! round trip with a current-thread client, against a bare tonic
-//! service doing the same work.
+//! Then sequential HTTP/1.1 requests and gRPC `Exec` calls over Unix sockets
+//! measure the unary round trip with a current-thread client, against the
+//! bare axum app and a bare tonic service doing the same work.
 //!
 //! Each round also counts heap allocations per request in this process (the
 //! load generator's included, the same for both servers; the plugin's own
@@ -43,7 +43,8 @@ struct Args {
     /// Rounds, each driving both servers back to back; the median ratio counts.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
     rounds: u16,
-    /// Sequential gRPC Exec calls.
+    /// Sequential gRPC Exec calls (and as many sequential HTTP requests over a
+    /// Unix socket).
     #[arg(long, default_value_t = 20_000)]
     grpc_calls: usize,
     /// Isolation of the hello plugin: pooled or inline.
@@ -96,6 +97,37 @@ struct Stats {
     allocations: f64,
 }
 
+/// One keep-alive `GET` on `stream`; checks the body is hello's greeting.
+async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut BufReader<S>,
+    request: &str,
+    line: &mut String,
+) {
+    stream
+        .get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .unwrap();
+    let mut length = 0;
+    loop {
+        line.clear();
+        stream.read_line(line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.unwrap();
+    assert!(
+        body.starts_with(b"{\"greeting\":\"hello, user"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
 async fn load(addr: SocketAddr, seconds: u64, connections: usize) -> Stats {
     let until = Instant::now() + Duration::from_secs(seconds);
     let allocations = ALLOCATIONS.load(Ordering::Relaxed);
@@ -110,29 +142,7 @@ async fn load(addr: SocketAddr, seconds: u64, connections: usize) -> Stats {
                 let mut line = String::new();
                 while Instant::now() < until {
                     let start = Instant::now();
-                    stream
-                        .get_mut()
-                        .write_all(request.as_bytes())
-                        .await
-                        .unwrap();
-                    let mut length = 0;
-                    loop {
-                        line.clear();
-                        stream.read_line(&mut line).await.unwrap();
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap();
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    stream.read_exact(&mut body).await.unwrap();
-                    assert!(
-                        body.starts_with(b"{\"greeting\":\"hello, user"),
-                        "{}",
-                        String::from_utf8_lossy(&body)
-                    );
+                    get(&mut stream, &request, &mut line).await;
                     latencies.push(start.elapsed());
                 }
                 latencies
@@ -156,13 +166,16 @@ async fn load(addr: SocketAddr, seconds: u64, connections: usize) -> Stats {
     }
 }
 
-async fn bare_axum() -> SocketAddr {
+/// The bare axum app, on TCP and on the Unix socket `unix`.
+async fn bare_axum(unix: &std::path::Path) -> SocketAddr {
     async fn hello(Path(name): Path<String>) -> axum::Json<serde_json::Value> {
         axum::Json(serde_json::json!({ "greeting": format!("hello, {name}") }))
     }
     let app = axum::Router::new().route("/api/hello/{name}", axum::routing::get(hello));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let unix = tokio::net::UnixListener::bind(unix).unwrap();
+    tokio::spawn(axum::serve(unix, app.clone()).into_future());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
 }
@@ -226,6 +239,31 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
+/// Sequential keep-alive HTTP/1.1 requests over a Unix socket from a
+/// current-thread client: the unary round trip, as `grpc_latency` for gRPC.
+fn http_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let mut stream = BufReader::new(tokio::net::UnixStream::connect(&socket).await.unwrap());
+        let request = "GET /api/hello/user HTTP/1.1\r\nhost: bench\r\n\r\n";
+        let mut line = String::new();
+        for _ in 0..1_000 {
+            get(&mut stream, request, &mut line).await;
+        }
+        let mut latencies: Vec<Duration> = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let start = Instant::now();
+            get(&mut stream, request, &mut line).await;
+            latencies.push(start.elapsed());
+        }
+        latencies.sort();
+        (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+    })
+}
+
 fn grpc_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration) {
     // Measured elsewhere: a current-thread client runtime halves unary latency.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -281,6 +319,8 @@ fn main() {
     assert!(manager.load_plugins().unwrap().failed.is_empty());
     let socket = dir.path().join(".grpc.sock");
     let bare_socket = dir.path().join(".bare-grpc.sock");
+    let http_socket = dir.path().join(".http.sock");
+    let bare_http_socket = dir.path().join(".bare-http.sock");
 
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
@@ -291,6 +331,7 @@ fn main() {
     let (dynplug_addr, bare_addr, running) = runtime.block_on(async {
         let running = Server::new(manager.clone())
             .http("127.0.0.1:0".parse().unwrap())
+            .http_unix(&http_socket)
             .grpc_unix(&socket)
             .start()
             .await
@@ -299,7 +340,7 @@ fn main() {
             unreachable!()
         };
         bare_grpc(bare_socket.clone()).await;
-        (addr, bare_axum().await, running)
+        (addr, bare_axum(&bare_http_socket).await, running)
     });
 
     if let Some(seconds) = args.hold {
@@ -358,6 +399,13 @@ fn main() {
         bare.allocations
     );
 
+    for (name, socket) in [("bare axum", bare_http_socket), ("dynplug", http_socket)] {
+        let (p50, p99) = http_latency(socket, args.grpc_calls);
+        println!(
+            "HTTP/1.1 GET over a Unix socket, {name} ({} sequential requests): p50 {p50:?}  p99 {p99:?}",
+            args.grpc_calls
+        );
+    }
     for (name, socket) in [("bare tonic", bare_socket), ("dynplug", socket)] {
         let (p50, p99) = grpc_latency(socket, args.grpc_calls);
         println!(
