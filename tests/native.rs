@@ -425,6 +425,32 @@ fn deadline_stops_a_slow_plugin() {
     assert_eq!(ctx.label(), "spin", "the label is given back");
 }
 
+/// Starts a `slow` call on another thread that runs until the returned
+/// token is cancelled, and waits until it has reached the pool.
+fn hold_a_worker(
+    slow: &dynplug::Executor,
+) -> (
+    dynplug::CancelToken,
+    std::thread::JoinHandle<Result<(), Error>>,
+) {
+    let in_flight = slow.calls().in_flight;
+    let mut ctx = Context::new("spin");
+    let token = ctx.cancel_token();
+    let slow_ = slow.clone();
+    let call = std::thread::spawn(move || slow_.execute(&mut ctx));
+    let started = Instant::now();
+    while slow.calls().in_flight == in_flight {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the call started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Counted just before it is queued: leave it time to be queued.
+    std::thread::sleep(Duration::from_millis(50));
+    (token, call)
+}
+
 #[test]
 fn a_call_whose_deadline_passes_in_the_queue_is_not_started() {
     let dir = tempfile::tempdir().unwrap();
@@ -435,21 +461,15 @@ fn a_call_whose_deadline_passes_in_the_queue_is_not_started() {
         .unwrap();
     manager.load_plugins().unwrap();
     let (_, slow) = manager.get_plugin("slow").unwrap();
-    // Occupies the only worker for 400 ms.
-    let busy = {
-        let slow = slow.clone();
-        std::thread::spawn(move || {
-            let mut ctx = Context::new("spin").with("max_ms", 400);
-            slow.execute(&mut ctx)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(50));
+    let (stop, busy) = hold_a_worker(&slow);
     for _ in 0..3 {
         let mut ctx = Context::new("spin").with_timeout(Duration::from_millis(50));
         let err = slow.execute(&mut ctx).unwrap_err();
         assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
     }
-    busy.join().unwrap().unwrap();
+    stop.cancel();
+    let err = busy.join().unwrap().unwrap_err();
+    assert!(matches!(err, Error::Cancelled { .. }), "{err}");
     // The three expired calls were dequeued without running the plugin: this
     // call is the second one the plugin started.
     let mut ctx = Context::new("count");
@@ -457,8 +477,8 @@ fn a_call_whose_deadline_passes_in_the_queue_is_not_started() {
     assert_eq!(ctx.get_i64("started"), Some(2));
     assert_eq!(
         manager.info("slow").unwrap().calls.errors,
-        3,
-        "they still count as failed calls"
+        4,
+        "they still count as failed calls (with the cancelled one)"
     );
 }
 
@@ -473,31 +493,28 @@ fn past_the_queue_limit_a_call_fails_at_once_as_overloaded() {
         .unwrap();
     manager.load_plugins().unwrap();
     let (_, slow) = manager.get_plugin("slow").unwrap();
-    let spin = |ms: i64| {
-        let slow = slow.clone();
-        std::thread::spawn(move || slow.execute(&mut Context::new("spin").with("max_ms", ms)))
-    };
-    let running = spin(400);
-    std::thread::sleep(Duration::from_millis(50));
-    let queued = spin(10);
-    std::thread::sleep(Duration::from_millis(50));
+    let (stop_running, running) = hold_a_worker(&slow);
+    let (stop_queued, queued) = hold_a_worker(&slow);
     let started = Instant::now();
-    let mut ctx = Context::new("spin").with("max_ms", 10);
+    let mut ctx = Context::new("count");
     let err = slow.execute(&mut ctx).unwrap_err();
     assert!(
-        started.elapsed() < Duration::from_millis(200),
+        started.elapsed() < Duration::from_secs(1),
         "refused at once, not queued"
     );
     assert!(matches!(err, Error::Overloaded { limit: 1, .. }), "{err}");
     assert_eq!(err.to_string(), "slow: overloaded: queue full (1 waiting)");
-    assert_eq!(
-        (ctx.label(), ctx.get_i64("max_ms")),
-        ("spin", Some(10)),
-        "the context comes back"
-    );
-    running.join().unwrap().unwrap();
-    queued.join().unwrap().unwrap();
+    assert_eq!(ctx.label(), "count", "the context comes back");
+    stop_running.cancel();
+    stop_queued.cancel();
+    running.join().unwrap().unwrap_err();
+    queued.join().unwrap().unwrap_err();
     slow.execute(&mut ctx).unwrap();
+    assert_eq!(
+        ctx.get_i64("started"),
+        Some(2),
+        "the refused call never reached the plugin (the queued one, cancelled, did not start either)"
+    );
 }
 
 #[test]
