@@ -111,6 +111,19 @@ fn call_prints_values_as_json_and_fails_with_one_line() {
         "hello.get",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // A flag wins over the configuration file; a mistake in the file is named.
+    let config = dir.path().join(".dynplug.toml");
+    std::fs::write(&config, "plugins = \"/nonexistent\"\npool_size = 2\n").unwrap();
+    let config = config.to_str().unwrap();
+    let out = dynplug(&["list", "--json", "--config", config, "--plugins", base]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = dynplug(&["list", "--config", config]);
+    fails_with(&out, "/nonexistent");
+    std::fs::write(dir.path().join(".dynplug.toml"), "pool_sise = 2\n").unwrap();
+    let out = dynplug(&["list", "--config", config, "--plugins", base]);
+    fails_with(&out, "line 1, column 1: unknown field `pool_sise`");
+    assert_eq!(text(&out.stderr).lines().count(), 1, "one line");
+
     let out = dynplug(&["list", "--plugins", base, "--drain-timeout", "soon"]);
     assert!(!out.status.success());
     assert!(
@@ -166,24 +179,22 @@ fn verify_checks_without_running() {
     fails_with(&out, "this host needs plugin-abi");
 }
 
-/// `dynplug serve` on an ephemeral port: prints where it listens, serves,
-/// and exits cleanly on SIGTERM.
+/// `dynplug serve` on an ephemeral port, configured by a file: prints where
+/// it listens, serves, and exits cleanly on SIGTERM.
 #[test]
 fn serve_prints_its_address_serves_and_stops_on_sigterm() {
     let dir = plugins();
+    // In the plugins directory (dot files are not plugins): `plugins = "."`
+    // is relative to the file.
+    let config = dir.path().join(".dynplug.toml");
+    std::fs::write(
+        &config,
+        "plugins = \".\"\npool_size = 3\n[serve]\nhttp = [\"127.0.0.1:0\"]\ngrpc = [\"127.0.0.1:0\"]\nwatch = true\n",
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_dynplug"))
-        .args([
-            "serve",
-            "--plugins",
-            dir.path().to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-            "--grpc",
-            "127.0.0.1:0",
-            "--watch",
-            "--pool-size",
-            "3",
-        ])
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .current_dir("/")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -213,7 +224,7 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
         "{response}"
     );
 
-    // `--pool-size` reached the manager: three workers per pooled version.
+    // The file's `pool_size` reached the manager: three workers per pooled version.
     let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
         .unwrap()
         .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())

@@ -1,10 +1,11 @@
 //! Command-line interface (binary only).
 
+mod config;
 mod demo;
 mod serve;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ pub(crate) struct Args {
     /// Log more (-v: info, and `serve` logs every plugin request and response; -vv: debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub(crate) verbose: u8,
+    /// A TOML configuration file; flags and environment variables win over it.
+    #[arg(long, global = true, env = "DYNPLUG_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,9 +30,9 @@ pub(crate) struct Args {
 /// Where the plugins are and how the manager runs them.
 #[derive(Debug, clap::Args)]
 struct PluginsDir {
-    /// The plugins directory.
-    #[arg(long, env = "DYNPLUG_PLUGINS_DIR", default_value = "plugins")]
-    plugins: PathBuf,
+    /// The plugins directory [default: plugins].
+    #[arg(long, env = "DYNPLUG_PLUGINS_DIR")]
+    plugins: Option<PathBuf>,
     /// Worker threads of each `pooled` plugin version (default 2).
     #[arg(long, env = "DYNPLUG_POOL_SIZE", value_name = "THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pool_size: Option<u16>,
@@ -46,9 +50,22 @@ struct PluginsDir {
 }
 
 impl PluginsDir {
+    /// Fills what the command line left unset from the configuration file.
+    fn apply(&mut self, config: &config::Config) {
+        self.plugins = self.plugins.take().or_else(|| config.plugins.clone());
+        self.pool_size = self.pool_size.or(config.pool_size);
+        self.queue_limit = self.queue_limit.or(config.queue_limit);
+        self.drain_timeout = self.drain_timeout.or(config.drain_timeout);
+        self.allow_downgrades |= config.allow_downgrades.unwrap_or(false);
+    }
+
+    fn plugins(&self) -> &Path {
+        self.plugins.as_deref().unwrap_or(Path::new("plugins"))
+    }
+
     fn manager(&self) -> dynplug::Result<PluginManager> {
         let mut builder =
-            PluginManager::builder(&self.plugins).allow_downgrades(self.allow_downgrades);
+            PluginManager::builder(self.plugins()).allow_downgrades(self.allow_downgrades);
         if let Some(threads) = self.pool_size {
             builder = builder.pool_size(threads.into());
         }
@@ -133,9 +150,9 @@ pub(crate) struct ServeArgs {
     /// Follow the plugins directory: load, upgrade and unload as plugins come, change and go.
     #[arg(long)]
     watch: bool,
-    /// Default deadline of a plugin call.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
+    /// Default deadline of a plugin call [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
 }
 
 pub(crate) fn init_logging(args: &Args) {
@@ -156,8 +173,43 @@ pub(crate) fn init_logging(args: &Args) {
         .init();
 }
 
+impl ServeArgs {
+    /// Fills what the command line left unset from the configuration file.
+    /// Endpoints go by façade: any HTTP endpoint on the command line replaces
+    /// the file's HTTP endpoints (likewise gRPC).
+    fn apply(&mut self, config: &config::Config) {
+        self.dir.apply(config);
+        let file = &config.serve;
+        if self.http.is_empty() && self.http_unix.is_empty() {
+            self.http.clone_from(&file.http);
+            self.http_unix.clone_from(&file.http_unix);
+        }
+        if self.grpc.is_empty() && self.grpc_unix.is_empty() {
+            self.grpc.clone_from(&file.grpc);
+            self.grpc_unix.clone_from(&file.grpc_unix);
+        }
+        self.goplugin_dir = self
+            .goplugin_dir
+            .take()
+            .or_else(|| file.goplugin_dir.clone());
+        self.watch |= file.watch.unwrap_or(false);
+        self.timeout = self.timeout.or(file.timeout);
+    }
+}
+
 pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
-    match args.command {
+    let mut command = args.command;
+    if let Some(path) = &args.config {
+        let config = config::Config::load(path)?;
+        match &mut command {
+            Command::List { dir, .. } | Command::Call { dir, .. } | Command::Watch { dir } => {
+                dir.apply(&config)
+            }
+            Command::Serve(serve) => serve.apply(&config),
+            Command::Verify { .. } | Command::Demo { .. } => {}
+        }
+    }
+    match command {
         Command::List { dir, json } => list(&dir, json),
         Command::Call {
             dir,
@@ -188,7 +240,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             let plugins = demo::build_samples()?;
             let serve = ServeArgs {
                 dir: PluginsDir {
-                    plugins,
+                    plugins: Some(plugins),
                     pool_size: None,
                     queue_limit: None,
                     drain_timeout: None,
@@ -200,7 +252,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 grpc_unix: Vec::new(),
                 goplugin_dir: None,
                 watch: true,
-                timeout: Duration::from_secs(30),
+                timeout: None,
             };
             runtime()?.block_on(serve::run(serve, args.verbose > 0))
         }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use dynplug::serve::{Endpoint, Server};
 use dynplug::{Event, PluginManager};
@@ -34,7 +35,7 @@ fn tcp_or_default(tcp: &[SocketAddr], unix: &[PathBuf], port: u16) -> Vec<Socket
 }
 
 async fn load(dir: &PluginsDir) -> anyhow::Result<PluginManager> {
-    let plugins = &dir.plugins;
+    let plugins = dir.plugins();
     let manager = dir.manager()?;
     let loader = manager.clone();
     let report = tokio::task::spawn_blocking(move || loader.load_plugins()).await??;
@@ -56,7 +57,7 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
         None
     };
     let mut server = Server::new(manager.clone())
-        .timeout(args.timeout)
+        .timeout(args.timeout.unwrap_or(Duration::from_secs(30)))
         .log_calls(verbose);
     for addr in tcp_or_default(&args.http, &args.http_unix, 8080) {
         server = server.http(addr);
@@ -98,7 +99,7 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
     if args.watch {
         println!(
             "watching {} for plugins to load, upgrade and unload",
-            args.dir.plugins.display()
+            args.dir.plugins().display()
         );
     }
     terminated.await;
@@ -110,7 +111,7 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
 
 pub(crate) async fn watch(dir: &PluginsDir) -> anyhow::Result<std::process::ExitCode> {
     let terminated = terminated()?;
-    let plugins = &dir.plugins;
+    let plugins = dir.plugins();
     let manager = load(dir).await?;
     let mut events = manager.subscribe();
     let watcher = manager.watch()?;

@@ -1,0 +1,167 @@
+//! The optional configuration file: `--config FILE` (or `$DYNPLUG_CONFIG`),
+//! TOML. A flag (or its environment variable) wins over the file, the file
+//! over the built-in default. Relative paths in the file are relative to the
+//! file's directory.
+//!
+//! ```toml
+//! plugins = "plugins"        # the plugins directory
+//! pool_size = 2              # worker threads per pooled version
+//! queue_limit = 256          # calls that may wait for a pooled version's workers
+//! drain_timeout = "30s"
+//! allow_downgrades = false
+//!
+//! [serve]
+//! http = ["127.0.0.1:8080"]
+//! http_unix = ["/run/dynplug/http.sock"]
+//! grpc = ["127.0.0.1:50051"]
+//! grpc_unix = []
+//! goplugin_dir = "/run/dynplug/goplugin"
+//! watch = true
+//! timeout = "30s"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// The file's contents; every key is optional, unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) plugins: Option<PathBuf>,
+    pub(crate) pool_size: Option<u16>,
+    pub(crate) queue_limit: Option<usize>,
+    #[serde(default, deserialize_with = "duration")]
+    pub(crate) drain_timeout: Option<Duration>,
+    pub(crate) allow_downgrades: Option<bool>,
+    #[serde(default)]
+    pub(crate) serve: ServeConfig,
+}
+
+/// `[serve]`: what `dynplug serve` listens on and how it runs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServeConfig {
+    #[serde(default)]
+    pub(crate) http: Vec<SocketAddr>,
+    #[serde(default)]
+    pub(crate) http_unix: Vec<PathBuf>,
+    #[serde(default)]
+    pub(crate) grpc: Vec<SocketAddr>,
+    #[serde(default)]
+    pub(crate) grpc_unix: Vec<PathBuf>,
+    pub(crate) goplugin_dir: Option<PathBuf>,
+    pub(crate) watch: Option<bool>,
+    #[serde(default, deserialize_with = "duration")]
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// `"30s"`, `"500ms"`, `"2m"`: humantime, as on the command line.
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration `{text}`: {e}")))
+}
+
+impl Config {
+    /// Reads and checks `path`; errors name the file, and TOML's name the key
+    /// and the line.
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration file {}", path.display()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
+            // One line, as every CLI error: file, line, column, message.
+            let at = e.span().map_or(String::new(), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(" line {line}, column {column}:")
+            });
+            anyhow::anyhow!("{}:{at} {}", path.display(), e.message().trim_end())
+        })?;
+        if config.pool_size == Some(0) {
+            anyhow::bail!(
+                "{}: pool_size: expected at least 1, found 0",
+                path.display()
+            );
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        config.plugins.iter_mut().for_each(resolve);
+        config.serve.goplugin_dir.iter_mut().for_each(resolve);
+        config.serve.http_unix.iter_mut().for_each(resolve);
+        config.serve.grpc_unix.iter_mut().for_each(resolve);
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dynplug.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+            .map_err(|e| anyhow::anyhow!("{e:#}").context(dir.path().display().to_string()))
+    }
+
+    #[test]
+    fn every_key_parses_and_relative_paths_follow_the_file() {
+        let config = parse(
+            r#"
+            plugins = "plugins"
+            pool_size = 3
+            queue_limit = 10
+            drain_timeout = "5s"
+            allow_downgrades = true
+            [serve]
+            http = ["127.0.0.1:8080"]
+            http_unix = ["http.sock", "/run/abs.sock"]
+            grpc = []
+            goplugin_dir = "gp"
+            watch = true
+            timeout = "250ms"
+            "#,
+        )
+        .unwrap();
+        assert!(config.plugins.unwrap().ends_with("plugins"));
+        assert_eq!(config.pool_size, Some(3));
+        assert_eq!(config.queue_limit, Some(10));
+        assert_eq!(config.drain_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(config.allow_downgrades, Some(true));
+        assert_eq!(config.serve.http, ["127.0.0.1:8080".parse().unwrap()]);
+        assert!(config.serve.http_unix[0].is_absolute());
+        assert_eq!(config.serve.http_unix[1], Path::new("/run/abs.sock"));
+        assert_eq!(config.serve.watch, Some(true));
+        assert_eq!(config.serve.timeout, Some(Duration::from_millis(250)));
+        assert!(
+            parse("").unwrap().plugins.is_none(),
+            "an empty file is fine"
+        );
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        for (text, needle) in [
+            ("pool_sise = 2", "unknown field `pool_sise`"),
+            ("pool_size = 0", "pool_size: expected at least 1"),
+            ("[serve]\ntimeout = \"soon\"", "invalid duration `soon`"),
+            ("[serve]\nhttp = [\"localhost\"]", "http"),
+            ("plugins = ", "dynplug.toml"),
+        ] {
+            let err = format!("{:#}", parse(text).unwrap_err());
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(err.contains("dynplug.toml"), "{text:?}: {err}");
+        }
+    }
+}
