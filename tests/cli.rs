@@ -194,6 +194,7 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_dynplug"))
         .args(["serve", "--config", config.to_str().unwrap()])
+        .env("DYNPLUG_MANAGEMENT_TOKEN", "t0ken")
         .current_dir("/")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -209,20 +210,29 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_owned();
 
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(b"GET /api/hello/cli HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    let get = |path: &str, headers: &str| {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{headers}\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    let response = get("/api/hello/cli", "");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
         response.ends_with(r#"{"greeting":"hello, cli"}"#),
         "{response}"
     );
+    // The token from the environment guards the management API.
+    let response = get("/_dynplug/plugins", "");
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    let response = get("/_dynplug/plugins", "authorization: Bearer t0ken\r\n");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
     // The file's `pool_size` reached the manager: three workers per pooled version.
     let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))

@@ -344,7 +344,8 @@ async fn the_http_facade_mounts_in_a_hosts_own_axum_app() {
     assert_eq!(r.json()[0]["name"], "hello");
     // The page works under a prefix: relative URLs, and a relative redirect to it.
     let page = String::from_utf8(get("/plugins/_dynplug/").await.body).unwrap();
-    assert!(page.contains("fetch('plugins')") && !page.contains("'/_dynplug"));
+    assert!(page.contains("api('plugins')") && page.contains("EventSource('events')"));
+    assert!(!page.contains("'/_dynplug"), "no absolute URL");
     let r = get("/plugins/_dynplug").await;
     assert_eq!((r.status, r.header("location")), (308, Some("_dynplug/")));
     // Without management: plugin routes only.
@@ -382,4 +383,73 @@ async fn the_http_facade_mounts_in_a_hosts_own_axum_app() {
     assert_eq!(get("/_dynplug/health").await.status, 503);
     assert_eq!(get("/").await.body, b"the host's page");
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_token_guards_data_and_actions() {
+    let dir = tempfile::tempdir().unwrap();
+    support::install(dir.path(), "hello");
+    let manager = dynplug::PluginManager::new(dir.path()).unwrap();
+    manager.load_plugins().unwrap();
+    let running = dynplug::serve::Server::new(manager.clone())
+        .http("127.0.0.1:0".parse().unwrap())
+        .management_token("s3cret token")
+        .start()
+        .await
+        .unwrap();
+    let dynplug::serve::Endpoint::Tcp(addr) = running.http_endpoints()[0].clone() else {
+        unreachable!()
+    };
+    let request = |method: &'static str, path: &'static str, headers: &'static [(&str, &str)]| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        exchange(stream, method, path, headers, b"").await
+    };
+
+    let r = request("GET", "/_dynplug/plugins", &[]).await;
+    assert_eq!(
+        (r.status, r.header("www-authenticate")),
+        (401, Some("Bearer realm=\"dynplug\""))
+    );
+    assert!(r.json()["error"].as_str().unwrap().contains("Bearer"));
+    for (what, headers) in [
+        ("a wrong token", &[("authorization", "Bearer s3cret")][..]),
+        (
+            "a wrong scheme",
+            &[("authorization", "Basic s3cret token")][..],
+        ),
+        ("a wrong cookie", &[("cookie", "dynplug_token=nope")][..]),
+    ] {
+        let r = request("GET", "/_dynplug/plugins", headers).await;
+        assert_eq!(r.status, 401, "{what}");
+    }
+    let r = request("DELETE", "/_dynplug/plugins/hello", &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(request("GET", "/_dynplug/events", &[]).await.status, 401);
+    assert!(manager.info("hello").unwrap().state == dynplug::PluginState::Loaded);
+
+    let bearer = &[("authorization", "Bearer s3cret token")][..];
+    let r = request("GET", "/_dynplug/plugins", bearer).await;
+    assert_eq!(
+        (r.status, r.json()[0]["name"].clone()),
+        (200, "hello".into())
+    );
+    // The web page's way: a percent-encoded cookie among others.
+    let cookie = &[("cookie", "theme=dark; dynplug_token=s3cret%20token")][..];
+    assert_eq!(
+        request("GET", "/_dynplug/plugins/hello", cookie)
+            .await
+            .status,
+        200
+    );
+
+    // Open: the page (it asks for the token), health, metrics, plugin routes.
+    for path in [
+        "/_dynplug/",
+        "/_dynplug/health",
+        "/metrics",
+        "/api/hello/Ada",
+    ] {
+        assert_eq!(request("GET", path, &[]).await.status, 200, "{path}");
+    }
+    running.shutdown().await;
 }

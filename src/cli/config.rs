@@ -18,6 +18,7 @@
 //! goplugin_dir = "/run/dynplug/goplugin"
 //! watch = true
 //! timeout = "30s"
+//! management_token = "…"  # keep the file private, or use the environment
 //! ```
 
 use std::net::SocketAddr;
@@ -57,6 +58,7 @@ pub(crate) struct ServeConfig {
     pub(crate) watch: Option<bool>,
     #[serde(default, deserialize_with = "duration")]
     pub(crate) timeout: Option<Duration>,
+    pub(crate) management_token: Option<String>,
 }
 
 /// `"30s"`, `"500ms"`, `"2m"`: humantime, as on the command line.
@@ -131,6 +133,7 @@ mod tests {
             goplugin_dir = "gp"
             watch = true
             timeout = "250ms"
+            management_token = "t"
             "#,
         )
         .unwrap();
@@ -144,6 +147,7 @@ mod tests {
         assert_eq!(config.serve.http_unix[1], Path::new("/run/abs.sock"));
         assert_eq!(config.serve.watch, Some(true));
         assert_eq!(config.serve.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(config.serve.management_token.as_deref(), Some("t"));
         assert!(
             parse("").unwrap().plugins.is_none(),
             "an empty file is fine"
@@ -156,7 +160,10 @@ mod tests {
             ("pool_sise = 2", "unknown field `pool_sise`"),
             ("pool_size = 0", "pool_size: expected at least 1"),
             ("[serve]\ntimeout = \"soon\"", "invalid duration `soon`"),
-            ("[serve]\nhttp = [\"localhost\"]", "http"),
+            (
+                "[serve]\nhttp = [\"localhost\"]",
+                "line 2, column 9: invalid socket address",
+            ),
             ("plugins = ", "dynplug.toml"),
         ] {
             let err = format!("{:#}", parse(text).unwrap_err());

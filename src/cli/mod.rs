@@ -153,6 +153,15 @@ pub(crate) struct ServeArgs {
     /// Default deadline of a plugin call [default: 30s].
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
+    /// Require this token (Authorization: Bearer) for the management API's
+    /// data and actions; prefer the environment variable to the flag.
+    #[arg(
+        long,
+        env = "DYNPLUG_MANAGEMENT_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    management_token: Option<String>,
 }
 
 pub(crate) fn init_logging(args: &Args) {
@@ -194,6 +203,10 @@ impl ServeArgs {
             .or_else(|| file.goplugin_dir.clone());
         self.watch |= file.watch.unwrap_or(false);
         self.timeout = self.timeout.or(file.timeout);
+        self.management_token = self
+            .management_token
+            .take()
+            .or_else(|| file.management_token.clone());
     }
 }
 
@@ -253,6 +266,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 goplugin_dir: None,
                 watch: true,
                 timeout: None,
+                management_token: None,
             };
             runtime()?.block_on(serve::run(serve, args.verbose > 0))
         }

@@ -74,6 +74,9 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
     if let Some(dir) = &args.goplugin_dir {
         server = server.goplugin_sockets(dir);
     }
+    if let Some(token) = &args.management_token {
+        server = server.management_token(token);
+    }
     let running = server.start().await?;
     for endpoint in running.http_endpoints() {
         match endpoint {

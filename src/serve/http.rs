@@ -114,6 +114,9 @@ impl tower_service::Service<Request> for HttpService {
             // An axum `Router` is always ready: `call` without `poll_ready`
             // is within its contract.
             Some(management) if crate::manifest::is_reserved_path(request.uri().path()) => {
+                if let Some(denied) = check_token(&self.state, &request) {
+                    return Box::pin(std::future::ready(Ok(denied)));
+                }
                 Box::pin(management.call(request))
             }
             _ => {
@@ -122,6 +125,61 @@ impl tower_service::Service<Request> for HttpService {
             }
         }
     }
+}
+
+/// With a management token, the management API's data and actions need it:
+/// `Authorization: Bearer <token>` or the `dynplug_token` cookie the web page
+/// sets. The page, `/_dynplug/health` and `/metrics` stay open (load
+/// balancers and scrapers). `None` lets the request through.
+fn check_token(state: &super::Shared, request: &Request) -> Option<Response> {
+    let token = state.management_token.as_ref()?;
+    if matches!(
+        request.uri().path(),
+        "/_dynplug" | "/_dynplug/" | "/_dynplug/health" | "/metrics"
+    ) {
+        return None;
+    }
+    let headers = request.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("dynplug_token="))
+        .map(|v| decode(v, false));
+    if bearer
+        .into_iter()
+        .chain(cookie)
+        .any(|given| same_secret(&given, &token.0))
+    {
+        return None;
+    }
+    let mut response = error_json(
+        StatusCode::UNAUTHORIZED,
+        "the management API needs its token: Authorization: Bearer <token>",
+        None,
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"dynplug\""),
+    );
+    Some(response)
+}
+
+/// Compares two secrets without leaking, through timing, where they differ
+/// or how long the right one is: both are hashed to 32 bytes first.
+fn same_secret(given: &str, expected: &str) -> bool {
+    use sha2::Digest as _;
+    let (a, b) = (sha2::Sha256::digest(given), sha2::Sha256::digest(expected));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 async fn metrics(Extract(state): Extract<State>) -> Response {

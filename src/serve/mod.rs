@@ -82,6 +82,17 @@ pub struct Server {
     timeout: Duration,
     log_calls: bool,
     goplugin_dir: Option<PathBuf>,
+    management_token: Option<Secret>,
+}
+
+/// A token that `Debug` does not print.
+#[derive(Clone)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Shared by every handler.
@@ -91,6 +102,8 @@ pub(crate) struct Shared {
     metrics: Metrics,
     timeout: Duration,
     log_calls: bool,
+    /// With a token, the management API's data and actions need it (§ http).
+    management_token: Option<Secret>,
     shutdown: watch::Receiver<bool>,
     /// Set by `Running::shutdown` once the server's own endpoints have
     /// drained, before plugins unload: a service a host mounted answers 503
@@ -110,7 +123,20 @@ impl Server {
             timeout: Duration::from_secs(30),
             log_calls: false,
             goplugin_dir: None,
+            management_token: None,
         }
+    }
+
+    /// Requires `token` for the management API's data and actions
+    /// (`/_dynplug/plugins...`, `/_dynplug/events`), as `Authorization: Bearer
+    /// <token>` or a `dynplug_token` cookie (which the web page sets when it
+    /// asks for the token). The page itself, `/_dynplug/health` and
+    /// `/metrics` stay open. Without a token the management API is open to
+    /// whoever reaches the listener.
+    #[must_use]
+    pub fn management_token(mut self, token: impl Into<String>) -> Server {
+        self.management_token = Some(token.into()).filter(|t| !t.is_empty()).map(Secret);
+        self
     }
 
     /// Also serves the goplugin `plugin.Plugin` service on `<dir>/<plugin>.sock`
@@ -177,6 +203,7 @@ impl Server {
             metrics,
             timeout: self.timeout,
             log_calls: self.log_calls,
+            management_token: self.management_token.clone(),
             shutdown: shutdown.clone(),
             stopped: std::sync::atomic::AtomicBool::new(false),
         });
