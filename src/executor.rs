@@ -114,6 +114,14 @@ impl Executor {
         Some(self.counted(|| version.execute(ctx)))
     }
 
+    /// Calls handed to the serving version's workers and not finished yet:
+    /// queued or running, including calls whose caller gave up (0 for an
+    /// `inline` plugin). What `queue_limit` is checked against, with the
+    /// workers' own calls.
+    pub fn busy(&self) -> usize {
+        self.slot.current.load().as_ref().map_or(0, |v| v.busy())
+    }
+
     /// The plugin's call counters.
     pub fn calls(&self) -> crate::CallCounts {
         self.slot.stats.snapshot()

@@ -6,12 +6,15 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+/// The binary, with none of the caller's `DYNPLUG_*` settings.
 fn dynplug(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dynplug"))
-        .args(args)
-        .env_remove("DYNPLUG_PLUGINS_DIR")
-        .output()
-        .unwrap()
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dynplug"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DYNPLUG_") {
+            command.env_remove(key);
+        }
+    }
+    command.args(args).output().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -123,6 +126,9 @@ fn call_prints_values_as_json_and_fails_with_one_line() {
     let out = dynplug(&["list", "--config", config, "--plugins", base]);
     fails_with(&out, "line 1, column 1: unknown field `pool_sise`");
     assert_eq!(text(&out.stderr).lines().count(), 1, "one line");
+
+    let out = dynplug(&["serve", "--plugins", base, "--management-token", ""]);
+    fails_with(&out, "the management token is empty");
 
     let out = dynplug(&["list", "--plugins", base, "--drain-timeout", "soon"]);
     assert!(!out.status.success());

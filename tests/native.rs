@@ -426,28 +426,34 @@ fn deadline_stops_a_slow_plugin() {
 }
 
 /// Starts a `slow` call on another thread that runs until the returned
-/// token is cancelled, and waits until it has reached the pool.
+/// token is cancelled. With `running`, waits until the plugin runs it (it
+/// holds a worker); else until the pool has counted it (queued or running).
 fn hold_a_worker(
     slow: &dynplug::Executor,
+    running: bool,
 ) -> (
     dynplug::CancelToken,
     std::thread::JoinHandle<Result<(), Error>>,
 ) {
-    let in_flight = slow.calls().in_flight;
-    let mut ctx = Context::new("spin");
+    let marker = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::remove_file(&marker).unwrap();
+    let busy = slow.busy();
+    let mut ctx = Context::new("spin").with("started_file", marker.to_str().unwrap());
     let token = ctx.cancel_token();
     let slow_ = slow.clone();
     let call = std::thread::spawn(move || slow_.execute(&mut ctx));
     let started = Instant::now();
-    while slow.calls().in_flight == in_flight {
+    while if running {
+        !marker.exists()
+    } else {
+        slow.busy() == busy
+    } {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the call started"
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    // Counted just before it is queued: leave it time to be queued.
-    std::thread::sleep(Duration::from_millis(50));
     (token, call)
 }
 
@@ -461,7 +467,7 @@ fn a_call_whose_deadline_passes_in_the_queue_is_not_started() {
         .unwrap();
     manager.load_plugins().unwrap();
     let (_, slow) = manager.get_plugin("slow").unwrap();
-    let (stop, busy) = hold_a_worker(&slow);
+    let (stop, busy) = hold_a_worker(&slow, true);
     for _ in 0..3 {
         let mut ctx = Context::new("spin").with_timeout(Duration::from_millis(50));
         let err = slow.execute(&mut ctx).unwrap_err();
@@ -493,8 +499,8 @@ fn past_the_queue_limit_a_call_fails_at_once_as_overloaded() {
         .unwrap();
     manager.load_plugins().unwrap();
     let (_, slow) = manager.get_plugin("slow").unwrap();
-    let (stop_running, running) = hold_a_worker(&slow);
-    let (stop_queued, queued) = hold_a_worker(&slow);
+    let (stop_running, running) = hold_a_worker(&slow, true);
+    let (stop_queued, queued) = hold_a_worker(&slow, false);
     let started = Instant::now();
     let mut ctx = Context::new("count");
     let err = slow.execute(&mut ctx).unwrap_err();
@@ -505,8 +511,9 @@ fn past_the_queue_limit_a_call_fails_at_once_as_overloaded() {
     assert!(matches!(err, Error::Overloaded { limit: 1, .. }), "{err}");
     assert_eq!(err.to_string(), "slow: overloaded: queue full (1 waiting)");
     assert_eq!(ctx.label(), "count", "the context comes back");
-    stop_running.cancel();
+    // The queued one first, so it is cancelled before a worker takes it.
     stop_queued.cancel();
+    stop_running.cancel();
     running.join().unwrap().unwrap_err();
     queued.join().unwrap().unwrap_err();
     slow.execute(&mut ctx).unwrap();
@@ -515,6 +522,35 @@ fn past_the_queue_limit_a_call_fails_at_once_as_overloaded() {
         Some(2),
         "the refused call never reached the plugin (the queued one, cancelled, did not start either)"
     );
+}
+
+#[test]
+fn an_overloaded_async_call_can_be_retried_with_its_context() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "slow");
+    let manager = PluginManager::builder(dir.path())
+        .pool_size(1)
+        .queue_limit(0)
+        .build()
+        .unwrap();
+    manager.load_plugins().unwrap();
+    let (_, slow) = manager.get_plugin("slow").unwrap();
+    let (stop, running) = hold_a_worker(&slow, true);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut ctx = Context::new("count");
+    let err = runtime.block_on(slow.execute_async(&mut ctx)).unwrap_err();
+    assert!(matches!(err, Error::Overloaded { limit: 0, .. }), "{err}");
+    assert!(
+        !ctx.is_cancelled(),
+        "a refused call's context is not cancelled"
+    );
+    stop.cancel();
+    running.join().unwrap().unwrap_err();
+    runtime.block_on(slow.execute_async(&mut ctx)).unwrap();
+    assert_eq!(ctx.get_i64("started"), Some(2));
 }
 
 #[test]

@@ -433,8 +433,16 @@ async fn the_management_token_guards_data_and_actions() {
         (r.status, r.json()[0]["name"].clone()),
         (200, "hello".into())
     );
-    // The web page's way: a percent-encoded cookie among others.
-    let cookie = &[("cookie", "theme=dark; dynplug_token=s3cret%20token")][..];
+    let lower_case = &[("authorization", "bearer s3cret token")][..];
+    assert_eq!(
+        request("GET", "/_dynplug/plugins", lower_case).await.status,
+        200
+    );
+    // The web page's way: a percent-encoded cookie among others, after a stale one.
+    let cookie = &[(
+        "cookie",
+        "dynplug_token=old; theme=dark; dynplug_token=s3cret%20token",
+    )][..];
     assert_eq!(
         request("GET", "/_dynplug/plugins/hello", cookie)
             .await

@@ -49,6 +49,10 @@ async fn load(dir: &PluginsDir) -> anyhow::Result<PluginManager> {
 }
 
 pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::process::ExitCode> {
+    anyhow::ensure!(
+        args.management_token.as_ref().is_none_or(|t| !t.is_empty()),
+        "the management token is empty (--management-token, DYNPLUG_MANAGEMENT_TOKEN or the configuration file): it would guard nothing"
+    );
     let terminated = terminated()?;
     let manager = load(&args.dir).await?;
     let watcher = if args.watch {

@@ -162,11 +162,14 @@ impl NativeVersion {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let token = ctx.cancel_token();
-        // If this future is dropped, the call is cancelled rather than left running.
-        let mut guard = CancelOnDrop(Some(token));
         if let Err(refused) = pool.submit(std::mem::take(ctx), Reply::Async(tx)) {
+            // Not queued: the caller gets its context back uncancelled (it
+            // may retry an overloaded plugin with it).
             return Err(self.refused(pool, refused, ctx));
         }
+        // From here, if this future is dropped, the call is cancelled rather
+        // than left running.
+        let mut guard = CancelOnDrop(Some(token));
         let (done, outcome) = rx.await.map_err(|_| self.stopped())?;
         guard.0 = None;
         *ctx = done;

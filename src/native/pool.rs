@@ -76,9 +76,15 @@ impl Pool {
         let Some(jobs) = &self.jobs else {
             return Err(Refused::Stopped(ctx));
         };
-        let before = self.calls.fetch_add(1, Ordering::AcqRel);
-        if self.capacity.is_some_and(|capacity| before >= capacity) {
-            self.calls.fetch_sub(1, Ordering::AcqRel);
+        // Counted only below capacity: refused callers never inflate the
+        // count that other callers are checked against.
+        let capacity = self.capacity.unwrap_or(usize::MAX);
+        let counted = self
+            .calls
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |calls| {
+                (calls < capacity).then_some(calls + 1)
+            });
+        if counted.is_err() {
             return Err(Refused::Full(ctx));
         }
         jobs.send(Job::Execute { ctx, reply }).map_err(|e| {

@@ -140,21 +140,24 @@ fn check_token(state: &super::Shared, request: &Request) -> Option<Response> {
         return None;
     }
     let headers = request.headers();
+    // The scheme is case-insensitive (RFC 7235); every cookie of that name
+    // is tried (a stale one may come first).
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let cookie = headers
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials.trim().to_owned());
+    let cookies = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix("dynplug_token="))
+        .filter_map(|c| c.trim().strip_prefix("dynplug_token="))
         .map(|v| decode(v, false));
     if bearer
         .into_iter()
-        .chain(cookie)
+        .chain(cookies)
         .any(|given| same_secret(&given, &token.0))
     {
         return None;

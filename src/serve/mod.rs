@@ -133,9 +133,15 @@ impl Server {
     /// asks for the token). The page itself, `/_dynplug/health` and
     /// `/metrics` stay open. Without a token the management API is open to
     /// whoever reaches the listener.
+    /// An empty token is ignored, with a warning: it would guard nothing.
     #[must_use]
     pub fn management_token(mut self, token: impl Into<String>) -> Server {
-        self.management_token = Some(token.into()).filter(|t| !t.is_empty()).map(Secret);
+        let token = token.into();
+        if token.is_empty() {
+            tracing::warn!("empty management token ignored: the management API is open");
+        } else {
+            self.management_token = Some(Secret(token));
+        }
         self
     }
 

@@ -1,6 +1,8 @@
 //! Failure fixture: loops until the call is cancelled or past its deadline
-//! (or `max_ms`, default 10 s, as a safety net). Label `count` returns how
-//! many calls this copy has started, itself included, without looping.
+//! (or `max_ms`, default 10 s, as a safety net). With a `started_file` value,
+//! it creates that file once it runs, so a test knows the call holds a worker.
+//! Label `count` returns how many calls this copy has started, itself
+//! included, without looping.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +23,9 @@ fn execute(ctx: &mut Context) -> Result<(), PluginError> {
         .and_then(|q| q.as_map()?.get("max_ms")?.as_str()?.parse::<i64>().ok());
     let max_ms = ctx.get_i64("max_ms").or(from_query).unwrap_or(10_000);
     let max = Duration::from_millis(max_ms.max(0) as u64);
+    if let Some(path) = ctx.get_str("started_file") {
+        std::fs::write(path, b"").map_err(|e| PluginError::new(format!("{path}: {e}")))?;
+    }
     let start = Instant::now();
     let mut iterations = 0_i64;
     while !ctx.is_cancelled() && start.elapsed() < max {
