@@ -425,6 +425,20 @@ fn deadline_stops_a_slow_plugin() {
     assert_eq!(ctx.label(), "spin", "the label is given back");
 }
 
+/// `slow` with one worker and, optionally, a queue limit.
+fn one_worker_slow(queue_limit: Option<usize>) -> (TempDir, PluginManager, dynplug::Executor) {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "slow");
+    let mut builder = PluginManager::builder(dir.path()).pool_size(1);
+    if let Some(calls) = queue_limit {
+        builder = builder.queue_limit(calls);
+    }
+    let manager = builder.build().unwrap();
+    manager.load_plugins().unwrap();
+    let (_, slow) = manager.get_plugin("slow").unwrap();
+    (dir, manager, slow)
+}
+
 /// Starts a `slow` call on another thread that runs until the returned
 /// token is cancelled. With `running`, waits until the plugin runs it (it
 /// holds a worker); else until the pool has counted it (queued or running).
@@ -459,14 +473,7 @@ fn hold_a_worker(
 
 #[test]
 fn a_call_whose_deadline_passes_in_the_queue_is_not_started() {
-    let dir = tempfile::tempdir().unwrap();
-    install(dir.path(), "slow");
-    let manager = PluginManager::builder(dir.path())
-        .pool_size(1)
-        .build()
-        .unwrap();
-    manager.load_plugins().unwrap();
-    let (_, slow) = manager.get_plugin("slow").unwrap();
+    let (_dir, manager, slow) = one_worker_slow(None);
     let (stop, busy) = hold_a_worker(&slow, true);
     for _ in 0..3 {
         let mut ctx = Context::new("spin").with_timeout(Duration::from_millis(50));
@@ -490,15 +497,7 @@ fn a_call_whose_deadline_passes_in_the_queue_is_not_started() {
 
 #[test]
 fn past_the_queue_limit_a_call_fails_at_once_as_overloaded() {
-    let dir = tempfile::tempdir().unwrap();
-    install(dir.path(), "slow");
-    let manager = PluginManager::builder(dir.path())
-        .pool_size(1)
-        .queue_limit(1)
-        .build()
-        .unwrap();
-    manager.load_plugins().unwrap();
-    let (_, slow) = manager.get_plugin("slow").unwrap();
+    let (_dir, _manager, slow) = one_worker_slow(Some(1));
     let (stop_running, running) = hold_a_worker(&slow, true);
     let (stop_queued, queued) = hold_a_worker(&slow, false);
     let started = Instant::now();
@@ -526,15 +525,7 @@ fn past_the_queue_limit_a_call_fails_at_once_as_overloaded() {
 
 #[test]
 fn an_overloaded_async_call_can_be_retried_with_its_context() {
-    let dir = tempfile::tempdir().unwrap();
-    install(dir.path(), "slow");
-    let manager = PluginManager::builder(dir.path())
-        .pool_size(1)
-        .queue_limit(0)
-        .build()
-        .unwrap();
-    manager.load_plugins().unwrap();
-    let (_, slow) = manager.get_plugin("slow").unwrap();
+    let (_dir, _manager, slow) = one_worker_slow(Some(0));
     let (stop, running) = hold_a_worker(&slow, true);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
