@@ -9,6 +9,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+/// A manager over a fresh directory holding `samples` (not loaded yet).
+pub fn manager_with(samples: &[&str]) -> (tempfile::TempDir, dynplug::PluginManager) {
+    let dir = tempfile::tempdir().unwrap();
+    for sample in samples {
+        install(dir.path(), sample);
+    }
+    let manager = dynplug::PluginManager::new(dir.path()).unwrap();
+    (dir, manager)
+}
+
+/// One blocking call to `plugin`.
+pub fn call(
+    manager: &dynplug::PluginManager,
+    plugin: &str,
+    ctx: &mut dynplug::Context,
+) -> Result<(), dynplug::Error> {
+    let (_, executor) = manager.get_plugin(plugin)?;
+    executor.execute(ctx)
+}
+
 pub const SAMPLES: &[&str] = &[
     "hello",
     "counter",
