@@ -239,24 +239,27 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
-/// Sequential keep-alive HTTP/1.1 requests over a Unix socket from a
-/// current-thread client: the unary round trip, as `grpc_latency` for gRPC.
-fn http_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration) {
+/// p50 and p99 of `calls` sequential runs of `once` over what `connect`
+/// returns (after 1,000 warm-up runs), on a current-thread runtime: measured
+/// elsewhere, such a client halves unary latency against a multi-thread one.
+fn sequential<C>(
+    calls: usize,
+    connect: impl AsyncFnOnce() -> C,
+    mut once: impl AsyncFnMut(&mut C),
+) -> (Duration, Duration) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let mut stream = BufReader::new(tokio::net::UnixStream::connect(&socket).await.unwrap());
-        let request = "GET /api/hello/user HTTP/1.1\r\nhost: bench\r\n\r\n";
-        let mut line = String::new();
+        let mut client = connect().await;
         for _ in 0..1_000 {
-            get(&mut stream, request, &mut line).await;
+            once(&mut client).await;
         }
         let mut latencies: Vec<Duration> = Vec::with_capacity(calls);
         for _ in 0..calls {
             let start = Instant::now();
-            get(&mut stream, request, &mut line).await;
+            once(&mut client).await;
             latencies.push(start.elapsed());
         }
         latencies.sort();
@@ -264,39 +267,40 @@ fn http_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration
     })
 }
 
+/// Keep-alive HTTP/1.1 `GET`s over a Unix socket.
+fn http_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration) {
+    let request = "GET /api/hello/user HTTP/1.1\r\nhost: bench\r\n\r\n";
+    sequential(
+        calls,
+        async || {
+            let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+            (BufReader::new(stream), String::new())
+        },
+        async |(stream, line)| get(stream, request, line).await,
+    )
+}
+
+/// gRPC `Exec` calls of `hello.get` over a Unix socket.
 fn grpc_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration) {
-    // Measured elsewhere: a current-thread client runtime halves unary latency.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
-        let channel = support::server::grpc_over_unix(&socket).await;
-        let mut client = PluginsClient::new(channel);
-        let request = || ExecRequest {
-            plugin: "hello".into(),
-            label: "hello.get".into(),
-            values: [(
-                "name".to_owned(),
-                Value {
-                    kind: Some(Kind::StringValue("grpc".into())),
-                },
-            )]
-            .into(),
-            timeout_ms: 0,
-        };
-        for _ in 0..1_000 {
-            client.exec(request()).await.unwrap();
-        }
-        let mut latencies: Vec<Duration> = Vec::with_capacity(calls);
-        for _ in 0..calls {
-            let start = Instant::now();
-            client.exec(request()).await.unwrap();
-            latencies.push(start.elapsed());
-        }
-        latencies.sort();
-        (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
-    })
+    sequential(
+        calls,
+        async || PluginsClient::new(support::server::grpc_over_unix(&socket).await),
+        async |client| {
+            let request = ExecRequest {
+                plugin: "hello".into(),
+                label: "hello.get".into(),
+                values: [(
+                    "name".to_owned(),
+                    Value {
+                        kind: Some(Kind::StringValue("grpc".into())),
+                    },
+                )]
+                .into(),
+                timeout_ms: 0,
+            };
+            client.exec(request).await.unwrap();
+        },
+    )
 }
 
 fn main() {
