@@ -30,8 +30,10 @@ pub(crate) struct Pool {
     /// Calls queued or running, including those whose caller gave up (a
     /// deadline, a dropped future): draining waits for these too.
     calls: Arc<AtomicUsize>,
-    /// Most calls queued or running at once (`None`: no limit).
-    capacity: Option<usize>,
+    /// Workers started (the vector empties when they are joined).
+    size: usize,
+    /// Most calls waiting for a worker (`None`: no limit).
+    queue_limit: Option<usize>,
 }
 
 /// Why a call was not queued; the context comes back to the caller.
@@ -57,7 +59,8 @@ impl Pool {
             jobs: Some(jobs),
             workers: Vec::with_capacity(size),
             calls: Arc::new(AtomicUsize::new(0)),
-            capacity: queue_limit.map(|limit| size.saturating_add(limit)),
+            size,
+            queue_limit,
         };
         for i in 0..size {
             let rx: Receiver<Job> = rx.clone();
@@ -78,7 +81,9 @@ impl Pool {
         };
         // Counted only below capacity: refused callers never inflate the
         // count that other callers are checked against.
-        let capacity = self.capacity.unwrap_or(usize::MAX);
+        let capacity = self
+            .queue_limit
+            .map_or(usize::MAX, |limit| self.size.saturating_add(limit));
         let counted = self
             .calls
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |calls| {
@@ -98,7 +103,7 @@ impl Pool {
 
     /// How many calls may wait for a worker, if limited.
     pub(crate) fn queue_limit(&self) -> Option<usize> {
-        self.capacity.map(|capacity| capacity - self.workers.len())
+        self.queue_limit
     }
 
     /// Calls queued or running.
