@@ -148,7 +148,7 @@ fn main() -> ExitCode {
         t.join().unwrap();
     }
     let rss_end = rss_kib();
-    let mapped = support::mapped_under(&base.join(".dynplug")).len();
+    let mapped = support::mapped_under(base).len();
     let info = manager.info("counter").unwrap();
     drop(watcher);
 

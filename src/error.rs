@@ -57,16 +57,29 @@ pub enum Error {
         found: String,
     },
 
-    /// `dlopen` refused the artifact (wrong architecture, missing dependency, …).
-    #[error("{plugin}: {path}: cannot load library: {source}")]
+    /// `dlopen` refused the artifact (a missing dependency, an unresolved
+    /// symbol, …).
+    #[error("{plugin}: {path}: cannot load library: {message}")]
     Open {
         /// The plugin.
         plugin: String,
-        /// The artifact (drop location, not the shadow copy).
+        /// The artifact (drop location, not the image loaded).
         path: PathBuf,
-        /// The loader's error.
-        #[source]
-        source: libloading::Error,
+        /// The loader's message (`dlerror`).
+        message: String,
+    },
+
+    /// A file or directory that others could change is refused: a plugins
+    /// directory, plugin directory or library writable by every user, or a
+    /// private directory (shadow copies, sockets) owned by someone else.
+    #[error("{}{}: {reason}", prefix(.plugin), .path.display())]
+    Insecure {
+        /// The plugin concerned (empty for the plugins directory itself).
+        plugin: String,
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
     },
 
     /// The file is not a complete shared library for this platform (e.g. truncated).
@@ -230,6 +243,7 @@ impl Error {
             | Error::Unsupported { plugin, .. }
             | Error::Checksum { plugin, .. }
             | Error::Open { plugin, .. }
+            | Error::Insecure { plugin, .. }
             | Error::BadLibrary { plugin, .. }
             | Error::MissingRoot { plugin, .. }
             | Error::AbiMismatch { plugin, .. }

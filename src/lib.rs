@@ -38,15 +38,18 @@
 //! All `unsafe` code lives in one module (`native::ffi`).
 
 mod context;
+mod digest;
 mod error;
 mod event;
 mod executor;
 mod manager;
 pub mod manifest;
 mod native;
+mod private_dir;
 #[cfg(feature = "server")]
 pub mod serve;
 mod slot;
+mod untrusted;
 mod version;
 mod watch;
 

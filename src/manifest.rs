@@ -227,7 +227,8 @@ impl Manifest {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+        let bytes = crate::untrusted::read_file(&path, crate::untrusted::MAX_MANIFEST_BYTES)
+            .map_err(|source| Error::Io {
             plugin: dir_name.clone(),
             action: "reading",
             path: path.clone(),

@@ -110,6 +110,10 @@ pub(crate) struct Slot {
     pub(crate) current: ArcSwapOption<Version>,
     pub(crate) stats: CallStats,
     status: Mutex<Status>,
+    /// Held by every load, reload and unload of this plugin, so its
+    /// versions swap in order. Per plugin: a plugin whose `init` hangs
+    /// holds up only itself (until `init_timeout`), never the others.
+    ops: Mutex<()>,
 }
 
 /// Call counters of one plugin, across its versions. Two relaxed atomic
@@ -180,7 +184,13 @@ impl Slot {
                 retired: Vec::new(),
                 attempted: None,
             }),
+            ops: Mutex::new(()),
         }
+    }
+
+    /// Serialises loads and unloads of this plugin (see `ops`).
+    pub(crate) fn ops(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn status(&self) -> MutexGuard<'_, Status> {

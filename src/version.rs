@@ -117,10 +117,11 @@ impl Version {
         }
     }
 
-    /// The file the version runs from (the shadow copy, for native plugins).
-    pub(crate) fn artifact(&self) -> PathBuf {
+    /// What the version runs from, as messages name it (the image, for
+    /// native plugins).
+    pub(crate) fn artifact(&self) -> String {
         match &self.backend {
-            Backend::Native(native) => native.shadow_path().to_owned(),
+            Backend::Native(native) => native.artifact(),
         }
     }
 }

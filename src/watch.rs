@@ -8,7 +8,7 @@
 //! explain (short file, cut manifest) is retried once after a longer pause
 //! before it is reported.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -71,12 +71,7 @@ impl PluginManager {
         let thread = std::thread::Builder::new()
             .name("dynplug-watch".into())
             .spawn(move || {
-                let mut sync = Follower {
-                    manager,
-                    base,
-                    settle,
-                    due: HashMap::new(),
-                };
+                let mut sync = Follower::new(manager, base, settle);
                 sync.initial();
                 sync.run(&events, &stopped);
                 let _ = watcher.unwatch(&sync.base);
@@ -104,9 +99,31 @@ struct Follower {
     settle: Duration,
     /// Plugin name → when to sync it, and how many attempts were made.
     due: HashMap<String, (Instant, u32)>,
+    /// Plugins being synced now, each on a thread of its own: a plugin
+    /// whose `init` hangs (until `init_timeout`) holds up only itself.
+    running: HashSet<String>,
+    done_tx: Sender<(String, Next)>,
+    done: Receiver<(String, Next)>,
 }
 
+/// Most plugins synced at once (the initial sweep of a large directory
+/// queues the rest).
+const MAX_SYNCS: usize = 16;
+
 impl Follower {
+    fn new(manager: Weak<Inner>, base: PathBuf, settle: Duration) -> Follower {
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        Follower {
+            manager,
+            base,
+            settle,
+            due: HashMap::new(),
+            running: HashSet::new(),
+            done_tx,
+            done,
+        }
+    }
+
     fn manager(&self) -> Option<PluginManager> {
         self.manager.upgrade().map(PluginManager::from_inner)
     }
@@ -132,9 +149,11 @@ impl Follower {
             let now = Instant::now();
             let wait = self
                 .due
-                .values()
-                .map(|(at, _)| at.saturating_duration_since(now))
+                .iter()
+                .filter(|(name, _)| !self.running.contains(*name))
+                .map(|(_, (at, _))| at.saturating_duration_since(now))
                 .min()
+                .filter(|_| self.running.len() < MAX_SYNCS)
                 .unwrap_or(Duration::from_secs(3600));
             crossbeam_channel::select! {
                 recv(stop) -> _ => return,
@@ -143,25 +162,61 @@ impl Follower {
                     Ok(Err(e)) => tracing::warn!("watch error: {e}"),
                     Err(_) => return,
                 },
+                recv(self.done) -> done => {
+                    if let Ok((name, next)) = done {
+                        self.finished(name, next);
+                    }
+                }
                 default(wait) => {}
             }
-            let now = Instant::now();
-            let ready: Vec<(String, u32)> = self
-                .due
-                .iter()
-                .filter(|(_, (at, _))| *at <= now)
-                .map(|(name, (_, attempt))| (name.clone(), *attempt))
-                .collect();
-            for (name, attempt) in ready {
-                self.due.remove(&name);
-                let Some(manager) = self.manager() else {
-                    return;
-                };
-                if sync(&manager, &name, attempt) == Next::Retry {
-                    self.due
-                        .insert(name, (Instant::now() + self.settle * 8, attempt + 1));
-                }
+            if !self.start_ready() {
+                return;
             }
+        }
+    }
+
+    /// Starts the syncs that are due, as many as allowed; `false` once the
+    /// manager is gone.
+    fn start_ready(&mut self) -> bool {
+        let now = Instant::now();
+        let ready: Vec<(String, u32)> = self
+            .due
+            .iter()
+            .filter(|(name, (at, _))| *at <= now && !self.running.contains(*name))
+            .map(|(name, (_, attempt))| (name.clone(), *attempt))
+            .take(MAX_SYNCS.saturating_sub(self.running.len()))
+            .collect();
+        for (name, attempt) in ready {
+            let Some(manager) = self.manager() else {
+                return false;
+            };
+            self.due.remove(&name);
+            self.running.insert(name.clone());
+            let done = self.done_tx.clone();
+            let thread_name = format!("dynplug-sync-{name}");
+            let job = {
+                let name = name.clone();
+                move || {
+                    let next = sync(&manager, &name, attempt);
+                    let _ = done.send((name, next));
+                }
+            };
+            if let Err(e) = std::thread::Builder::new().name(thread_name).spawn(job) {
+                tracing::warn!(plugin = %name, "cannot start a thread to load it ({e}); retrying");
+                self.running.remove(&name);
+                self.due.insert(name, (now + self.settle, attempt));
+            }
+        }
+        true
+    }
+
+    fn finished(&mut self, name: String, next: Next) {
+        self.running.remove(&name);
+        if let Next::Retry(attempt) = next
+            && !self.due.contains_key(&name)
+        {
+            self.due
+                .insert(name, (Instant::now() + self.settle * 8, attempt + 1));
         }
     }
 
@@ -172,7 +227,8 @@ impl Follower {
         let at = Instant::now() + self.settle;
         for path in &event.paths {
             if let Some(name) = plugin_of(&self.base, path) {
-                // A new change restarts the settle time and the attempts.
+                // A new change restarts the settle time and the attempts
+                // (a change during a running sync syncs again after it).
                 self.due.insert(name, (at, 0));
             }
         }
@@ -194,12 +250,12 @@ fn plugin_of(base: &Path, path: &Path) -> Option<String> {
 #[derive(Debug, PartialEq, Eq)]
 enum Next {
     Done,
-    Retry,
+    /// Try again once the files had time to settle (this was attempt N).
+    Retry(u32),
 }
 
 /// Brings one plugin in line with its directory.
 fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
-    let _serial = manager.serial();
     let dir = manager.base_dir().join(name);
     if !dir.is_dir() {
         manager.forget_or_unload(name);
@@ -208,13 +264,9 @@ fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
     let Ok(slot) = manager.slot_for(name) else {
         return Next::Done;
     };
-    let fingerprint = fingerprint(&dir);
-    {
-        let mut status = slot.status();
-        if attempt == 0 && status.attempted == Some(fingerprint) {
-            return Next::Done;
-        }
-        status.attempted = Some(fingerprint);
+    let _ops = slot.ops();
+    if attempt == 0 && slot.status().attempted == Some(fingerprint(&dir)) {
+        return Next::Done;
     }
     match manager
         .prepare(&slot)
@@ -226,7 +278,7 @@ fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
                 plugin = name,
                 "load failed, retrying once the files settle: {error}"
             );
-            Next::Retry
+            Next::Retry(attempt)
         }
         Err(error) => {
             manager.record_failure(&slot, &error);
@@ -240,7 +292,8 @@ fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
 pub(crate) fn fingerprint(dir: &Path) -> u64 {
     let mut hasher = DefaultHasher::new();
     let manifest_path = dir.join(MANIFEST_FILE);
-    let bytes = std::fs::read(&manifest_path).unwrap_or_default();
+    let bytes = crate::untrusted::read_file(&manifest_path, crate::untrusted::MAX_MANIFEST_BYTES)
+        .unwrap_or_default();
     bytes.hash(&mut hasher);
     let name = dir
         .file_name()

@@ -353,7 +353,14 @@ pub fn expected_layout() -> &'static TypeLayout {
 /// # Errors
 /// A description of every incompatibility abi_stable found.
 pub fn check_layout(found: &'static TypeLayout) -> Result<(), String> {
-    abi_stable::abi_stability::abi_checking::check_layout_compatibility(expected_layout(), found)
+    use abi_stable::abi_stability::abi_checking::{
+        CheckingGlobals, check_layout_compatibility_with_globals,
+    };
+    // abi_stable's default checker records `&'static TypeLayout`s of prefix
+    // types in a process-wide table. dynplug unloads libraries, which would
+    // leave those pointers dangling: each check gets its own, dropped state.
+    let globals = CheckingGlobals::new();
+    check_layout_compatibility_with_globals(expected_layout(), found, &globals)
         .map_err(|e| e.to_string())
 }
 

@@ -24,6 +24,9 @@ pub struct Builder {
     event_capacity: usize,
     allow_downgrades: bool,
     settle: Duration,
+    max_library_size: u64,
+    init_timeout: Duration,
+    shutdown_timeout: Duration,
 }
 
 impl Builder {
@@ -37,10 +40,16 @@ impl Builder {
             event_capacity: 1024,
             allow_downgrades: false,
             settle: Duration::from_millis(25),
+            max_library_size: crate::untrusted::DEFAULT_MAX_LIBRARY_BYTES,
+            init_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 
-    /// Where shadow copies are written (default `<base>/.dynplug/shadow`).
+    /// Where private copies of libraries are written when they cannot be
+    /// loaded from memory (default `<base>/.dynplug/shadow`; on Linux a
+    /// sealed memfd is used and nothing is written). Created `0700`; a
+    /// directory owned by another user or writable by others is refused.
     /// Must be on a filesystem that allows executable mappings.
     #[must_use]
     pub fn shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -98,10 +107,52 @@ impl Builder {
         self
     }
 
+    /// The largest library file loaded (default 256 MiB); a larger one is
+    /// refused with [`Error::Io`] before it is read.
+    #[must_use]
+    pub fn max_library_size(mut self, bytes: u64) -> Self {
+        self.max_library_size = bytes;
+        self
+    }
+
+    /// How long a plugin's `init` may run (default 30 s). Past it the load
+    /// fails with [`Error::Init`]; the version cannot be unloaded (its thread
+    /// is still in plugin code) and is reported leaked. Only that plugin
+    /// waits: loads of other plugins go on.
+    #[must_use]
+    pub fn init_timeout(mut self, timeout: Duration) -> Self {
+        self.init_timeout = timeout;
+        self
+    }
+
+    /// How long a plugin's `shutdown` may run (default 10 s). Past it the
+    /// version is reported leaked and its code stays mapped.
+    #[must_use]
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// What every native load of the manager needs.
+    pub(crate) fn native_options(&self) -> NativeOptions {
+        NativeOptions {
+            shadow_dir: self
+                .shadow_dir
+                .clone()
+                .unwrap_or_else(|| self.base.join(".dynplug").join("shadow")),
+            pool_size: self.pool_size,
+            queue_limit: self.queue_limit,
+            max_library_size: self.max_library_size,
+            init_timeout: self.init_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+        }
+    }
+
     /// Creates the manager.
     ///
     /// # Errors
-    /// [`Error::Io`] if the base directory is not a readable directory.
+    /// [`Error::Io`] if the base directory is not a readable directory,
+    /// [`Error::Insecure`] if every user can write to it.
     pub fn build(self) -> Result<PluginManager> {
         let io = |source| Error::Io {
             plugin: String::new(),
@@ -113,28 +164,26 @@ impl Builder {
         if !meta.is_dir() {
             return Err(io(std::io::Error::other("not a directory")));
         }
-        let shadow_dir = self
-            .shadow_dir
-            .unwrap_or_else(|| self.base.join(".dynplug").join("shadow"));
-        remove_stale(&shadow_dir);
+        if let Some(reason) = crate::private_dir::world_writable(&self.base) {
+            return Err(Error::Insecure {
+                plugin: String::new(),
+                path: self.base.clone(),
+                reason,
+            });
+        }
+        let native = self.native_options();
+        remove_stale(&native.shadow_dir);
         let (events, _) = broadcast::channel(self.event_capacity);
         Ok(PluginManager {
             inner: Arc::new(Inner {
                 base: self.base,
-                options: LoadOptions {
-                    native: NativeOptions {
-                        shadow_dir,
-                        pool_size: self.pool_size,
-                        queue_limit: self.queue_limit,
-                    },
-                },
+                options: LoadOptions { native },
                 drain_timeout: self.drain_timeout,
                 allow_downgrades: self.allow_downgrades,
                 settle: self.settle,
                 tls_warned: AtomicUsize::new(0),
                 slots: RwLock::new(BTreeMap::new()),
                 events,
-                loading: Mutex::new(()),
                 routes: Mutex::new(()),
             }),
         })

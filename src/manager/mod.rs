@@ -48,9 +48,8 @@ pub(crate) struct Inner {
     tls_warned: AtomicUsize,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     events: broadcast::Sender<Event>,
-    // Loads and unloads of one manager are serialised per call to keep
-    // version swaps ordered; scanning runs its loads in parallel under it.
-    loading: Mutex<()>,
+    /// Held while a version is swapped in, so that parallel loads cannot
+    /// both claim a route.
     routes: Mutex<()>,
 }
 
@@ -95,7 +94,6 @@ impl PluginManager {
     /// [`Event::UpgradeFailed`]).
     pub fn load_plugins(&self) -> Result<LoadReport> {
         let names = self.scan()?;
-        let _serial = self.inner.loading.lock().unwrap_or_else(|e| e.into_inner());
         let next = AtomicUsize::new(0);
         let results = Mutex::new(Vec::with_capacity(names.len()));
         let threads = std::thread::available_parallelism()
@@ -105,7 +103,7 @@ impl PluginManager {
             for _ in 0..threads {
                 scope.spawn(|| {
                     while let Some(name) = names.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let result = self.load_locked(name);
+                        let result = self.load_one(name);
                         results
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -161,11 +159,10 @@ impl PluginManager {
     /// the plugin could not be loaded (also emitted as [`Event::Failed`], or
     /// [`Event::UpgradeFailed`] when a version keeps serving).
     pub fn load_plugin(&self, name: &str) -> Result<Arc<Manifest>> {
-        let _serial = self.serial();
-        self.load_locked(name)
+        self.load_one(name)
     }
 
-    fn load_locked(&self, name: &str) -> Result<Arc<Manifest>> {
+    fn load_one(&self, name: &str) -> Result<Arc<Manifest>> {
         // A typo must not leave a failed plugin in the listing.
         if self.slot(name).is_none() && !self.inner.base.join(name).is_dir() {
             return Err(Error::NotFound {
@@ -173,6 +170,7 @@ impl PluginManager {
             });
         }
         let slot = self.slot_for(name)?;
+        let _ops = slot.ops();
         match self
             .prepare(&slot)
             .and_then(|version| self.install(&slot, version))
@@ -197,6 +195,9 @@ impl PluginManager {
     /// Reads, checks and loads the version in the slot's directory, without
     /// touching the serving one.
     pub(crate) fn prepare(&self, slot: &Slot) -> Result<Version> {
+        // What is tried now is not tried again by the watcher until it
+        // changes, whoever tries it (a scan, `load_plugin`, the watcher).
+        slot.status().attempted = Some(crate::watch::fingerprint(&slot.dir));
         let manifest = Manifest::from_dir(&slot.dir)?;
         if let Some(serving) = slot.current.load().as_ref()
             && manifest.version < serving.manifest.version
@@ -425,19 +426,19 @@ impl Drop for Inner {
 }
 
 /// Checks a plugin directory without running the plugin: its manifest, its
-/// artifact's checksum and its ABI. The library is loaded from a shadow copy
-/// (in `<parent>/.dynplug/shadow`) and closed again; neither `init` nor
-/// `execute` is called.
+/// artifact's checksum and header, and its ABI. The library is loaded from a
+/// private image and closed again; neither `init` nor `execute` is called
+/// (the library's own constructors run once its header passed the checks).
 ///
 /// # Errors
 /// The first problem found, as the manager would report it at load.
 pub fn verify(dir: impl AsRef<Path>) -> Result<Manifest> {
     let dir = dir.as_ref();
     let manifest = Manifest::from_dir(dir)?;
-    // `verify .` must put the shadow copy beside the plugin, not inside it.
+    // `verify .` must put a fallback copy beside the plugin, not inside it.
     let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let shadow_dir = parent.join(".dynplug").join("shadow");
-    crate::native::verify(&manifest, dir, &shadow_dir)?;
+    let options = PluginManager::builder(parent).native_options();
+    crate::native::verify(&manifest, dir, &options)?;
     Ok(manifest)
 }

@@ -1,6 +1,7 @@
 //! Taking versions out of service: unload, drain, and how each one ended.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::PluginManager;
@@ -9,6 +10,9 @@ use crate::event::Event;
 use crate::native::Ending;
 use crate::slot::{PluginState, RetiredVersion, Slot};
 use crate::version::Version;
+
+/// How many plugins `unload_all` drains at once.
+const UNLOAD_THREADS: usize = 32;
 
 impl PluginManager {
     /// Takes a plugin out of service: new calls fail with
@@ -20,27 +24,28 @@ impl PluginManager {
     /// [`Error::NotFound`] for an unknown name, [`Error::Unavailable`] if it
     /// is not serving.
     pub fn unload(&self, name: &str) -> Result<PluginState> {
-        let _serial = self.serial();
         let slot = self.slot(name).ok_or_else(|| Error::NotFound {
             plugin: name.to_owned(),
         })?;
+        self.unload_slot(&slot)
+    }
+
+    fn unload_slot(&self, slot: &Slot) -> Result<PluginState> {
+        let _ops = slot.ops();
         // Loading the same content again must work after an unload.
         slot.status().attempted = None;
         let old = slot.swap(None).ok_or_else(|| Error::Unavailable {
-            plugin: name.to_owned(),
+            plugin: slot.name.clone(),
             reason: "not loaded".into(),
         })?;
-        Ok(self.retire(&slot, old))
-    }
-
-    pub(crate) fn serial(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.inner.loading.lock().unwrap_or_else(|e| e.into_inner())
+        Ok(self.retire(slot, old))
     }
 
     /// The directory of `name` is gone: unload it if it serves, forget it if
     /// it never did (failed plugins are not listed forever).
     pub(crate) fn forget_or_unload(&self, name: &str) {
         let Some(slot) = self.slot(name) else { return };
+        let _ops = slot.ops();
         // Restoring the same directory later must load it again.
         slot.status().attempted = None;
         match slot.swap(None) {
@@ -55,12 +60,24 @@ impl PluginManager {
         }
     }
 
-    /// Unloads every plugin (e.g. at shutdown).
+    /// Unloads every plugin (e.g. at shutdown), several at a time, so that
+    /// a plugin slow to drain or shut down does not hold up the others.
     pub fn unload_all(&self) {
-        let names: Vec<String> = self.list().into_iter().map(|i| i.name).collect();
-        for name in names {
-            let _ = self.unload(&name);
-        }
+        let slots: Vec<Arc<Slot>> = {
+            let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
+            slots.values().cloned().collect()
+        };
+        let next = AtomicUsize::new(0);
+        let threads = slots.len().min(UNLOAD_THREADS);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    while let Some(slot) = slots.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let _ = self.unload_slot(slot);
+                    }
+                });
+            }
+        });
     }
 
     /// Drains a version taken out of service, then unloads it and reports how it ended.
@@ -112,7 +129,7 @@ impl PluginManager {
             Ending::Leaked(reason) => Event::Leaked {
                 plugin,
                 version,
-                reason: format!("{reason} ({})", artifact.display()),
+                reason: format!("{reason} ({artifact})"),
             },
         };
         self.ended(slot, serving, event)

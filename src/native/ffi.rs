@@ -15,6 +15,7 @@ use plugin_abi::ffi::{
     VisitFn, status,
 };
 
+use super::header::{HeaderInfo, MAX_VERSION_LEN};
 use crate::{Context, Value};
 
 /// What an entry reported.
@@ -25,14 +26,39 @@ pub(crate) enum Outcome {
     Panic(String),
 }
 
-/// Why a library was refused; turned into [`crate::Error`] by the caller, who
-/// knows the plugin's name and drop path.
+/// Why a library was refused after `dlopen`; turned into [`crate::Error`]
+/// by the caller, who knows the plugin's name and drop path.
 #[derive(Debug)]
 pub(crate) enum OpenError {
-    Dlopen(libloading::Error),
+    /// `dlopen`'s own message (`dlerror`).
+    Dlopen(String),
     MissingRoot,
     Abi { found: String, expected: String },
 }
+
+/// `PluginHeader` as raw bits: the same `repr(C)` layout with raw pointers
+/// instead of references, so reading a hostile header (null, dangling) is
+/// never undefined behaviour.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawHeader {
+    magic: [u8; 8],
+    abi_major: u32,
+    abi_minor: u32,
+    version_ptr: *const u8,
+    version_len: usize,
+    layout: *const abi_stable::type_layout::TypeLayout,
+    vtable: *const PluginVtable,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<RawHeader>() == std::mem::size_of::<PluginHeader>()
+        && std::mem::align_of::<RawHeader>() == std::mem::align_of::<PluginHeader>()
+        && std::mem::offset_of!(RawHeader, version_ptr)
+            == std::mem::offset_of!(PluginHeader, crate_version)
+        && std::mem::offset_of!(RawHeader, layout) == std::mem::offset_of!(PluginHeader, layout)
+        && std::mem::offset_of!(RawHeader, vtable) == std::mem::offset_of!(PluginHeader, vtable)
+);
 
 /// An open plugin library and its checked entry table.
 pub(crate) struct Library {
@@ -59,58 +85,87 @@ pub(crate) fn expected_abi() -> String {
 }
 
 impl Library {
-    /// `dlopen`s `path` with `RTLD_NOW | RTLD_LOCAL` and checks its root.
-    pub(crate) fn open(path: &Path) -> Result<Library, OpenError> {
+    /// `dlopen`s `path` with `RTLD_NOW | RTLD_LOCAL` and checks its root
+    /// against `checked`, what `header::inspect` read from the same bytes.
+    pub(crate) fn open(path: &Path, checked: &HeaderInfo) -> Result<Library, OpenError> {
         use libloading::os::unix::{Library as Unix, RTLD_LOCAL, RTLD_NOW};
-        // Loading a library runs its initialisers. A dynplug plugin is Rust
-        // code built with plugin-abi, whose initialisers are those of std; the
-        // operator vouches for the file by dropping it in the plugins directory
-        // (and optionally by its sha256 in the manifest).
-        // SAFETY: as above.
-        let lib =
-            unsafe { Unix::open(Some(path), RTLD_NOW | RTLD_LOCAL) }.map_err(OpenError::Dlopen)?;
+        // SAFETY: loading a library runs its initialisers. `header::inspect`
+        // has checked, on the exact bytes at `path` (a sealed memfd or a
+        // private read-only copy), that this is a shared library for this
+        // machine exporting a dynplug header of a compatible ABI, so the
+        // code run here is that of a plugin built with plugin-abi, which the
+        // operator vouched for by dropping it in the plugins directory (and
+        // optionally by its sha256 in the manifest).
+        let lib = unsafe { Unix::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+            .map_err(|e| OpenError::Dlopen(dlopen_message(&e, path)))?;
         let lib = libloading::Library::from(lib);
-        let vtable = Self::check_root(&lib)?;
+        let vtable = Self::check_root(&lib, checked)?;
         Ok(Library {
             handle: Some(lib),
             vtable,
         })
     }
 
-    fn check_root(lib: &libloading::Library) -> Result<NonNull<PluginVtable>, OpenError> {
+    fn check_root(
+        lib: &libloading::Library,
+        checked: &HeaderInfo,
+    ) -> Result<NonNull<PluginVtable>, OpenError> {
+        let abi = |found: String| OpenError::Abi {
+            found,
+            expected: expected_abi(),
+        };
         let symbol = format!("{}\0", ffi::ROOT_SYMBOL);
-        // SAFETY: we only take the symbol's address here; it is read below
-        // after checking the magic bytes of the frozen header layout.
+        // SAFETY: we only take the symbol's address here (`inspect` checked
+        // it is a data object, not an IFUNC whose lookup would run code).
         let root = unsafe { lib.get::<*const PluginHeader>(symbol.as_bytes()) }
             .map_err(|_| OpenError::MissingRoot)?;
-        // SAFETY: a symbol named DYNPLUG_PLUGIN_ROOT is a `PluginHeader`
-        // static, whose layout is frozen across ABI versions; `lib` is loaded.
-        let header: &PluginHeader = unsafe { &**root };
-        if header.magic != ffi::MAGIC {
-            return Err(OpenError::Abi {
-                found: "an unknown root format (bad magic bytes)".into(),
-                expected: expected_abi(),
-            });
+        let root = (*root).cast::<RawHeader>();
+        if root.is_null() {
+            return Err(OpenError::MissingRoot);
         }
-        // SAFETY: the magic matched, so `crate_version` is a string literal of the library.
-        let version = unsafe { header.crate_version() };
+        // SAFETY: non-null, and `inspect` checked that the symbol is a data
+        // object of the header's size inside the library's loaded segments.
+        // `RawHeader` has no invalid bit patterns, so a hostile header is
+        // read without undefined behaviour, whatever it holds.
+        let header = unsafe { root.read_unaligned() };
+        // The loaded bytes are the inspected bytes; anything else means the
+        // symbol resolved somewhere unexpected.
+        let len = header.version_len;
+        if header.magic != ffi::MAGIC
+            || header.abi_major != checked.abi_major
+            || header.abi_minor != checked.abi_minor
+            || len != checked.version_len
+            || len > MAX_VERSION_LEN
+            || header.version_ptr.is_null()
+        {
+            return Err(abi("a root that differs from the file's header".into()));
+        }
+        // SAFETY: a non-null pointer of at most MAX_VERSION_LEN bytes into the
+        // loaded library (checked against the file's segments by `inspect`
+        // where the format allows).
+        let bytes = unsafe { std::slice::from_raw_parts(header.version_ptr, len) };
+        let Ok(version) = std::str::from_utf8(bytes) else {
+            return Err(abi("a root whose plugin-abi version is not UTF-8".into()));
+        };
+        if checked.crate_version.as_deref().is_some_and(|v| v != version) {
+            return Err(abi("a root that differs from the file's header".into()));
+        }
         let found = format!(
             "plugin-abi {version} (ABI {}.{})",
             header.abi_major, header.abi_minor
         );
-        if header.abi_major != ffi::ABI_MAJOR || header.abi_minor > ffi::ABI_MINOR {
-            return Err(OpenError::Abi {
-                found,
-                expected: expected_abi(),
-            });
+        if header.layout.is_null() || header.vtable.is_null() {
+            return Err(abi(format!("{found} with a null layout or entry table")));
         }
-        if let Err(detail) = ffi::check_layout(header.layout) {
-            return Err(OpenError::Abi {
-                found: format!("{found} with another entry table layout ({detail})"),
-                expected: expected_abi(),
-            });
+        // SAFETY: non-null pointers to statics of the loaded library, as the
+        // header of a compatible ABI says.
+        let layout = unsafe { &*header.layout };
+        if let Err(detail) = ffi::check_layout(layout) {
+            return Err(abi(format!(
+                "{found} with another entry table layout ({detail})"
+            )));
         }
-        Ok(NonNull::from(header.vtable))
+        NonNull::new(header.vtable.cast_mut()).ok_or_else(|| abi(found))
     }
 
     fn vtable(&self) -> &PluginVtable {
@@ -151,10 +206,11 @@ impl Library {
 
     /// `dlclose`s the library. Nothing of it may be referenced afterwards,
     /// which `self` by value and the absence of plugin-made data in the host ensure.
-    pub(crate) fn close(mut self) -> Result<(), libloading::Error> {
+    pub(crate) fn close(mut self) -> Result<(), String> {
         self.handle
             .take()
             .map_or(Ok(()), libloading::Library::close)
+            .map_err(|e| e.to_string())
     }
 
     /// Keeps the library mapped for the life of the process (inline plugins,
@@ -172,6 +228,19 @@ impl Drop for Library {
             let _ = handle.close();
         }
     }
+}
+
+/// `dlerror`'s text, with the memfd path (meaningless to the operator) left out.
+fn dlopen_message(error: &libloading::Error, path: &Path) -> String {
+    // libloading's own Display says only "dlopen failed": the reason is
+    // in the source.
+    let text = match error {
+        libloading::Error::DlOpen { source } => source.to_string(),
+        other => other.to_string(),
+    };
+    let path = path.to_string_lossy();
+    let text = text.strip_prefix(&*path).unwrap_or(&text);
+    text.trim_start_matches(':').trim().to_owned()
 }
 
 fn outcome(code: u32, error: Option<String>) -> Outcome {

@@ -1,25 +1,31 @@
 //! Native plugins: a `cdylib` loaded from a shadow copy, called inline or on
 //! its own worker pool, and truly unloaded when it is replaced or removed.
 //!
-//! Load sequence (see `docs/internals.md`): read the artifact → verify its
-//! sha256 → write a shadow copy → `dlopen` it (`RTLD_NOW | RTLD_LOCAL`) →
-//! check the ABI header and layout → unlink the copy → start the workers →
-//! `init` on a worker. Unload: (the caller has drained calls) → `shutdown` on
-//! a worker → join the workers → `dlclose` → check the copy is unmapped.
+//! Load sequence (see `docs/internals.md`): read the artifact (a regular
+//! file, bounded) → verify its sha256 → check the header from the bytes
+//! (format, architecture, root symbol, magic, ABI version) → put the bytes in
+//! an image nobody else can write (a sealed memfd on Linux) → `dlopen` it
+//! (`RTLD_NOW | RTLD_LOCAL`) → check the loaded header and the layout → start
+//! the workers → `init` on a worker, bounded by `init_timeout`. Unload: (the
+//! caller has drained calls) → `shutdown` on a worker, bounded → join the
+//! workers → `dlclose` → check the image is unmapped.
 
 mod ffi;
+mod header;
+mod image;
 mod pool;
-mod shadow;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub(crate) use ffi::Outcome;
 use ffi::{Library, OpenError};
 pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
-use pool::{Pool, Refused, Reply};
-pub(crate) use shadow::remove_stale;
+use header::Refusal;
+use image::Image;
+pub(crate) use image::remove_stale;
+use pool::{Pool, Refused, Reply, Stuck};
 
 use crate::Context;
 use crate::error::{Error, Result};
@@ -45,16 +51,21 @@ pub(crate) struct NativeVersion {
     plugin: String,
     library: Option<Arc<Library>>,
     runner: Runner,
-    shadow: PathBuf,
+    image: Option<Image>,
+    shutdown_timeout: Duration,
     ending: Option<Ending>,
 }
 
 /// Settings the manager passes to every native load.
 #[derive(Debug, Clone)]
 pub(crate) struct NativeOptions {
+    /// Where private copies go when a memfd cannot be used.
     pub(crate) shadow_dir: PathBuf,
     pub(crate) pool_size: usize,
     pub(crate) queue_limit: Option<usize>,
+    pub(crate) max_library_size: u64,
+    pub(crate) init_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
 }
 
 impl NativeVersion {
@@ -64,7 +75,7 @@ impl NativeVersion {
         options: &NativeOptions,
     ) -> Result<NativeVersion> {
         let plugin = manifest.name.clone();
-        let (library, shadow) = open_checked(manifest, dir, &options.shadow_dir)?;
+        let (library, image) = open_checked(manifest, dir, options)?;
         let library = Arc::new(library);
         let runner = match manifest.isolation {
             Isolation::Inline => Runner::Inline,
@@ -83,31 +94,73 @@ impl NativeVersion {
             plugin: plugin.clone(),
             library: Some(library),
             runner,
-            shadow,
+            image: Some(image),
+            shutdown_timeout: options.shutdown_timeout,
             ending: None,
         };
         let config = manifest.config_value();
-        let message = match version.on_thread(move |lib| lib.init(&config)) {
-            Some(Outcome::Ok) => return Ok(version),
-            Some(Outcome::Error(message)) => message,
-            Some(Outcome::Panic(message)) => format!("panicked: {message}"),
-            None => "worker pool stopped".into(),
+        let timeout = options.init_timeout;
+        let message = match version.on_thread(timeout, move |lib| lib.init(&config)) {
+            Ok(Outcome::Ok) => return Ok(version),
+            Ok(Outcome::Error(message)) => message,
+            Ok(Outcome::Panic(message)) => format!("panicked: {message}"),
+            Err(Stuck::Stopped) => "worker pool stopped".into(),
+            Err(Stuck::TimedOut) => {
+                version.ending = Some(version.abandon("init never returned"));
+                format!(
+                    "did not return within {timeout:?} (init_timeout); the version stays \
+                     loaded with its thread blocked in the plugin"
+                )
+            }
         };
         // init did not succeed, so shutdown is not called.
-        version.ending = Some(version.close_without_shutdown());
+        if version.ending.is_none() {
+            version.ending = Some(version.close_without_shutdown());
+        }
         Err(Error::Init { plugin, message })
     }
 
-    /// Runs `f` where plugin code of this version runs: a worker, or here.
+    /// Runs `f` where plugin code of this version runs (a worker, or for
+    /// `inline` a thread of its own), waiting at most `timeout`.
     fn on_thread<T: Send + 'static>(
         &self,
+        timeout: Duration,
         f: impl FnOnce(&Library) -> T + Send + 'static,
-    ) -> Option<T> {
-        let library = self.library.as_ref()?;
+    ) -> Result<T, Stuck> {
+        let library = self.library.as_ref().ok_or(Stuck::Stopped)?;
         match &self.runner {
-            Runner::Inline => Some(f(library)),
-            Runner::Pooled(pool) => pool.run(f),
+            Runner::Pooled(pool) => pool.run(timeout, f),
+            Runner::Inline => {
+                // Not the caller's thread: a hanging `init` must not hold it
+                // (it may hold the plugin's lock). A thread that never
+                // returns keeps its `Arc`, so the library is never closed.
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let library = Arc::clone(library);
+                std::thread::Builder::new()
+                    .name(format!("dynplug-{}-host", self.plugin))
+                    .spawn(move || {
+                        let _ = tx.send(f(&library));
+                    })
+                    .map_err(|_| Stuck::Stopped)?;
+                rx.recv_timeout(timeout).map_err(|e| match e {
+                    crossbeam_channel::RecvTimeoutError::Timeout => Stuck::TimedOut,
+                    crossbeam_channel::RecvTimeoutError::Disconnected => Stuck::Stopped,
+                })
+            }
         }
+    }
+
+    /// Gives up on a version whose thread is stuck in plugin code: nothing is
+    /// joined or closed; its code and image stay for the life of the process.
+    fn abandon(&mut self, why: &str) -> Ending {
+        if let Runner::Pooled(pool) = &mut self.runner {
+            pool.abandon();
+        }
+        std::mem::forget(self.library.take());
+        if let Some(image) = self.image.take() {
+            image.release(true);
+        }
+        Ending::Leaked(format!("{why} within the time allowed; its code stays mapped"))
     }
 
     pub(crate) fn execute(&self, ctx: &mut Context) -> Result<Outcome> {
@@ -209,8 +262,9 @@ impl NativeVersion {
         }
     }
 
-    pub(crate) fn shadow_path(&self) -> &Path {
-        &self.shadow
+    /// The image the version runs from, as messages name it.
+    pub(crate) fn artifact(&self) -> String {
+        self.image.as_ref().map_or_else(String::new, Image::describe)
     }
 
     /// Ends the version: `shutdown`, join the workers, `dlclose` (or retain
@@ -221,16 +275,20 @@ impl NativeVersion {
         }
         // Calls whose caller gave up may still run; `shutdown` must not race
         // them. Nothing can submit any more (the version is out of service).
-        let mut pause = std::time::Duration::from_micros(50);
+        let mut pause = Duration::from_micros(50);
         while self.busy() > 0 {
             std::thread::sleep(pause);
-            pause = (pause * 2).min(std::time::Duration::from_millis(5));
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
-        let shutdown = self.on_thread(|lib| lib.shutdown());
-        if let Some(Outcome::Error(m) | Outcome::Panic(m)) = shutdown {
-            tracing::warn!(plugin = %self.plugin, "shutdown failed: {m}");
-        }
-        let ending = self.close_without_shutdown();
+        let ending = match self.on_thread(self.shutdown_timeout, |lib| lib.shutdown()) {
+            Err(Stuck::TimedOut) => self.abandon("shutdown never returned"),
+            shutdown => {
+                if let Ok(Outcome::Error(m) | Outcome::Panic(m)) = shutdown {
+                    tracing::warn!(plugin = %self.plugin, "shutdown failed: {m}");
+                }
+                self.close_without_shutdown()
+            }
+        };
         self.ending = Some(ending.clone());
         ending
     }
@@ -242,23 +300,36 @@ impl NativeVersion {
         let Some(library) = self.library.take() else {
             return Ending::Unloaded;
         };
+        let image = self.image.take();
         let library = match Arc::try_unwrap(library) {
             Ok(library) => library,
             Err(shared) => {
-                // Only possible if a worker failed to exit; never close code in use.
+                // A thread still runs plugin code (a host thread stuck in
+                // `init`/`shutdown`); never close code in use.
                 std::mem::forget(shared);
+                if let Some(image) = image {
+                    image.release(true);
+                }
                 return Ending::Leaked("the library is still referenced".into());
             }
         };
         if matches!(self.runner, Runner::Inline) {
             library.retain();
+            if let Some(image) = image {
+                image.release(true);
+            }
             return Ending::Retained;
         }
         let started = Instant::now();
-        if let Err(e) = library.close() {
+        let closed = library.close();
+        let mapped = image.as_ref().is_some_and(Image::is_mapped);
+        if let Some(image) = image {
+            image.release(mapped || closed.is_err());
+        }
+        if let Err(e) = closed {
             return Ending::Leaked(format!("dlclose failed: {e}"));
         }
-        if shadow::is_mapped(&self.shadow) {
+        if mapped {
             return Ending::Leaked(
                 "still mapped after dlclose (a thread-local with a destructor, or a \
                  `std::thread::current()` call on a host thread, pins the library)"
@@ -281,21 +352,39 @@ impl Drop for NativeVersion {
         }
         // The last holder may be a tokio worker, and abandoned calls can run
         // as long as the plugin ignores cancellation: finish elsewhere.
-        let mut rest = NativeVersion {
+        let rest = NativeVersion {
             plugin: self.plugin.clone(),
             library: self.library.take(),
             runner: std::mem::replace(&mut self.runner, Runner::Inline),
-            shadow: self.shadow.clone(),
+            image: self.image.take(),
+            shutdown_timeout: self.shutdown_timeout,
             ending: None,
         };
         self.ending = Some(Ending::Leaked("finished on another thread".into()));
         let name = format!("dynplug-unload-{}", self.plugin);
+        // The closure owns `rest`: if the thread cannot start, dropping the
+        // closure would drop `rest`, whose `Drop` would try again, and so on
+        // until the stack overflows. So `rest` is kept in a slot the closure
+        // takes from, and leaked (reported) when the spawn fails.
+        let slot = Arc::new(std::sync::Mutex::new(Some(rest)));
+        let taken = Arc::clone(&slot);
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            let ending = rest.unload();
-            tracing::info!(plugin = %rest.plugin, ?ending, "finished after its abandoned calls");
+            let rest = taken.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(mut rest) = rest {
+                let ending = rest.unload();
+                tracing::info!(plugin = %rest.plugin, ?ending, "finished after its abandoned calls");
+            }
         });
         if let Err(e) = spawned {
-            tracing::error!(plugin = %self.plugin, "cannot finish the version: {e}");
+            let rest = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            tracing::error!(
+                plugin = %self.plugin,
+                "cannot start a thread to finish the version ({e}); it is leaked"
+            );
+            if let Some(mut rest) = rest {
+                rest.ending = Some(Ending::Leaked("no thread to finish it".into()));
+                std::mem::forget(rest);
+            }
         }
     }
 }
@@ -311,8 +400,9 @@ impl Drop for CancelOnDrop {
 }
 
 /// Checks everything about a native plugin that can be checked without
-/// running it (manifest mode, artifact, checksum, ABI), leaving it loaded.
-fn open_checked(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<(Library, PathBuf)> {
+/// running it (manifest mode, artifact, checksum, header) and loads it from
+/// an image of exactly the checked bytes.
+fn open_checked(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<(Library, Image)> {
     let plugin = manifest.name.clone();
     let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
     let Source::LocalSo { sha256, .. } = &manifest.source else {
@@ -353,10 +443,23 @@ fn open_checked(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<(L
             ),
         });
     }
-    let bytes = std::fs::read(&real).map_err(|e| io("reading", e))?;
+    if let Some(why) = [&real_dir, &manifest_path, &real]
+        .into_iter()
+        .find_map(|p| crate::private_dir::world_writable(p))
+    {
+        return Err(Error::Insecure {
+            plugin,
+            path: path.clone(),
+            reason: why,
+        });
+    }
+    // Read once: every later step uses these bytes, and the image holds
+    // exactly them, so what is checked is what is loaded.
+    let bytes = crate::untrusted::read_file(&real, options.max_library_size)
+        .map_err(|e| io("reading", e))?;
     if let Some(expected) = sha256 {
-        let found = shadow::sha256_hex(&bytes);
-        if !shadow::digests_equal(expected, &found) {
+        let found = crate::digest::sha256_hex(&bytes);
+        if !crate::digest::digests_equal(expected, &found) {
             return Err(Error::Checksum {
                 plugin,
                 path,
@@ -365,46 +468,63 @@ fn open_checked(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<(L
             });
         }
     }
-    if let Err(message) = shadow::check_library(&bytes) {
-        return Err(Error::BadLibrary {
-            plugin,
-            path,
+    let checked = header::inspect(&bytes).map_err(|refusal| match refusal {
+        Refusal::NotALibrary(message) => Error::BadLibrary {
+            plugin: plugin.clone(),
+            path: path.clone(),
             message,
-        });
-    }
-    let version = manifest.version.to_string();
-    let shadow =
-        shadow::write_copy(shadow_dir, &plugin, &version, &bytes).map_err(|e| io("copying", e))?;
-    let opened = Library::open(&shadow);
-    // The mapping keeps the inode alive; unlinking now leaves no file behind
-    // even if the process dies.
-    let _ = std::fs::remove_file(&shadow);
-    opened
-        .map(|library| (library, shadow))
-        .map_err(|e| match e {
-            OpenError::Dlopen(source) => Error::Open {
-                plugin: plugin.clone(),
-                path: path.clone(),
-                source,
-            },
-            OpenError::MissingRoot => Error::MissingRoot {
-                plugin: plugin.clone(),
-                path: path.clone(),
-                symbol: plugin_abi::ffi::ROOT_SYMBOL,
-            },
-            OpenError::Abi { found, expected } => Error::AbiMismatch {
-                plugin: plugin.clone(),
-                path: path.clone(),
-                found,
-                expected,
-            },
-        })
+        },
+        Refusal::MissingRoot => Error::MissingRoot {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            symbol: plugin_abi::ffi::ROOT_SYMBOL,
+        },
+        Refusal::BadRoot(why) => Error::AbiMismatch {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            found: format!("a malformed root: {why}"),
+            expected: ffi::expected_abi(),
+        },
+        Refusal::Abi(info) => Error::AbiMismatch {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            found: info.describe(),
+            expected: ffi::expected_abi(),
+        },
+    })?;
+    let image = Image::create(&bytes, &plugin, &real_dir, &options.shadow_dir)
+        .map_err(|e| io("preparing an image of", e))?;
+    drop(bytes);
+    let opened = Library::open(image.path(), &checked);
+    image.opened();
+    let library = opened.map_err(|e| match e {
+        OpenError::Dlopen(message) => Error::Open {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            message,
+        },
+        OpenError::MissingRoot => Error::MissingRoot {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            symbol: plugin_abi::ffi::ROOT_SYMBOL,
+        },
+        OpenError::Abi { found, expected } => Error::AbiMismatch {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            found,
+            expected,
+        },
+    })?;
+    Ok((library, image))
 }
 
-/// Verifies a native plugin without calling it: the artifact is loaded from a
-/// shadow copy, its ABI checked, and it is closed again.
-pub(crate) fn verify(manifest: &Manifest, dir: &Path, shadow_dir: &Path) -> Result<()> {
-    let (library, _shadow) = open_checked(manifest, dir, shadow_dir)?;
-    let _ = library.close();
+/// Verifies a native plugin without calling it: the artifact's bytes are
+/// checked, loaded from an image, its ABI checked, and it is closed again.
+/// The constructors of a library that passed the checks on its bytes run.
+pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<()> {
+    let (library, image) = open_checked(manifest, dir, options)?;
+    let closed = library.close();
+    let mapped = image.is_mapped();
+    image.release(mapped || closed.is_err());
     Ok(())
 }

@@ -36,6 +36,15 @@ pub(crate) struct Pool {
     queue_limit: Option<usize>,
 }
 
+/// Why plugin code run for the host (`init`, `shutdown`) gave no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stuck {
+    /// The workers have stopped.
+    Stopped,
+    /// No answer within the time allowed; the worker is still in plugin code.
+    TimedOut,
+}
+
 /// Why a call was not queued; the context comes back to the caller.
 pub(crate) enum Refused {
     /// The pool has stopped.
@@ -111,17 +120,23 @@ impl Pool {
         self.calls.load(Ordering::Acquire)
     }
 
-    /// Runs `f` on a worker and waits for its result (`init`, `shutdown`).
+    /// Runs `f` on a worker and waits for its result (`init`, `shutdown`),
+    /// at most `timeout`.
     pub(crate) fn run<T: Send + 'static>(
         &self,
+        timeout: std::time::Duration,
         f: impl FnOnce(&Library) -> T + Send + 'static,
-    ) -> Option<T> {
+    ) -> Result<T, Stuck> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let job = Job::Control(Box::new(move |lib| {
             let _ = tx.send(f(lib));
         }));
-        self.jobs.as_ref()?.send(job).ok()?;
-        rx.recv().ok()
+        let jobs = self.jobs.as_ref().ok_or(Stuck::Stopped)?;
+        jobs.send(job).map_err(|_| Stuck::Stopped)?;
+        rx.recv_timeout(timeout).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => Stuck::TimedOut,
+            crossbeam_channel::RecvTimeoutError::Disconnected => Stuck::Stopped,
+        })
     }
 
     /// Lets the workers finish the queued jobs, then joins them.
@@ -130,6 +145,14 @@ impl Pool {
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
+    }
+
+    /// Stops taking jobs and lets the workers go without joining them: one
+    /// is stuck in plugin code. They keep the library referenced, so it is
+    /// never closed under them.
+    pub(crate) fn abandon(&mut self) {
+        self.jobs = None;
+        self.workers.clear();
     }
 }
 

@@ -134,16 +134,25 @@ pub fn manifest(name: &str, sample: &str, version: &str, extra: &str) -> String 
     )
 }
 
-/// Whether any mapping of this process comes from a file under `dir`.
+/// The mappings of this process that hold plugin code loaded from under
+/// `dir`: memfd images are named `/memfd:dynplug:<plugin dir>`, private copies
+/// live in `<dir>/.dynplug/shadow`.
 pub fn mapped_under(dir: &Path) -> Vec<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
     let needle = dir.to_string_lossy().into_owned();
+    let memfd = format!("/memfd:dynplug:{needle}");
     let mut hits: Vec<String> = maps
         .lines()
-        // The path is everything from the first `/` (it may contain spaces).
-        .filter_map(|l| l.find('/').map(|i| l[i..].trim_end_matches(" (deleted)")))
-        .filter(|p| p.starts_with(&needle))
-        .map(str::to_owned)
+        // The path is everything from the first `/` (it may contain spaces);
+        // the inode tells images of the same directory apart.
+        .filter_map(|l| {
+            let path = l[l.find('/')?..].trim_end_matches(" (deleted)");
+            let inode = l.split_ascii_whitespace().nth(4)?;
+            Some((path, inode))
+        })
+        .filter(|(p, _)| p.starts_with(&needle) || p.starts_with(&memfd))
+        .map(|(p, inode)| format!("{p} (inode {inode})"))
         .collect();
     hits.dedup();
     hits
