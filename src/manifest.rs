@@ -229,11 +229,11 @@ impl Manifest {
             .unwrap_or_default();
         let bytes = crate::untrusted::read_file(&path, crate::untrusted::MAX_MANIFEST_BYTES)
             .map_err(|source| Error::Io {
-            plugin: dir_name.clone(),
-            action: "reading",
-            path: path.clone(),
-            source,
-        })?;
+                plugin: dir_name.clone(),
+                action: "reading",
+                path: path.clone(),
+                source,
+            })?;
         let manifest = Manifest::parse(&bytes, &path, &dir_name)?;
         if manifest.name != dir_name {
             return Err(invalid(

@@ -32,7 +32,10 @@ pub(crate) fn ensure(dir: &Path) -> io::Result<()> {
     if meta.uid() != me {
         return Err(refused(
             dir,
-            format!("owned by uid {}, not by this process's uid {me}", meta.uid()),
+            format!(
+                "owned by uid {}, not by this process's uid {me}",
+                meta.uid()
+            ),
         ));
     }
     let mode = meta.mode() & 0o7777;
@@ -45,7 +48,11 @@ pub(crate) fn ensure(dir: &Path) -> io::Result<()> {
     if mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    for ancestor in dir.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()) {
+    for ancestor in dir
+        .ancestors()
+        .skip(1)
+        .filter(|a| !a.as_os_str().is_empty())
+    {
         let Ok(meta) = std::fs::metadata(ancestor) else {
             continue;
         };

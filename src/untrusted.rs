@@ -80,7 +80,11 @@ fn describe(kind: &std::fs::FileType) -> &'static str {
             return "socket";
         }
     }
-    if kind.is_dir() { "directory" } else { "special file" }
+    if kind.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    }
 }
 
 #[cfg(test)]
@@ -94,7 +98,10 @@ mod tests {
         std::fs::write(&path, b"12345").unwrap();
         assert_eq!(read_file(&path, 5).unwrap(), b"12345");
         let err = read_file(&path, 4).unwrap_err();
-        assert!(err.to_string().contains("over the limit of 4 bytes"), "{err}");
+        assert!(
+            err.to_string().contains("over the limit of 4 bytes"),
+            "{err}"
+        );
     }
 
     #[cfg(unix)]
@@ -108,7 +115,10 @@ mod tests {
             .unwrap();
         assert!(status.success());
         let err = read_file(&path, 1024).unwrap_err();
-        assert!(err.to_string().contains("not a regular file (a FIFO)"), "{err}");
+        assert!(
+            err.to_string().contains("not a regular file (a FIFO)"),
+            "{err}"
+        );
     }
 
     #[cfg(unix)]

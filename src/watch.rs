@@ -278,6 +278,9 @@ fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
                 plugin = name,
                 "load failed, retrying once the files settle: {error}"
             );
+            // Not concluded: a change noticed meanwhile must try again, not
+            // be skipped as already tried.
+            slot.status().attempted = None;
             Next::Retry(attempt)
         }
         Err(error) => {

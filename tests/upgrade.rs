@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dynplug::{Context, Event, PluginManager, PluginState};
 use support::{install_as, manifest, mapped_under};
@@ -25,20 +25,8 @@ fn counter_manifest(version: &str, generation: &str, extra: &str) -> String {
     )
 }
 
-/// Waits for the first event matching `pred`, failing after 10 s.
 fn wait_for(events: &mut Receiver<Event>, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match events.try_recv() {
-            Ok(event) if pred(&event) => return event,
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::TryRecvError::Empty) => {
-                assert!(Instant::now() < deadline, "timed out waiting for {what}");
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => panic!("event stream: {e}"),
-        }
-    }
+    support::wait_for_event(events, what, pred)
 }
 
 /// Waits for the next event of the same kind as `expected` and asserts it is
@@ -180,11 +168,7 @@ fn upgrade_under_load_fails_no_call() {
     );
     assert!(calls > 100, "the load ran ({calls} calls)");
     assert_eq!(generation(&manager), "v2", "after the swap only v2 answers");
-    assert_eq!(
-        mapped_under(dir.path()).len(),
-        1,
-        "v1's copy is unmapped"
-    );
+    assert_eq!(mapped_under(dir.path()).len(), 1, "v1's copy is unmapped");
     let info = manager.info("counter").unwrap();
     assert_eq!(
         (info.state, info.upgrades, info.unloads),

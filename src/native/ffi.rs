@@ -33,7 +33,10 @@ pub(crate) enum OpenError {
     /// `dlopen`'s own message (`dlerror`).
     Dlopen(String),
     MissingRoot,
-    Abi { found: String, expected: String },
+    Abi {
+        found: String,
+        expected: String,
+    },
 }
 
 /// `PluginHeader` as raw bits: the same `repr(C)` layout with raw pointers
@@ -147,7 +150,11 @@ impl Library {
         let Ok(version) = std::str::from_utf8(bytes) else {
             return Err(abi("a root whose plugin-abi version is not UTF-8".into()));
         };
-        if checked.crate_version.as_deref().is_some_and(|v| v != version) {
+        if checked
+            .crate_version
+            .as_deref()
+            .is_some_and(|v| v != version)
+        {
             return Err(abi("a root that differs from the file's header".into()));
         }
         let found = format!(

@@ -13,7 +13,9 @@
 
 use std::mem::{offset_of, size_of};
 
-use object::{Object, ObjectSegment, ObjectSymbol, ObjectSymbolTable, RelocationTarget, SymbolKind};
+use object::{
+    Object, ObjectSegment, ObjectSymbol, ObjectSymbolTable, RelocationTarget, SymbolKind,
+};
 use plugin_abi::ffi::{self, PluginHeader};
 
 /// The longest `plugin-abi` version string accepted in a header.
@@ -43,6 +45,8 @@ impl HeaderInfo {
 
     /// Whether a host of this `plugin-abi` may use the plugin (its layout is
     /// checked after `dlopen`).
+    // Written as the rule, whatever ABI_MINOR is today (0 makes `<=` look odd).
+    #[allow(clippy::absurd_extreme_comparisons)]
     pub(crate) fn is_compatible(&self) -> bool {
         self.abi_major == ffi::ABI_MAJOR && self.abi_minor <= ffi::ABI_MINOR
     }
@@ -175,9 +179,17 @@ fn check_target(file: &object::File<'_>) -> Result<(), Refusal> {
         return Err(Refusal::NotALibrary(format!(
             "a {}-bit {}-endian library, but this host is {}-bit {}-endian",
             if file.is_64() { 64 } else { 32 },
-            if file.is_little_endian() { "little" } else { "big" },
+            if file.is_little_endian() {
+                "little"
+            } else {
+                "big"
+            },
             if host_64 { 64 } else { 32 },
-            if cfg!(target_endian = "little") { "little" } else { "big" },
+            if cfg!(target_endian = "little") {
+                "little"
+            } else {
+                "big"
+            },
         )));
     }
     Ok(())
@@ -214,11 +226,16 @@ fn root_symbol(file: &object::File<'_>) -> Result<(u64, u64), Refusal> {
         .find(|s| matches(s) && !s.is_undefined())
         .or_else(|| file.symbols().find(|s| matches(s) && !s.is_undefined()))
         .ok_or(Refusal::MissingRoot)?;
-    if symbol.kind() != SymbolKind::Data || symbol.section_index().is_none() {
+    if symbol.kind() != SymbolKind::Data {
         return Err(bad_root(&format!(
             "the root symbol is not a data object (a {:?} symbol)",
             symbol.kind()
         )));
+    }
+    if symbol.section_index().is_none() {
+        return Err(bad_root(
+            "the root symbol is in no section (an absolute or common symbol)",
+        ));
     }
     Ok((symbol.address(), symbol.size()))
 }

@@ -233,9 +233,7 @@ pub(crate) fn remove_stale(dir: &Path) {
         let Some(pid) = name.to_str().and_then(copy_pid) else {
             continue;
         };
-        let ours = entry
-            .metadata()
-            .is_ok_and(|m| m.is_file() && m.uid() == me);
+        let ours = entry.metadata().is_ok_and(|m| m.is_file() && m.uid() == me);
         if ours && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_file(entry.path());
         }
@@ -280,8 +278,14 @@ mod tests {
     #[test]
     fn only_names_dynplug_gives_are_copies() {
         let ext = std::env::consts::DLL_EXTENSION;
-        assert_eq!(copy_pid(&format!("dynplug-shadow-42-7-hello.{ext}")), Some(42));
-        assert_eq!(copy_pid(&format!("dynplug-shadow-42-7-my-plugin.{ext}")), Some(42));
+        assert_eq!(
+            copy_pid(&format!("dynplug-shadow-42-7-hello.{ext}")),
+            Some(42)
+        );
+        assert_eq!(
+            copy_pid(&format!("dynplug-shadow-42-7-my-plugin.{ext}")),
+            Some(42)
+        );
         for name in [
             "report-2024-01.txt".to_owned(),
             format!("hello-1.0.0-42-7.{ext}"),

@@ -160,7 +160,9 @@ impl NativeVersion {
         if let Some(image) = self.image.take() {
             image.release(true);
         }
-        Ending::Leaked(format!("{why} within the time allowed; its code stays mapped"))
+        Ending::Leaked(format!(
+            "{why} within the time allowed; its code stays mapped"
+        ))
     }
 
     pub(crate) fn execute(&self, ctx: &mut Context) -> Result<Outcome> {
@@ -264,7 +266,9 @@ impl NativeVersion {
 
     /// The image the version runs from, as messages name it.
     pub(crate) fn artifact(&self) -> String {
-        self.image.as_ref().map_or_else(String::new, Image::describe)
+        self.image
+            .as_ref()
+            .map_or_else(String::new, Image::describe)
     }
 
     /// Ends the version: `shutdown`, join the workers, `dlclose` (or retain
@@ -331,8 +335,9 @@ impl NativeVersion {
         }
         if mapped {
             return Ending::Leaked(
-                "still mapped after dlclose (a thread-local with a destructor, or a \
-                 `std::thread::current()` call on a host thread, pins the library)"
+                "still mapped after dlclose: something pins the library (a thread-local \
+                 with a destructor on a live thread, `std::thread::current()` called on a \
+                 host thread, or a library marked NODELETE)"
                     .into(),
             );
         }
@@ -402,7 +407,11 @@ impl Drop for CancelOnDrop {
 /// Checks everything about a native plugin that can be checked without
 /// running it (manifest mode, artifact, checksum, header) and loads it from
 /// an image of exactly the checked bytes.
-fn open_checked(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<(Library, Image)> {
+fn open_checked(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+) -> Result<(Library, Image)> {
     let plugin = manifest.name.clone();
     let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
     let Source::LocalSo { sha256, .. } = &manifest.source else {
@@ -497,25 +506,39 @@ fn open_checked(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Res
     drop(bytes);
     let opened = Library::open(image.path(), &checked);
     image.opened();
-    let library = opened.map_err(|e| match e {
+    let library = match opened {
+        Ok(library) => library,
+        Err(e) => {
+            // A library refused after `dlopen` may stay mapped (NODELETE):
+            // its `/proc/self/fd/N` name must then stay unique.
+            let mapped = image.is_mapped();
+            image.release(mapped);
+            return Err(open_error(e, &plugin, &path));
+        }
+    };
+    Ok((library, image))
+}
+
+fn open_error(e: OpenError, plugin: &str, path: &Path) -> Error {
+    let (plugin, path) = (plugin.to_owned(), path.to_owned());
+    match e {
         OpenError::Dlopen(message) => Error::Open {
-            plugin: plugin.clone(),
-            path: path.clone(),
+            plugin,
+            path,
             message,
         },
         OpenError::MissingRoot => Error::MissingRoot {
-            plugin: plugin.clone(),
-            path: path.clone(),
+            plugin,
+            path,
             symbol: plugin_abi::ffi::ROOT_SYMBOL,
         },
         OpenError::Abi { found, expected } => Error::AbiMismatch {
-            plugin: plugin.clone(),
-            path: path.clone(),
+            plugin,
+            path,
             found,
             expected,
         },
-    })?;
-    Ok((library, image))
+    }
 }
 
 /// Verifies a native plugin without calling it: the artifact's bytes are

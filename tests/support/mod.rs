@@ -6,8 +6,12 @@ pub mod http;
 pub mod server;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::sync::OnceLock;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use dynplug::Event;
 
 /// A manager over a fresh directory holding `samples` (not loaded yet).
 pub fn manager_with(samples: &[&str]) -> (tempfile::TempDir, dynplug::PluginManager) {
@@ -36,6 +40,7 @@ pub const SAMPLES: &[&str] = &[
     "failing-init",
     "slow",
     "wrong-abi",
+    "pinned",
 ];
 
 /// The workspace root.
@@ -156,4 +161,69 @@ pub fn mapped_under(dir: &Path) -> Vec<String> {
         .collect();
     hits.dedup();
     hits
+}
+
+/// How long a test waits for a state before failing (generous: the suite
+/// must pass with both cores busy).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Waits for the first event matching `pred`, failing after [`PATIENCE`].
+pub fn wait_for_event(
+    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    what: &str,
+    pred: impl Fn(&Event) -> bool,
+) -> Event {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match events.try_recv() {
+            Ok(event) if pred(&event) => return event,
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty) => {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("event stream: {e}"),
+        }
+    }
+}
+
+/// A child process killed (and reaped) when the guard drops, so a failing
+/// test never leaves it running.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines of a child's output (`child.stdout.take()`), as they come,
+/// read on a thread of their own.
+pub fn lines_of(output: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line matching `pred`, failing after [`PATIENCE`] or when the
+/// output ends.
+pub fn wait_for_line(lines: &Receiver<String>, pred: impl Fn(&String) -> bool) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if pred(&line) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no matching line: {e}"),
+        }
+    }
 }

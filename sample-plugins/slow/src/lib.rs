@@ -3,13 +3,34 @@
 //! it creates that file once it runs, so a test knows the call holds a worker.
 //! Label `count` returns how many calls this copy has started, itself
 //! included, without looping.
+//!
+//! Its `init` and `shutdown` can be made slow through the manifest's config:
+//! `init_ms` (sleep that long in `init`, after creating `init_file` if
+//! given) and `shutdown_ms` (sleep that long in `shutdown`).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use plugin_abi::{Context, PluginError, export_plugin};
+use plugin_abi::{Context, PluginError, Value, export_plugin};
 
 static STARTED: AtomicI64 = AtomicI64::new(0);
+static SHUTDOWN_MS: AtomicI64 = AtomicI64::new(0);
+
+fn init(config: &Value) -> Result<(), PluginError> {
+    let get = |key: &str| config.as_map().and_then(|m| m.get(key));
+    if let Some(path) = get("init_file").and_then(Value::as_str) {
+        std::fs::write(path, b"").map_err(|e| PluginError::new(format!("{path}: {e}")))?;
+    }
+    let ms = |key: &str| get(key).and_then(Value::as_i64).unwrap_or(0).max(0);
+    SHUTDOWN_MS.store(ms("shutdown_ms"), Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(ms("init_ms") as u64));
+    Ok(())
+}
+
+fn shutdown() {
+    let ms = SHUTDOWN_MS.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(ms as u64));
+}
 
 fn execute(ctx: &mut Context) -> Result<(), PluginError> {
     let started = STARTED.fetch_add(1, Ordering::Relaxed) + 1;
@@ -42,4 +63,4 @@ fn execute(ctx: &mut Context) -> Result<(), PluginError> {
     Ok(())
 }
 
-export_plugin!(execute);
+export_plugin!(execute, init = init, shutdown = shutdown);

@@ -3,6 +3,11 @@
 //! It exports a root with the frozen header shape (magic, versions, layout)
 //! but claims ABI 0 / plugin-abi 0.0.9 and an entry table of another layout,
 //! as a plugin compiled against an old `plugin-abi` would.
+//!
+//! It also has a constructor, which `dlopen` would run before any symbol can
+//! be looked up: with `DYNPLUG_FIXTURE_MARKER` set it writes that file, with
+//! `DYNPLUG_FIXTURE_ABORT` set it aborts the process. The host must refuse
+//! the library from its bytes, so neither ever happens.
 #![allow(unsafe_code)]
 
 use abi_stable::StableAbi;
@@ -49,3 +54,18 @@ pub static DYNPLUG_PLUGIN_ROOT: Header = Header {
     layout: <OldVtable as StableAbi>::LAYOUT,
     vtable: &VTABLE,
 };
+
+extern "C" fn constructor() {
+    if let Some(path) = std::env::var_os("DYNPLUG_FIXTURE_MARKER") {
+        let _ = std::fs::write(path, b"the constructor ran");
+    }
+    if std::env::var_os("DYNPLUG_FIXTURE_ABORT").is_some() {
+        std::process::abort();
+    }
+}
+
+/// Run by the dynamic loader when the library is loaded.
+#[used]
+#[cfg_attr(target_os = "linux", unsafe(link_section = ".init_array"))]
+#[cfg_attr(target_os = "macos", unsafe(link_section = "__DATA,__mod_init_func"))]
+static CONSTRUCTOR: extern "C" fn() = constructor;
