@@ -110,6 +110,11 @@ impl Context {
         &self.label
     }
 
+    /// The label as stored (copied without allocating when short).
+    pub(crate) fn label_compact(&self) -> &CompactString {
+        &self.label
+    }
+
     /// Replaces the label.
     pub fn set_label(&mut self, label: impl AsRef<str>) {
         self.label = CompactString::new(label.as_ref());

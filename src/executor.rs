@@ -53,6 +53,18 @@ impl Executor {
     /// panicked, [`Error::DeadlineExceeded`] / [`Error::Cancelled`], and
     /// [`Error::Unavailable`] if no version is serving.
     ///
+    /// What `ctx` holds afterwards depends only on how far the call got:
+    /// * it ran and returned (success, `Plugin`, `Panic`, or `Cancelled` /
+    ///   `DeadlineExceeded` reported when the plugin returned): your values
+    ///   plus whatever the plugin set;
+    /// * it never started (`Unavailable`, `Overloaded`, a deadline already
+    ///   past): unchanged, so it can be retried;
+    /// * it was abandoned while a worker of a `pooled` plugin ran it
+    ///   (`DeadlineExceeded` at the deadline, or a dropped
+    ///   [`execute_async`](Self::execute_async) future): only its label,
+    ///   cancel token (now cancelled) and deadline; the values stay with the
+    ///   call, which ends when the plugin notices the cancellation.
+    ///
     /// # Examples
     /// ```no_run
     /// # fn main() -> Result<(), dynplug::Error> {
@@ -82,11 +94,14 @@ impl Executor {
     }
 
     /// Runs one call without blocking the async runtime: a `pooled` plugin
-    /// runs on its workers while this future waits. (`inline` plugins run on
-    /// the polling thread, by definition.) Dropping the future cancels the call.
+    /// runs on its workers while this future waits, at most until the
+    /// context's deadline (with any executor: the timer is not the
+    /// runtime's). `inline` plugins run on the polling thread, by
+    /// definition. Dropping the future cancels the call.
     ///
     /// # Errors
-    /// As [`execute`](Self::execute).
+    /// As [`execute`](Self::execute), which also says what `ctx` holds
+    /// after an error.
     pub async fn execute_async(&self, ctx: &mut Context) -> Result<()> {
         let stats = &self.slot.stats;
         stats.started.fetch_add(1, Ordering::Relaxed);

@@ -177,3 +177,63 @@ fn cancel_from_another_thread_stops_a_slow_plugin() {
         );
     }
 }
+
+/// The async path honours the context's deadline by itself (no runtime
+/// timer around it), and leaves the context as the blocking path does.
+#[test]
+fn execute_async_returns_at_the_deadline_with_the_context_given_back() {
+    let (dir, manager) = manager_with(&["slow"]);
+    manager.load_plugins().unwrap();
+    let (_, slow) = manager.get_plugin("slow").unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let mut ctx = Context::new("spin")
+        .with("max_ms", 60_000)
+        .with_deadline(deadline);
+    let token = ctx.cancel_token();
+    let err = runtime
+        .block_on(slow.execute_async(&mut ctx))
+        .unwrap_err();
+    assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
+    assert!(Instant::now() < deadline + Duration::from_secs(5));
+    assert_eq!(ctx.label(), "spin");
+    assert_eq!(ctx.deadline(), Some(deadline));
+    assert!(ctx.get("max_ms").is_none(), "the values stay with the call");
+    assert!(token.is_cancelled(), "the abandoned call is cancelled");
+
+    // A future dropped while the plugin runs: the same state, and cancelled.
+    let marker = dir.path().join(".running");
+    let mut ctx = Context::new("spin")
+        .with("max_ms", 60_000)
+        .with("started_file", marker.to_str().unwrap());
+    let token = ctx.cancel_token();
+    runtime.block_on(async {
+        let call = slow.execute_async(&mut ctx);
+        tokio::pin!(call);
+        tokio::select! {
+            _ = &mut call => panic!("slow answered while running"),
+            () = exists(&marker) => {}
+        }
+    });
+    assert_eq!(ctx.label(), "spin");
+    assert!(token.is_cancelled());
+    // The abandoned call ends once it sees the cancellation: drained.
+    assert_eq!(manager.unload("slow").unwrap(), dynplug::PluginState::Unloaded);
+}
+
+/// Resolves once `path` exists (checked from a thread: the runtime has no
+/// timer driver).
+async fn exists(path: &std::path::Path) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while !path.exists() && started.elapsed() < support::PATIENCE {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
+}

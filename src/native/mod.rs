@@ -174,33 +174,24 @@ impl NativeVersion {
             Runner::Pooled(pool) => pool,
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        // What the caller gets back if it stops waiting at the deadline.
-        let fallback = ctx
-            .deadline()
-            .map(|deadline| (deadline, ctx.cancel_token(), ctx.label().to_owned()));
-        let job = std::mem::take(ctx);
-        if let Err(refused) = pool.submit(job, Reply::Blocking(tx)) {
+        // Only a call that can be abandoned (it has a deadline) pays for
+        // keeping what the caller gets back.
+        let abandon = ctx.deadline().map(|deadline| (deadline, Abandoned::of(ctx)));
+        if let Err(refused) = pool.submit(std::mem::take(ctx), Reply::Blocking(tx)) {
             return Err(self.refused(pool, refused, ctx));
         }
-        let reply = match fallback {
-            None => rx.recv().map_err(|_| self.stopped()),
-            Some((deadline, token, label)) => rx.recv_deadline(deadline).map_err(|e| match e {
-                crossbeam_channel::RecvTimeoutError::Timeout => {
-                    // The plugin keeps the values until it notices; the
-                    // caller gets the label, token and deadline back.
-                    token.cancel();
-                    *ctx = Context::new(label.clone())
-                        .with_cancel_token(token)
-                        .with_deadline(deadline);
-                    Error::DeadlineExceeded {
-                        plugin: self.plugin.clone(),
-                        label,
-                    }
+        let (done, outcome) = match abandon {
+            None => rx.recv().map_err(|_| self.stopped())?,
+            Some((deadline, abandoned)) => match rx.recv_deadline(deadline) {
+                Ok(reply) => reply,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(abandoned.give_back(ctx, &self.plugin));
                 }
-                crossbeam_channel::RecvTimeoutError::Disconnected => self.stopped(),
-            }),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(self.stopped());
+                }
+            },
         };
-        let (done, outcome) = reply?;
         *ctx = done;
         Ok(outcome)
     }
@@ -215,20 +206,49 @@ impl NativeVersion {
             Runner::Inline => return Ok(library.execute(ctx)),
             Runner::Pooled(pool) => pool,
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let token = ctx.cancel_token();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let abandoned = Abandoned::of(ctx);
+        let deadline = ctx.deadline();
         if let Err(refused) = pool.submit(std::mem::take(ctx), Reply::Async(tx)) {
-            // Not queued: the caller gets its context back uncancelled (it
+            // Not queued: the caller gets its context back as it was (it
             // may retry an overloaded plugin with it).
             return Err(self.refused(pool, refused, ctx));
         }
-        // From here, if this future is dropped, the call is cancelled rather
-        // than left running.
-        let mut guard = CancelOnDrop(Some(token));
-        let (done, outcome) = rx.await.map_err(|_| self.stopped())?;
-        guard.0 = None;
-        *ctx = done;
-        Ok(outcome)
+        // From here the values are with the call. If this future is dropped
+        // (or the deadline passes), the call is cancelled rather than left
+        // running, and the caller's context gets its label, token and
+        // deadline back, as from the blocking `execute`.
+        let mut pending = Pending {
+            ctx,
+            abandoned: Some(abandoned),
+        };
+        let mut timer = deadline.map(|d| {
+            futures_timer::Delay::new(d.saturating_duration_since(std::time::Instant::now()))
+        });
+        let reply = std::future::poll_fn(|cx| {
+            use std::future::Future;
+            use std::pin::Pin;
+            if let std::task::Poll::Ready(reply) = Pin::new(&mut rx).poll(cx) {
+                return std::task::Poll::Ready(Some(reply));
+            }
+            match timer.as_mut().map(|timer| Pin::new(timer).poll(cx)) {
+                Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(None),
+                _ => std::task::Poll::Pending,
+            }
+        })
+        .await;
+        match reply {
+            Some(Ok((done, outcome))) => {
+                pending.abandoned = None;
+                *pending.ctx = done;
+                Ok(outcome)
+            }
+            Some(Err(_)) => Err(self.stopped()),
+            None => {
+                let abandoned = pending.abandoned.take().expect("set until the reply");
+                Err(abandoned.give_back(pending.ctx, &self.plugin))
+            }
+        }
     }
 
     /// Gives the context back to the caller and says why the pool refused it.
@@ -394,12 +414,54 @@ impl Drop for NativeVersion {
     }
 }
 
-struct CancelOnDrop(Option<crate::CancelToken>);
+/// What a caller keeps of its context while a pooled call holds the values:
+/// what it gets back if it stops waiting (deadline, dropped future).
+struct Abandoned {
+    label: compact_str::CompactString,
+    token: crate::CancelToken,
+    deadline: Option<Instant>,
+}
 
-impl Drop for CancelOnDrop {
+impl Abandoned {
+    fn of(ctx: &Context) -> Abandoned {
+        Abandoned {
+            label: ctx.label_compact().clone(),
+            token: ctx.cancel_token(),
+            deadline: ctx.deadline(),
+        }
+    }
+
+    /// Cancels the call (the plugin keeps the values until it notices) and
+    /// gives the caller its label, token and deadline back.
+    fn give_back(self, ctx: &mut Context, plugin: &str) -> Error {
+        self.restore(ctx);
+        Error::DeadlineExceeded {
+            plugin: plugin.to_owned(),
+            label: ctx.label().to_owned(),
+        }
+    }
+
+    fn restore(self, ctx: &mut Context) {
+        self.token.cancel();
+        let mut back = Context::new(&self.label).with_cancel_token(self.token);
+        if let Some(deadline) = self.deadline {
+            back = back.with_deadline(deadline);
+        }
+        *ctx = back;
+    }
+}
+
+/// An async call in flight: dropped before the reply, it cancels the call
+/// and restores the caller's context as `Abandoned` says.
+struct Pending<'a> {
+    ctx: &'a mut Context,
+    abandoned: Option<Abandoned>,
+}
+
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if let Some(token) = self.0.take() {
-            token.cancel();
+        if let Some(abandoned) = self.abandoned.take() {
+            abandoned.restore(self.ctx);
         }
     }
 }
