@@ -193,9 +193,7 @@ fn execute_async_returns_at_the_deadline_with_the_context_given_back() {
         .with("max_ms", 60_000)
         .with_deadline(deadline);
     let token = ctx.cancel_token();
-    let err = runtime
-        .block_on(slow.execute_async(&mut ctx))
-        .unwrap_err();
+    let err = runtime.block_on(slow.execute_async(&mut ctx)).unwrap_err();
     assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err}");
     assert!(Instant::now() < deadline + Duration::from_secs(5));
     assert_eq!(ctx.label(), "spin");
@@ -220,7 +218,10 @@ fn execute_async_returns_at_the_deadline_with_the_context_given_back() {
     assert_eq!(ctx.label(), "spin");
     assert!(token.is_cancelled());
     // The abandoned call ends once it sees the cancellation: drained.
-    assert_eq!(manager.unload("slow").unwrap(), dynplug::PluginState::Unloaded);
+    assert_eq!(
+        manager.unload("slow").unwrap(),
+        dynplug::PluginState::Unloaded
+    );
 }
 
 /// Resolves once `path` exists (checked from a thread: the runtime has no

@@ -17,7 +17,7 @@
 macro_rules! export_plugin {
     ($execute:path $(, init = $init:path)? $(, shutdown = $shutdown:path)? $(,)?) => {
         const _: () = {
-            extern "C" fn __dynplug_execute(ctx: *mut $crate::ffi::FfiContext) -> u32 {
+            unsafe extern "C" fn __dynplug_execute(ctx: *mut $crate::ffi::FfiContext) -> u32 {
                 // SAFETY: called by the host with a valid, exclusive context.
                 #[allow(unsafe_code)]
                 unsafe { $crate::ffi::run_execute(ctx, $execute) }
@@ -43,7 +43,7 @@ macro_rules! __dynplug_init {
         None
     };
     ($init:path) => {{
-        extern "C" fn __dynplug_init(
+        unsafe extern "C" fn __dynplug_init(
             config: $crate::ffi::ValueView,
             sink: $crate::ffi::ErrorSink,
         ) -> u32 {
@@ -64,7 +64,7 @@ macro_rules! __dynplug_shutdown {
         None
     };
     ($shutdown:path) => {{
-        extern "C" fn __dynplug_shutdown(sink: $crate::ffi::ErrorSink) -> u32 {
+        unsafe extern "C" fn __dynplug_shutdown(sink: $crate::ffi::ErrorSink) -> u32 {
             // SAFETY: called by the host with a valid sink.
             #[allow(unsafe_code)]
             unsafe {

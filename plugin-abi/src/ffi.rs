@@ -29,7 +29,7 @@ use crate::{Context, PluginError, Value};
 /// The first bytes of every [`PluginHeader`].
 pub const MAGIC: [u8; 8] = *b"DYNPLUG\0";
 /// Bumped on any incompatible change of the types in this module.
-pub const ABI_MAJOR: u32 = 1;
+pub const ABI_MAJOR: u32 = 2;
 /// Bumped on compatible additions (the host accepts a plugin with a lower or equal minor).
 pub const ABI_MINOR: u32 = 0;
 /// The version of the `plugin-abi` crate this copy was compiled from.
@@ -115,7 +115,7 @@ impl RawBytes {
 #[derive(StableAbi, Clone, Copy)]
 pub struct VisitFn {
     /// The callback.
-    pub func: extern "C" fn(visitor: *mut Opaque, key: RawStr, value: ValueView),
+    pub func: unsafe extern "C" fn(visitor: *mut Opaque, key: RawStr, value: ValueView),
 }
 
 /// A borrowed list or map, walked by the side that owns it.
@@ -124,7 +124,7 @@ pub struct VisitFn {
 pub struct Compound {
     handle: *const Opaque,
     len: usize,
-    visit: extern "C" fn(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn),
+    visit: unsafe extern "C" fn(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn),
 }
 
 /// A borrowed [`Value`] (or its absence), valid only during the call that passed it.
@@ -151,30 +151,33 @@ pub enum ValueView {
     Map(Compound),
 }
 
-extern "C" fn visit_list(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
+unsafe extern "C" fn visit_list(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
     // SAFETY: `handle` was made from a `&Vec<Value>` by `ValueView::of`, which
     // is alive for the call the view was passed in.
     let items = unsafe { &*handle.cast::<Vec<Value>>() };
     for item in items {
-        (f.func)(visitor, RawStr::new(""), ValueView::of(item));
+        // SAFETY: the receiver passed `f` and `visitor` for this walk; the
+        // views are valid during the callback.
+        unsafe { (f.func)(visitor, RawStr::new(""), ValueView::of(item)) };
     }
 }
 
-extern "C" fn visit_map(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
+unsafe extern "C" fn visit_map(handle: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
     // SAFETY: as in `visit_list`, for a `&BTreeMap<String, Value>`.
     let entries = unsafe { &*handle.cast::<BTreeMap<String, Value>>() };
     for (k, v) in entries {
-        (f.func)(visitor, RawStr::new(k), ValueView::of(v));
+        // SAFETY: as in `visit_list`.
+        unsafe { (f.func)(visitor, RawStr::new(k), ValueView::of(v)) };
     }
 }
 
-extern "C" fn push_item(visitor: *mut Opaque, _key: RawStr, value: ValueView) {
+unsafe extern "C" fn push_item(visitor: *mut Opaque, _key: RawStr, value: ValueView) {
     // SAFETY: `visitor` is the `&mut Vec<Value>` passed by `to_value` for this walk,
     // and `value` is valid during this callback.
     unsafe { (*visitor.cast::<Vec<Value>>()).push(value.to_value()) }
 }
 
-extern "C" fn insert_entry(visitor: *mut Opaque, key: RawStr, value: ValueView) {
+unsafe extern "C" fn insert_entry(visitor: *mut Opaque, key: RawStr, value: ValueView) {
     // SAFETY: `visitor` is the `&mut BTreeMap` passed by `to_value` for this walk;
     // `key` and `value` are valid during this callback.
     unsafe {
@@ -226,17 +229,23 @@ impl ValueView {
             ValueView::List(c) => {
                 // A length from the other side is a hint, never trusted for an allocation.
                 let mut items: Vec<Value> = Vec::with_capacity(c.len.min(1024));
-                (c.visit)(
-                    c.handle,
-                    (&mut items as *mut Vec<Value>).cast(),
-                    VisitFn { func: push_item },
-                );
+                // SAFETY: the view is valid (the caller's guarantee), so its
+                // owner's `visit` walks a live list; `push_item` gets the
+                // `Vec` it expects.
+                unsafe {
+                    (c.visit)(
+                        c.handle,
+                        (&mut items as *mut Vec<Value>).cast(),
+                        VisitFn { func: push_item },
+                    );
+                }
                 Value::List(items)
             }
             ValueView::Map(c) => {
                 let mut entries = BTreeMap::new();
                 let visitor = (&mut entries as *mut BTreeMap<String, Value>).cast();
-                (c.visit)(c.handle, visitor, VisitFn { func: insert_entry });
+                // SAFETY: as for lists, with the map `insert_entry` expects.
+                unsafe { (c.visit)(c.handle, visitor, VisitFn { func: insert_entry }) };
                 Value::Map(entries)
             }
         }
@@ -248,21 +257,21 @@ impl ValueView {
 #[derive(StableAbi)]
 pub struct HostVtable {
     /// The label of the call.
-    pub label: extern "C" fn(data: *const Opaque) -> RawStr,
+    pub label: unsafe extern "C" fn(data: *const Opaque) -> RawStr,
     /// The value under `key`, or [`ValueView::Absent`].
-    pub get: extern "C" fn(data: *const Opaque, key: RawStr) -> ValueView,
+    pub get: unsafe extern "C" fn(data: *const Opaque, key: RawStr) -> ValueView,
     /// Copies `value` into the context under `key`.
-    pub set: extern "C" fn(data: *mut Opaque, key: RawStr, value: ValueView),
+    pub set: unsafe extern "C" fn(data: *mut Opaque, key: RawStr, value: ValueView),
     /// Removes `key`; whether it was present.
-    pub remove: extern "C" fn(data: *mut Opaque, key: RawStr) -> bool,
+    pub remove: unsafe extern "C" fn(data: *mut Opaque, key: RawStr) -> bool,
     /// Calls `f(visitor, key, value)` for every entry, in no particular order.
-    pub entries: extern "C" fn(data: *const Opaque, visitor: *mut Opaque, f: VisitFn),
+    pub entries: unsafe extern "C" fn(data: *const Opaque, visitor: *mut Opaque, f: VisitFn),
     /// Whether the call was cancelled or is past its deadline.
-    pub is_cancelled: extern "C" fn(data: *const Opaque) -> bool,
+    pub is_cancelled: unsafe extern "C" fn(data: *const Opaque) -> bool,
     /// Nanoseconds left before the deadline (0 when past it), or -1 without one.
-    pub remaining_nanos: extern "C" fn(data: *const Opaque) -> i64,
+    pub remaining_nanos: unsafe extern "C" fn(data: *const Opaque) -> i64,
     /// Records the call's error message (copied by the host).
-    pub set_error: extern "C" fn(data: *mut Opaque, message: RawStr),
+    pub set_error: unsafe extern "C" fn(data: *mut Opaque, message: RawStr),
 }
 
 /// One call's context as passed to `execute`.
@@ -282,7 +291,7 @@ pub struct ErrorSink {
     /// The host's error slot.
     pub data: *mut Opaque,
     /// Copies `message` into `data`.
-    pub write: extern "C" fn(data: *mut Opaque, message: RawStr),
+    pub write: unsafe extern "C" fn(data: *mut Opaque, message: RawStr),
 }
 
 /// The plugin's entries. Its `TypeLayout` is checked by the host before use.
@@ -290,11 +299,11 @@ pub struct ErrorSink {
 #[derive(StableAbi)]
 pub struct PluginVtable {
     /// Runs one call; returns a [`status`] code.
-    pub execute: extern "C" fn(ctx: *mut FfiContext) -> u32,
+    pub execute: unsafe extern "C" fn(ctx: *mut FfiContext) -> u32,
     /// Runs once after load with the manifest's `config`; returns a [`status`] code.
-    pub init: Option<extern "C" fn(config: ValueView, err: ErrorSink) -> u32>,
+    pub init: Option<unsafe extern "C" fn(config: ValueView, err: ErrorSink) -> u32>,
     /// Runs once before unload; returns a [`status`] code.
-    pub shutdown: Option<extern "C" fn(err: ErrorSink) -> u32>,
+    pub shutdown: Option<unsafe extern "C" fn(err: ErrorSink) -> u32>,
 }
 
 /// The exported root. Its layout is frozen: a host of any version reads
@@ -361,10 +370,52 @@ pub fn check_layout(found: &'static TypeLayout) -> Result<(), String> {
     // leave those pointers dangling: each check gets its own, dropped state.
     let globals = CheckingGlobals::new();
     check_layout_compatibility_with_globals(expected_layout(), found, &globals)
-        .map_err(|e| e.to_string())
+        .map_err(|e| summarize_layout_errors(&e.to_string()))
+}
+
+/// abi_stable's report prints both layouts in full for every difference
+/// (kilobytes for one changed qualifier). Errors are shown on one line in
+/// listings and logs: keep each `Error:` with its `Expected:`/`Found:` lines,
+/// the first one in full, and count the rest.
+fn summarize_layout_errors(report: &str) -> String {
+    let mut lines = report.lines().map(str::trim);
+    let mut errors: Vec<String> = Vec::new();
+    while let Some(line) = lines.next() {
+        let Some(what) = line.strip_prefix("Error:") else {
+            continue;
+        };
+        let mut summary = what.trim().to_owned();
+        let take = |label: &str, lines: &mut dyn Iterator<Item = &str>| {
+            if lines.next() == Some(label) {
+                lines
+                    .next()
+                    .map(|v| format!("{} `{v}`", label.trim_end_matches(':').to_lowercase()))
+            } else {
+                None
+            }
+        };
+        if let (Some(expected), Some(found)) =
+            (take("Expected:", &mut lines), take("Found:", &mut lines))
+        {
+            summary = format!("{summary}: {expected}, {found}");
+        }
+        if !errors.contains(&summary) {
+            errors.push(summary);
+        }
+    }
+    match errors.len() {
+        0 => "the layouts differ".to_owned(),
+        1 => errors.remove(0),
+        n => format!("{} (and {} more)", errors[0], n - 1),
+    }
 }
 
 // ----- the plugin side -----
+
+// Every host callback below is called with the `data` and vtable the host
+// passed for the call in progress (an `FfiContext` exists only inside a
+// call), and with views of plugin memory that live until it returns: the
+// "SAFETY: in call" of each block.
 
 impl FfiContext {
     fn host(&self) -> &HostVtable {
@@ -374,14 +425,16 @@ impl FfiContext {
     }
 
     pub(crate) fn label(&self) -> &str {
-        let label = (self.host().label)(self.data);
+        // SAFETY: in call.
+        let label = unsafe { (self.host().label)(self.data) };
         // SAFETY: the label is host memory that stays untouched while the
         // plugin holds `&self` (the host is blocked in the call).
         unsafe { label.as_str() }
     }
 
     pub(crate) fn get(&self, key: &str) -> Borrowed<'_> {
-        let view = (self.host().get)(self.data, RawStr::new(key));
+        // SAFETY: in call.
+        let view = unsafe { (self.host().get)(self.data, RawStr::new(key)) };
         // SAFETY: the view points into the host's context, which is not
         // modified while the plugin holds `&self`.
         unsafe { Borrowed::from_view(view) }
@@ -393,7 +446,7 @@ impl FfiContext {
             key: &'k str,
             found: ValueView,
         }
-        extern "C" fn visit(visitor: *mut Opaque, key: RawStr, value: ValueView) {
+        unsafe extern "C" fn visit(visitor: *mut Opaque, key: RawStr, value: ValueView) {
             // SAFETY: `visitor` is the `Search` below, alive for the walk; the
             // key is valid during this callback.
             let (search, key) = unsafe { (&mut *visitor.cast::<Search<'_>>(), key.as_str()) };
@@ -401,7 +454,9 @@ impl FfiContext {
                 search.found = value;
             }
         }
-        let ValueView::Map(compound) = (self.host().get)(self.data, RawStr::new(map)) else {
+        // SAFETY: in call.
+        let map = unsafe { (self.host().get)(self.data, RawStr::new(map)) };
+        let ValueView::Map(compound) = map else {
             return Borrowed::Absent;
         };
         let mut search = Search {
@@ -409,27 +464,32 @@ impl FfiContext {
             found: ValueView::Absent,
         };
         let visitor = (&mut search as *mut Search<'_>).cast();
-        (compound.visit)(compound.handle, visitor, VisitFn { func: visit });
+        // SAFETY: in call; the host walks its own live map and `visit` gets
+        // the `Search` it expects.
+        unsafe { (compound.visit)(compound.handle, visitor, VisitFn { func: visit }) };
         // SAFETY: the view points into the host's context, which is not
         // modified while the plugin holds `&self`.
         unsafe { Borrowed::from_view(search.found) }
     }
 
     pub(crate) fn set(&mut self, key: &str, value: &Value) {
-        (self.host().set)(self.data, RawStr::new(key), ValueView::of(value));
+        // SAFETY: in call.
+        unsafe { (self.host().set)(self.data, RawStr::new(key), ValueView::of(value)) };
     }
 
     pub(crate) fn set_str(&mut self, key: &str, value: &str) {
         let view = ValueView::Str(RawStr::new(value));
-        (self.host().set)(self.data, RawStr::new(key), view);
+        // SAFETY: in call.
+        unsafe { (self.host().set)(self.data, RawStr::new(key), view) };
     }
 
     pub(crate) fn remove(&mut self, key: &str) -> bool {
-        (self.host().remove)(self.data, RawStr::new(key))
+        // SAFETY: in call.
+        unsafe { (self.host().remove)(self.data, RawStr::new(key)) }
     }
 
     pub(crate) fn entries(&self) -> Vec<(String, Value)> {
-        extern "C" fn collect(visitor: *mut Opaque, key: RawStr, value: ValueView) {
+        unsafe extern "C" fn collect(visitor: *mut Opaque, key: RawStr, value: ValueView) {
             // SAFETY: `visitor` is the Vec below; key and value are valid
             // during this callback.
             unsafe {
@@ -439,20 +499,24 @@ impl FfiContext {
         }
         let mut out: Vec<(String, Value)> = Vec::new();
         let visitor = (&mut out as *mut Vec<(String, Value)>).cast();
-        (self.host().entries)(self.data, visitor, VisitFn { func: collect });
+        // SAFETY: in call; `collect` gets the `Vec` it expects.
+        unsafe { (self.host().entries)(self.data, visitor, VisitFn { func: collect }) };
         out
     }
 
     pub(crate) fn is_cancelled(&self) -> bool {
-        (self.host().is_cancelled)(self.data)
+        // SAFETY: in call.
+        unsafe { (self.host().is_cancelled)(self.data) }
     }
 
     pub(crate) fn remaining_nanos(&self) -> i64 {
-        (self.host().remaining_nanos)(self.data)
+        // SAFETY: in call.
+        unsafe { (self.host().remaining_nanos)(self.data) }
     }
 
     fn set_error(&mut self, message: &str) {
-        (self.host().set_error)(self.data, RawStr::new(message));
+        // SAFETY: in call.
+        unsafe { (self.host().set_error)(self.data, RawStr::new(message)) };
     }
 }
 
@@ -545,7 +609,8 @@ pub unsafe fn run_init(
         f(&config)
     }));
     report(result, |message| {
-        (sink.write)(sink.data, RawStr::new(message))
+        // SAFETY: the host's sink, valid during this entry call.
+        unsafe { (sink.write)(sink.data, RawStr::new(message)) }
     })
 }
 
@@ -560,6 +625,34 @@ pub unsafe fn run_shutdown(sink: ErrorSink, f: fn()) -> u32 {
         Ok(())
     }));
     report(result, |message| {
-        (sink.write)(sink.data, RawStr::new(message))
+        // SAFETY: the host's sink, valid during this entry call.
+        unsafe { (sink.write)(sink.data, RawStr::new(message)) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_reports_are_summarized_on_one_line() {
+        let report = "Compared <this>:\n    --- Type Layout ---\n    lots of text\n\
+            Error:function pointers have different qualifiers (`unsafe`, etc.)\n\
+            Expected:\n    unsafe fn(ctx,: *mut FfiContext )->u32\n\
+            Found:\n    fn(ctx,: *mut FfiContext )->u32\n\
+            more layout text\n\
+            Error:incompatible type size\nExpected:\n    24\nFound:\n    16\n";
+        let summary = summarize_layout_errors(report);
+        assert_eq!(
+            summary,
+            "function pointers have different qualifiers (`unsafe`, etc.): expected \
+             `unsafe fn(ctx,: *mut FfiContext )->u32`, found `fn(ctx,: *mut FfiContext )->u32` \
+             (and 1 more)"
+        );
+        assert!(!summary.contains('\n'));
+        assert_eq!(
+            summarize_layout_errors("no errors listed"),
+            "the layouts differ"
+        );
+    }
 }

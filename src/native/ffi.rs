@@ -187,7 +187,10 @@ impl Library {
             data: (&mut call as *mut Call<'_>).cast(),
             host: &HOST_VTABLE,
         };
-        let code = (self.vtable().execute)(&mut raw);
+        // SAFETY: `execute` is the entry of this loaded, checked library; `raw`
+        // is a valid context for the call, exclusively the plugin's until it
+        // returns (its `data` points at `call`, alive on this stack frame).
+        let code = unsafe { (self.vtable().execute)(&mut raw) };
         outcome(code, call.error)
     }
 
@@ -197,7 +200,9 @@ impl Library {
             return Outcome::Ok;
         };
         let mut error = None;
-        let code = init(ValueView::of(config), error_sink(&mut error));
+        // SAFETY: the entry of this loaded, checked library; the config view
+        // and the sink are valid until it returns.
+        let code = unsafe { init(ValueView::of(config), error_sink(&mut error)) };
         outcome(code, error)
     }
 
@@ -207,7 +212,9 @@ impl Library {
             return Outcome::Ok;
         };
         let mut error = None;
-        let code = shutdown(error_sink(&mut error));
+        // SAFETY: the entry of this loaded, checked library; the sink is
+        // valid until it returns.
+        let code = unsafe { shutdown(error_sink(&mut error)) };
         outcome(code, error)
     }
 
@@ -266,7 +273,7 @@ fn error_sink(slot: &mut Option<String>) -> ErrorSink {
     }
 }
 
-extern "C" fn write_error(data: *mut Opaque, message: RawStr) {
+unsafe extern "C" fn write_error(data: *mut Opaque, message: RawStr) {
     // SAFETY: `data` is the `&mut Option<String>` of `error_sink`, alive for
     // the entry call; `message` is valid during this callback.
     unsafe { *data.cast::<Option<String>>() = Some(message.as_str().to_owned()) };
@@ -308,12 +315,12 @@ static HOST_VTABLE: HostVtable = HostVtable {
 // progress, and the plugin (safe Rust behind plugin-abi) never calls them
 // outside it: this is the "SAFETY: in call" of each block.
 
-extern "C" fn host_label(data: *const Opaque) -> RawStr {
+unsafe extern "C" fn host_label(data: *const Opaque) -> RawStr {
     // SAFETY: in call.
     RawStr::new(unsafe { call(data) }.ctx.label())
 }
 
-extern "C" fn host_get(data: *const Opaque, key: RawStr) -> ValueView {
+unsafe extern "C" fn host_get(data: *const Opaque, key: RawStr) -> ValueView {
     // SAFETY: in call; `key` is valid during this callback.
     let (call, key) = unsafe { (call(data), key.as_str()) };
     call.ctx
@@ -322,7 +329,7 @@ extern "C" fn host_get(data: *const Opaque, key: RawStr) -> ValueView {
         .map_or(ValueView::Absent, ValueView::of)
 }
 
-extern "C" fn host_set(data: *mut Opaque, key: RawStr, value: ValueView) {
+unsafe extern "C" fn host_set(data: *mut Opaque, key: RawStr, value: ValueView) {
     // SAFETY: in call; the plugin holds no borrow of the context while it
     // sets (plugin-abi's `set` takes `&mut Context`); key and value are valid now.
     let (call, key, value) = unsafe { (call_mut(data), key.as_str(), value.to_value()) };
@@ -334,26 +341,28 @@ extern "C" fn host_set(data: *mut Opaque, key: RawStr, value: ValueView) {
     }
 }
 
-extern "C" fn host_remove(data: *mut Opaque, key: RawStr) -> bool {
+unsafe extern "C" fn host_remove(data: *mut Opaque, key: RawStr) -> bool {
     // SAFETY: in call, exclusive as in `host_set`; `key` is valid now.
     let (call, key) = unsafe { (call_mut(data), key.as_str()) };
     call.ctx.values.remove(key).is_some()
 }
 
-extern "C" fn host_entries(data: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
+unsafe extern "C" fn host_entries(data: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
     // SAFETY: in call.
     let call = unsafe { call(data) };
     for (k, v) in &call.ctx.values {
-        (f.func)(visitor, RawStr::new(k), ValueView::of(v));
+        // SAFETY: the plugin passed `f` and `visitor` for this walk; the
+        // views are valid during the callback.
+        unsafe { (f.func)(visitor, RawStr::new(k), ValueView::of(v)) };
     }
 }
 
-extern "C" fn host_is_cancelled(data: *const Opaque) -> bool {
+unsafe extern "C" fn host_is_cancelled(data: *const Opaque) -> bool {
     // SAFETY: in call.
     unsafe { call(data) }.ctx.is_cancelled()
 }
 
-extern "C" fn host_remaining_nanos(data: *const Opaque) -> i64 {
+unsafe extern "C" fn host_remaining_nanos(data: *const Opaque) -> i64 {
     // SAFETY: in call.
     match unsafe { call(data) }.ctx.deadline() {
         None => -1,
@@ -365,7 +374,7 @@ extern "C" fn host_remaining_nanos(data: *const Opaque) -> i64 {
     }
 }
 
-extern "C" fn host_set_error(data: *mut Opaque, message: RawStr) {
+unsafe extern "C" fn host_set_error(data: *mut Opaque, message: RawStr) {
     // SAFETY: in call, exclusive (the plugin reports after its function returned).
     let (call, message) = unsafe { (call_mut(data), message.as_str()) };
     call.error = Some(message.to_owned());

@@ -176,7 +176,9 @@ impl NativeVersion {
         let (tx, rx) = crossbeam_channel::bounded(1);
         // Only a call that can be abandoned (it has a deadline) pays for
         // keeping what the caller gets back.
-        let abandon = ctx.deadline().map(|deadline| (deadline, Abandoned::of(ctx)));
+        let abandon = ctx
+            .deadline()
+            .map(|deadline| (deadline, Abandoned::of(ctx)));
         if let Err(refused) = pool.submit(std::mem::take(ctx), Reply::Blocking(tx)) {
             return Err(self.refused(pool, refused, ctx));
         }
