@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
 
-use crate::Value;
+use crate::{Value, ValueError};
 
 /// Cancels the calls of every [`Context`] it was taken from; cheap to clone,
 /// usable from any thread.
@@ -150,15 +150,17 @@ impl Context {
         self.get(key)?.as_bytes()
     }
 
-    /// Deserializes the value under `key` into `T`; `None` when absent.
+    /// Deserializes the value under `key` into `T` (the same as a plugin's
+    /// `Context::get_as`).
     ///
     /// # Errors
-    /// When the value does not have the shape `T` expects.
-    pub fn get_as<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> Option<Result<T, serde_json::Error>> {
-        self.get(key).map(Value::deserialize_into)
+    /// When `key` is absent ([`ValueError::is_missing`]) or its value does
+    /// not have the shape `T` expects; the message names the key.
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T, ValueError> {
+        let value = self.get(key).ok_or_else(|| ValueError::missing(key))?;
+        value
+            .deserialize_into()
+            .map_err(|e| ValueError::invalid(key, e))
     }
 
     /// Stores `value` under `key`.
@@ -174,9 +176,10 @@ impl Context {
         &mut self,
         key: impl AsRef<str>,
         value: &T,
-    ) -> Result<(), serde_json::Error> {
-        self.values
-            .insert(CompactString::new(key), Value::from_serialize(value)?);
+    ) -> Result<(), ValueError> {
+        let key = key.as_ref();
+        let value = Value::from_serialize(value).map_err(|e| ValueError::invalid(key, e))?;
+        self.values.insert(CompactString::new(key), value);
         Ok(())
     }
 
@@ -266,7 +269,7 @@ mod tests {
         ctx.set_as("list", &vec![1, 2]).unwrap();
         assert_eq!(ctx.get_i64("n"), Some(5));
         assert_eq!(ctx.get_str("s"), Some("t"));
-        let list: Vec<i32> = ctx.get_as("list").unwrap().unwrap();
+        let list: Vec<i32> = ctx.get_as("list").unwrap();
         assert_eq!(list, [1, 2]);
     }
 }

@@ -59,7 +59,7 @@ pub use event::Event;
 pub use executor::Executor;
 pub use manager::{Builder, LoadReport, PluginManager, verify};
 pub use manifest::{Isolation, Manifest};
-pub use plugin_abi::Value;
+pub use plugin_abi::{Value, ValueError};
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;

@@ -1,8 +1,8 @@
 use std::time::{Duration, Instant};
 
-#[cfg(feature = "serde")]
-use crate::PluginError;
 use crate::Value;
+#[cfg(feature = "serde")]
+use crate::ValueError;
 use crate::ffi::{Borrowed, FfiContext};
 
 /// The context of one call, as a plugin sees it.
@@ -81,13 +81,11 @@ impl Context {
     /// When `key` is absent or its value does not have the shape `T` expects;
     /// the message names the key.
     #[cfg(feature = "serde")]
-    pub fn get_as<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T, PluginError> {
-        let value = self
-            .get(key)
-            .ok_or_else(|| PluginError::new(format!("missing value `{key}`")))?;
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T, ValueError> {
+        let value = self.get(key).ok_or_else(|| ValueError::missing(key))?;
         value
             .deserialize_into()
-            .map_err(|e| PluginError::new(format!("value `{key}`: {e}")))
+            .map_err(|e| ValueError::invalid(key, e))
     }
 
     /// Stores `value` under `key` (copied into the host).
@@ -108,16 +106,17 @@ impl Context {
         &mut self,
         key: &str,
         value: &T,
-    ) -> Result<(), PluginError> {
-        let value = Value::from_serialize(value)
-            .map_err(|e| PluginError::new(format!("value `{key}`: {e}")))?;
+    ) -> Result<(), ValueError> {
+        let value = Value::from_serialize(value).map_err(|e| ValueError::invalid(key, e))?;
         self.raw.set(key, &value);
         Ok(())
     }
 
-    /// Removes `key`; whether it was present.
-    pub fn remove(&mut self, key: &str) -> bool {
-        self.raw.remove(key)
+    /// Removes `key` and returns its value, if it was present.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        let value = self.get(key)?;
+        self.raw.remove(key);
+        Some(value)
     }
 
     /// A copy of every entry, in no particular order.

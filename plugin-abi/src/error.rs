@@ -49,3 +49,58 @@ impl From<serde_json::Error> for PluginError {
         Self::new(err.to_string())
     }
 }
+
+/// A value asked for by key that is missing or does not have the expected
+/// shape: what `Context::get_as` and `set_as` return, on both sides of the
+/// ABI. Converts into [`PluginError`], so `?` works in `execute`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueError {
+    key: String,
+    /// `None`: the key is absent.
+    problem: Option<String>,
+}
+
+impl ValueError {
+    /// `key` is absent.
+    pub fn missing(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: None,
+        }
+    }
+
+    /// The value under `key` is not what was expected.
+    pub fn invalid(key: impl Into<String>, problem: impl fmt::Display) -> Self {
+        Self {
+            key: key.into(),
+            problem: Some(problem.to_string()),
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Whether the key was absent (rather than holding a value of another shape).
+    pub fn is_missing(&self) -> bool {
+        self.problem.is_none()
+    }
+}
+
+impl fmt::Display for ValueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.problem {
+            None => write!(f, "missing value `{}`", self.key),
+            Some(problem) => write!(f, "value `{}`: {problem}", self.key),
+        }
+    }
+}
+
+impl std::error::Error for ValueError {}
+
+impl From<ValueError> for PluginError {
+    fn from(err: ValueError) -> Self {
+        Self::new(err.to_string())
+    }
+}

@@ -3,6 +3,7 @@
 /// ```ignore
 /// export_plugin!(execute);
 /// export_plugin!(execute, init = init, shutdown = shutdown);
+/// export_plugin!(plugin = MyPlugin); // a type implementing `Plugin`
 /// ```
 ///
 /// * `execute: fn(&mut Context) -> Result<(), PluginError>`
@@ -15,6 +16,30 @@
 /// under `panic = "abort"` a panic ends the host process.
 #[macro_export]
 macro_rules! export_plugin {
+    (plugin = $plugin:ty $(,)?) => {
+        const _: () = {
+            static __DYNPLUG_STATE: $crate::__private::State<$plugin> =
+                $crate::__private::State::new();
+            fn __dynplug_plugin_execute(
+                ctx: &mut $crate::Context,
+            ) -> ::std::result::Result<(), $crate::PluginError> {
+                __DYNPLUG_STATE.execute(ctx)
+            }
+            fn __dynplug_plugin_init(
+                config: &$crate::Value,
+            ) -> ::std::result::Result<(), $crate::PluginError> {
+                __DYNPLUG_STATE.init(config)
+            }
+            fn __dynplug_plugin_shutdown() {
+                __DYNPLUG_STATE.shutdown()
+            }
+            $crate::export_plugin!(
+                __dynplug_plugin_execute,
+                init = __dynplug_plugin_init,
+                shutdown = __dynplug_plugin_shutdown
+            );
+        };
+    };
     ($execute:path $(, init = $init:path)? $(, shutdown = $shutdown:path)? $(,)?) => {
         const _: () = {
             unsafe extern "C" fn __dynplug_execute(ctx: *mut $crate::ffi::FfiContext) -> u32 {

@@ -39,11 +39,18 @@ mod context;
 mod error;
 mod export;
 pub mod ffi;
+mod plugin;
 mod value;
 
 pub use context::Context;
-pub use error::PluginError;
+pub use error::{PluginError, ValueError};
+pub use plugin::Plugin;
 pub use value::Value;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::plugin::State;
+}
 
 /// The ABI version this crate speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = (ffi::ABI_MAJOR, ffi::ABI_MINOR);
