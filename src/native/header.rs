@@ -324,3 +324,43 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn seed() -> &'static [u8] {
+        // An ELF with dynamic symbols, relocations and segments (a PIE is a
+        // dynamic object): mutations of it reach deep into the parser.
+        static SEED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        SEED.get_or_init(|| std::fs::read(std::env::current_exe().unwrap()).unwrap())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever the bytes, `inspect` answers without panicking.
+        #[test]
+        fn inspect_never_panics_on_mutated_libraries(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..64),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = seed().to_vec();
+            for (at, byte) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+            }
+            // Also mutated headers of a shorter file.
+            let _ = inspect(&bytes);
+            let len = cut.index(bytes.len());
+            let _ = inspect(&bytes[..len]);
+        }
+
+        #[test]
+        fn inspect_never_panics_on_noise(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = inspect(&bytes);
+        }
+    }
+}
