@@ -271,7 +271,8 @@ async fn socket_directories_of_others_or_open_to_others_are_refused() {
 }
 
 /// `dynplug serve` under `umask 000` creates every socket 0600 and its
-/// goplugin directory 0700. (Before: 0777 sockets.)
+/// goplugin directory 0700 (before: 0777 sockets), and runs with its soft
+/// open-files limit raised to the hard one.
 #[test]
 fn sockets_are_private_whatever_the_umask() {
     let dir = support::private_tempdir();
@@ -282,7 +283,7 @@ fn sockets_are_private_whatever_the_umask() {
     std::fs::create_dir(&sockets).unwrap();
     std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o700)).unwrap();
     let command = format!(
-        "umask 000; exec '{}' serve --plugins '{}' --http-unix '{}' --grpc-unix '{}' --goplugin-dir '{}'",
+        "umask 000; ulimit -S -n 512; exec '{}' serve --plugins '{}' --http-unix '{}' --grpc-unix '{}' --goplugin-dir '{}'",
         env!("CARGO_BIN_EXE_dynplug"),
         dir.path().display(),
         sockets.join("http.sock").display(),
@@ -313,6 +314,17 @@ fn sockets_are_private_whatever_the_umask() {
         assert_eq!(mode(socket), 0o600, "{}", socket.display());
     }
     assert_eq!(mode(&sockets.join("goplugin")), 0o700);
+    // It also raised its soft open-files limit to the hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(files[0], files[1], "soft = hard: {limits}");
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
