@@ -211,6 +211,73 @@ async fn http2_streams_are_capped_and_idle_connections_closed() {
     running.shutdown().await;
 }
 
+/// Out of file descriptors (EMFILE), the server backs off and keeps going:
+/// once its timeouts close the idle connections, a new client is served.
+/// (Before: idle sockets were never closed, and EMFILE lasted for good.)
+#[test]
+fn out_of_file_descriptors_the_server_recovers() {
+    use std::io::{BufRead, Read, Write};
+    let dir = support::private_tempdir();
+    support::install(dir.path(), "hello");
+    // Soft and hard limit 64, so `serve` cannot raise it; a cap above it
+    // lets accept hit EMFILE.
+    let command = format!(
+        "ulimit -n 64; exec '{}' serve --plugins '{}' --http 127.0.0.1:0 --grpc 127.0.0.1:0 --max-connections 1000 --header-read-timeout 1s --idle-timeout 1s",
+        env!("CARGO_BIN_EXE_dynplug"),
+        dir.path().display(),
+    );
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .env_remove("DYNPLUG_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .parse()
+        .unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(
+                b"GET /api/hello/back HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+            )
+            .unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        if response.starts_with("HTTP/1.1 200") {
+            break response;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served again: {response:?}"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "dynplug serve died");
+    };
+    assert!(served.contains("hello, back"), "{served}");
+    drop(idle);
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
 // ---- Finding 8: Unix sockets and their directories are private ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
