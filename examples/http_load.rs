@@ -305,7 +305,7 @@ fn grpc_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration
 
 fn main() {
     let args = Args::parse();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = support::private_tempdir(); // Unix sockets need a private directory
     let lib = support::library("hello");
     let manifest =
         std::fs::read_to_string(support::root().join("sample-plugins/hello/plugin.json"))

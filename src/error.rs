@@ -167,6 +167,33 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The server's configuration is invalid or unsafe (a client definition,
+    /// a TLS file, the management API open to the network without a token).
+    #[error("{what}: {message}")]
+    Config {
+        /// What is configured, e.g. `client \`billing\`` or an endpoint.
+        what: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// The caller did not say who it is, or with credentials no one has.
+    #[error("{reason}")]
+    Unauthenticated {
+        /// What was missing or wrong.
+        reason: String,
+    },
+
+    /// The caller may not do this (call this plugin, or reach the
+    /// management API from this site or by this host name).
+    #[error("{}forbidden: {reason}", prefix(.plugin))]
+    Forbidden {
+        /// The plugin concerned (empty when none).
+        plugin: String,
+        /// Why.
+        reason: String,
+    },
+
     /// No plugin of that name is known.
     #[error("{plugin}: no such plugin")]
     NotFound {
@@ -250,6 +277,7 @@ impl Error {
             | Error::Init { plugin, .. }
             | Error::Downgrade { plugin, .. }
             | Error::RouteConflict { plugin, .. }
+            | Error::Forbidden { plugin, .. }
             | Error::NotFound { plugin }
             | Error::Unavailable { plugin, .. }
             | Error::Overloaded { plugin, .. }
@@ -257,7 +285,7 @@ impl Error {
             | Error::Panic { plugin, .. }
             | Error::DeadlineExceeded { plugin, .. }
             | Error::Cancelled { plugin, .. } => plugin,
-            Error::Bind { .. } => "",
+            Error::Bind { .. } | Error::Config { .. } | Error::Unauthenticated { .. } => "",
         }
     }
 }

@@ -222,7 +222,7 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let request =
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{headers}\r\n");
+            format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n{headers}\r\n");
         stream.write_all(request.as_bytes()).unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();

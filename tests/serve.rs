@@ -174,7 +174,7 @@ async fn management_api_lists_reloads_unloads_and_streams_events() {
 
     // Follow the event stream while the plugin is unloaded and reloaded.
     let mut sse = tokio::net::TcpStream::connect(f.http).await.unwrap();
-    sse.write_all(b"GET /_dynplug/events HTTP/1.1\r\nhost: test\r\n\r\n")
+    sse.write_all(b"GET /_dynplug/events HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await
         .unwrap();
     let mut sse = BufReader::new(sse);

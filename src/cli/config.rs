@@ -19,6 +19,25 @@
 //! watch = true
 //! timeout = "30s"
 //! management_token = "…"  # keep the file private, or use the environment
+//! allow_open_management = false
+//! allowed_hosts = ["dynplug.internal"]
+//! max_connections = 1024
+//! header_read_timeout = "10s"
+//! idle_timeout = "60s"
+//! max_header_bytes = 32768
+//! max_concurrent_streams = 100
+//! grpc_max_message_size = 4194304
+//! unix_socket_mode = 0o600
+//! tls_cert = "cert.pem"
+//! tls_key = "key.pem"
+//! tls_client_ca = "clients-ca.pem"
+//!
+//! [[clients]]
+//! name = "billing"
+//! token_sha256 = "…"          # printf %s TOKEN | sha256sum
+//! cert_name = "billing"       # or a client certificate with this CN / DNS name
+//! plugins = ["hello", "counter"]  # or ["*"]
+//! management = false
 //! ```
 
 use std::net::SocketAddr;
@@ -40,6 +59,36 @@ pub(crate) struct Config {
     pub(crate) allow_downgrades: Option<bool>,
     #[serde(default)]
     pub(crate) serve: ServeConfig,
+    #[serde(default)]
+    pub(crate) clients: Vec<ClientConfig>,
+}
+
+/// `[[clients]]`: a named caller of plugins (see `dynplug::serve::Client`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClientConfig {
+    pub(crate) name: String,
+    pub(crate) token_sha256: Option<String>,
+    pub(crate) cert_name: Option<String>,
+    #[serde(default)]
+    pub(crate) plugins: Vec<String>,
+    #[serde(default)]
+    pub(crate) management: bool,
+}
+
+impl ClientConfig {
+    pub(crate) fn client(&self) -> dynplug::serve::Client {
+        let mut client = dynplug::serve::Client::new(&self.name)
+            .plugins(self.plugins.iter().cloned())
+            .management(self.management);
+        if let Some(hex) = &self.token_sha256 {
+            client = client.token_sha256(hex);
+        }
+        if let Some(name) = &self.cert_name {
+            client = client.cert_name(name);
+        }
+        client
+    }
 }
 
 /// `[serve]`: what `dynplug serve` listens on and how it runs.
@@ -59,6 +108,21 @@ pub(crate) struct ServeConfig {
     #[serde(default, deserialize_with = "duration")]
     pub(crate) timeout: Option<Duration>,
     pub(crate) management_token: Option<String>,
+    pub(crate) allow_open_management: Option<bool>,
+    #[serde(default)]
+    pub(crate) allowed_hosts: Vec<String>,
+    pub(crate) max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "duration")]
+    pub(crate) header_read_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) max_header_bytes: Option<usize>,
+    pub(crate) max_concurrent_streams: Option<u32>,
+    pub(crate) grpc_max_message_size: Option<usize>,
+    pub(crate) unix_socket_mode: Option<u32>,
+    pub(crate) tls_cert: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
+    pub(crate) tls_client_ca: Option<PathBuf>,
 }
 
 /// `"30s"`, `"500ms"`, `"2m"`: humantime, as on the command line.
@@ -101,6 +165,25 @@ impl Config {
         config.serve.goplugin_dir.iter_mut().for_each(resolve);
         config.serve.http_unix.iter_mut().for_each(resolve);
         config.serve.grpc_unix.iter_mut().for_each(resolve);
+        config.serve.tls_cert.iter_mut().for_each(resolve);
+        config.serve.tls_key.iter_mut().for_each(resolve);
+        config.serve.tls_client_ca.iter_mut().for_each(resolve);
+        if config.serve.tls_cert.is_some() != config.serve.tls_key.is_some() {
+            anyhow::bail!(
+                "{}: [serve] tls_cert and tls_key go together",
+                path.display()
+            );
+        }
+        if config
+            .serve
+            .unix_socket_mode
+            .is_some_and(|mode| mode > 0o777)
+        {
+            anyhow::bail!(
+                "{}: [serve] unix_socket_mode: expected a file mode such as 0o600",
+                path.display()
+            );
+        }
         Ok(config)
     }
 }
@@ -134,6 +217,22 @@ mod tests {
             watch = true
             timeout = "250ms"
             management_token = "t"
+            allow_open_management = true
+            allowed_hosts = ["a.example"]
+            max_connections = 10
+            idle_timeout = "2s"
+            unix_socket_mode = 0o660
+            tls_cert = "c.pem"
+            tls_key = "/k.pem"
+            [[clients]]
+            name = "billing"
+            token_sha256 = "ab"
+            plugins = ["hello"]
+            [[clients]]
+            name = "ops"
+            cert_name = "ops"
+            plugins = ["*"]
+            management = true
             "#,
         )
         .unwrap();
@@ -148,6 +247,15 @@ mod tests {
         assert_eq!(config.serve.watch, Some(true));
         assert_eq!(config.serve.timeout, Some(Duration::from_millis(250)));
         assert_eq!(config.serve.management_token.as_deref(), Some("t"));
+        assert_eq!(config.serve.allow_open_management, Some(true));
+        assert_eq!(config.serve.allowed_hosts, ["a.example"]);
+        assert_eq!(config.serve.max_connections, Some(10));
+        assert_eq!(config.serve.idle_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(config.serve.unix_socket_mode, Some(0o660));
+        assert!(config.serve.tls_cert.unwrap().is_absolute());
+        assert_eq!(config.clients.len(), 2);
+        assert_eq!(config.clients[0].plugins, ["hello"]);
+        assert!(config.clients[1].management);
         assert!(
             parse("").unwrap().plugins.is_none(),
             "an empty file is fine"
@@ -165,6 +273,14 @@ mod tests {
                 "line 2, column 9: invalid socket address",
             ),
             ("plugins = ", "dynplug.toml"),
+            (
+                "[serve]\ntls_cert = \"c.pem\"",
+                "tls_cert and tls_key go together",
+            ),
+            (
+                "[[clients]]\nname = \"a\"\ntoken = \"x\"",
+                "unknown field `token`",
+            ),
         ] {
             let err = format!("{:#}", parse(text).unwrap_err());
             assert!(err.contains(needle), "{text:?}: {err}");

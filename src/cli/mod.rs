@@ -28,7 +28,7 @@ pub(crate) struct Args {
 }
 
 /// Where the plugins are and how the manager runs them.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args)]
 struct PluginsDir {
     /// The plugins directory [default: plugins].
     #[arg(long, env = "DYNPLUG_PLUGINS_DIR")]
@@ -111,7 +111,7 @@ enum Command {
         dir: PathBuf,
     },
     /// Load every plugin and serve them over HTTP and gRPC until SIGINT/SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load every plugin, follow the directory, and print lifecycle events as JSON lines.
     Watch {
         #[command(flatten)]
@@ -128,7 +128,7 @@ enum Command {
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args)]
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     dir: PluginsDir,
@@ -162,6 +162,59 @@ pub(crate) struct ServeArgs {
         value_name = "TOKEN"
     )]
     management_token: Option<String>,
+    /// Serve the management API on a non-loopback address without a token
+    /// or clients (refused otherwise: anyone reaching it could unload plugins).
+    #[arg(long)]
+    allow_open_management: bool,
+    /// A host name the management API answers to, besides IP literals and
+    /// localhost (repeatable; `*` turns the Host check off).
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
+    /// At most this many open connections, over every endpoint [default:
+    /// half the open-file limit, 16 to 4096].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// How long a client may take to send a request's headers, or a TLS
+    /// handshake [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    header_read_timeout: Option<Duration>,
+    /// Close a connection with no request in flight for this long [default: 60s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Most concurrent HTTP/2 streams per connection, gRPC and HTTP [default: 100].
+    #[arg(long, value_name = "N")]
+    max_concurrent_streams: Option<u32>,
+    /// Mode of the Unix sockets, in octal (e.g. 660 for the group) [default: 600].
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    unix_socket_mode: Option<u32>,
+    /// Serve TCP endpoints over TLS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Verify client certificates against these PEM CA certificates; a
+    /// verified certificate names a client by its `cert_name`.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// Named clients, from the configuration file's `[[clients]]`.
+    #[arg(skip)]
+    clients: Vec<config::ClientConfig>,
+    /// Largest gRPC request message, from the configuration file.
+    #[arg(skip)]
+    grpc_max_message_size: Option<usize>,
+    /// Largest request head, from the configuration file.
+    #[arg(skip)]
+    max_header_bytes: Option<usize>,
+}
+
+/// `660`, `0660` or `0o660`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.trim_start_matches("0o");
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| format!("`{text}` is not an octal file mode such as 600 or 660"))
 }
 
 pub(crate) fn init_logging(args: &Args) {
@@ -207,6 +260,26 @@ impl ServeArgs {
             .management_token
             .take()
             .or_else(|| file.management_token.clone());
+        self.allow_open_management |= file.allow_open_management.unwrap_or(false);
+        if self.allowed_hosts.is_empty() {
+            self.allowed_hosts.clone_from(&file.allowed_hosts);
+        }
+        self.max_connections = self.max_connections.or(file.max_connections);
+        self.header_read_timeout = self.header_read_timeout.or(file.header_read_timeout);
+        self.idle_timeout = self.idle_timeout.or(file.idle_timeout);
+        self.max_concurrent_streams = self.max_concurrent_streams.or(file.max_concurrent_streams);
+        self.unix_socket_mode = self.unix_socket_mode.or(file.unix_socket_mode);
+        if self.tls_cert.is_none() {
+            self.tls_cert.clone_from(&file.tls_cert);
+            self.tls_key.clone_from(&file.tls_key);
+        }
+        self.tls_client_ca = self
+            .tls_client_ca
+            .take()
+            .or_else(|| file.tls_client_ca.clone());
+        self.grpc_max_message_size = file.grpc_max_message_size;
+        self.max_header_bytes = file.max_header_bytes;
+        self.clients.clone_from(&config.clients);
     }
 }
 
@@ -246,7 +319,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Serve(serve) => {
             let verbose = args.verbose > 0;
-            runtime()?.block_on(serve::run(serve, verbose))
+            runtime()?.block_on(serve::run(*serve, verbose))
         }
         Command::Watch { dir } => runtime()?.block_on(serve::watch(&dir)),
         Command::Demo { http, grpc } => {
@@ -254,19 +327,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             let serve = ServeArgs {
                 dir: PluginsDir {
                     plugins: Some(plugins),
-                    pool_size: None,
-                    queue_limit: None,
-                    drain_timeout: None,
-                    allow_downgrades: false,
+                    ..PluginsDir::default()
                 },
                 http: vec![http],
-                http_unix: Vec::new(),
                 grpc: vec![grpc],
-                grpc_unix: Vec::new(),
-                goplugin_dir: None,
                 watch: true,
-                timeout: None,
-                management_token: None,
+                ..ServeArgs::default()
             };
             runtime()?.block_on(serve::run(serve, args.verbose > 0))
         }

@@ -48,11 +48,34 @@ async fn load(dir: &PluginsDir) -> anyhow::Result<PluginManager> {
     Ok(manager)
 }
 
+/// Raises the soft limit on open files to the hard one: every connection is
+/// a descriptor, and the connection cap's default is half the soft limit
+/// (measured: 1,100 idle sockets under the usual soft 1,024 stopped a server
+/// that had no cap).
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit does not exist for files on Linux; leave it.
+    let (Some(current), Some(maximum)) = (limit.current, limit.maximum) else {
+        return;
+    };
+    if current < maximum {
+        let raised = Rlimit {
+            current: Some(maximum),
+            maximum: Some(maximum),
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!("could not raise the open files limit from {current} to {maximum}: {e}");
+        }
+    }
+}
+
 pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::process::ExitCode> {
     anyhow::ensure!(
         args.management_token.as_ref().is_none_or(|t| !t.is_empty()),
         "the management token is empty (--management-token, DYNPLUG_MANAGEMENT_TOKEN or the configuration file): it would guard nothing"
     );
+    raise_open_files_limit();
     let terminated = terminated()?;
     let manager = load(&args.dir).await?;
     let watcher = if args.watch {
@@ -81,14 +104,49 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
     if let Some(token) = &args.management_token {
         server = server.management_token(token);
     }
+    server = server
+        .allow_open_management(args.allow_open_management)
+        .allowed_hosts(args.allowed_hosts.iter().cloned());
+    for client in &args.clients {
+        server = server.client(client.client());
+    }
+    if let Some(max) = args.max_connections {
+        server = server.max_connections(max);
+    }
+    if let Some(timeout) = args.header_read_timeout {
+        server = server.header_read_timeout(timeout);
+    }
+    if let Some(timeout) = args.idle_timeout {
+        server = server.idle_timeout(timeout);
+    }
+    if let Some(max) = args.max_header_bytes {
+        server = server.max_header_bytes(max);
+    }
+    if let Some(max) = args.max_concurrent_streams {
+        server = server.max_concurrent_streams(max);
+    }
+    if let Some(max) = args.grpc_max_message_size {
+        server = server.grpc_max_message_size(max);
+    }
+    if let Some(mode) = args.unix_socket_mode {
+        server = server.unix_socket_mode(mode);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        server = server.tls(cert, key);
+    }
+    if let Some(ca) = &args.tls_client_ca {
+        server = server.tls_client_ca(ca);
+    }
+    let tls = args.tls_cert.is_some();
     let running = server.start().await?;
     for endpoint in running.http_endpoints() {
         match endpoint {
             Endpoint::Tcp(addr) => {
+                let scheme = if tls { "https" } else { "http" };
                 println!(
-                    "HTTP  http://{addr}/  (management: http://{addr}/_dynplug/, metrics: http://{addr}/metrics)"
+                    "HTTP  {scheme}://{addr}/  (management: {scheme}://{addr}/_dynplug/, metrics: {scheme}://{addr}/metrics)"
                 );
-                if manager.info("hello").is_some() {
+                if manager.info("hello").is_some() && args.clients.is_empty() && !tls {
                     println!("      try: curl http://{addr}/api/hello/Ada");
                 }
             }

@@ -8,13 +8,14 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::metadata::MetadataMap;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-use super::grpc::{PLUGIN_METADATA, check_value_count, executor, timeout};
+use super::conn::Settings;
+use super::grpc::{PLUGIN_METADATA, authorize, check_value_count, executor, timeout};
 use super::proto::goplugin::{self, plugin_server};
-use super::{State, bind_unix, stopped};
+use super::{Endpoint, Listening, State};
 use crate::{Context, PluginState, Value};
 
 /// The goplugin service: for one plugin (its own socket), or for the plugin
@@ -45,6 +46,7 @@ impl GoPlugin {
 impl plugin_server::Plugin for GoPlugin {
     async fn ping(&self, request: Request<()>) -> Result<Response<goplugin::PingResponse>, Status> {
         let name = self.plugin(request.metadata())?;
+        authorize(&self.state, &request, &name)?;
         executor(&self.state, &name)?;
         Ok(Response::new(goplugin::PingResponse {
             status: "success".into(),
@@ -59,6 +61,7 @@ impl plugin_server::Plugin for GoPlugin {
         request: Request<goplugin::ExecRequest>,
     ) -> Result<Response<goplugin::ExecResponse>, Status> {
         let name = self.plugin(request.metadata())?;
+        authorize(&self.state, &request, &name)?;
         let deadline = timeout(&self.state, request.metadata(), 0);
         let request = request.into_inner();
         let executor = executor(&self.state, &name)?;
@@ -97,12 +100,24 @@ impl plugin_server::Plugin for GoPlugin {
 /// plugin, so an unmodified goplugin client (which knows nothing of
 /// `x-dynplug-plugin`) can call any dynplug plugin. Sockets follow plugins as
 /// they load and unload; all are removed at shutdown.
-pub(crate) async fn plugin_sockets(state: State, dir: PathBuf) {
+pub(crate) async fn plugin_sockets(
+    state: State,
+    dir: PathBuf,
+    listening: Listening,
+    settings: Arc<Settings>,
+    max_message_size: usize,
+) {
     let mut events = state.manager.subscribe();
     let mut shutdown = state.shutdown.clone();
     let mut served: HashMap<String, (watch::Sender<bool>, JoinHandle<()>)> = HashMap::new();
+    let sockets = Sockets {
+        dir: &dir,
+        listening,
+        settings,
+        max_message_size,
+    };
     loop {
-        sync_sockets(&state, &dir, &mut served).await;
+        sync_sockets(&state, &sockets, &mut served).await;
         tokio::select! {
             event = events.recv() => {
                 if let Err(tokio::sync::broadcast::error::RecvError::Closed) = event {
@@ -112,10 +127,9 @@ pub(crate) async fn plugin_sockets(state: State, dir: PathBuf) {
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
     }
-    for (name, (stop, task)) in served.drain() {
+    for (_, (stop, task)) in served.drain() {
         let _ = stop.send(true);
         let _ = task.await;
-        let _ = std::fs::remove_file(socket_path(&dir, &name));
     }
 }
 
@@ -123,11 +137,20 @@ fn socket_path(dir: &Path, plugin: &str) -> PathBuf {
     dir.join(format!("{plugin}.sock"))
 }
 
+/// How the per-plugin sockets are served.
+struct Sockets<'a> {
+    dir: &'a Path,
+    listening: Listening,
+    settings: Arc<Settings>,
+    max_message_size: usize,
+}
+
 async fn sync_sockets(
     state: &State,
-    dir: &Path,
+    sockets: &Sockets<'_>,
     served: &mut HashMap<String, (watch::Sender<bool>, JoinHandle<()>)>,
 ) {
+    let dir = sockets.dir;
     let loaded: HashSet<String> = state
         .manager
         .list()
@@ -144,37 +167,33 @@ async fn sync_sockets(
         if let Some((stop, task)) = served.remove(&name) {
             let _ = stop.send(true);
             let _ = task.await;
-            let _ = std::fs::remove_file(socket_path(dir, &name));
         }
     }
     for name in loaded {
         if served.contains_key(&name) {
             continue;
         }
-        let path = socket_path(dir, &name);
-        let listener = match bind_unix(&path) {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::warn!(plugin = %name, socket = %path.display(), "goplugin socket not served: {e}");
-                continue;
-            }
-        };
-        let (stop, stopped_rx) = watch::channel(false);
         let service = plugin_server::PluginServer::new(GoPlugin {
             state: Arc::clone(state),
             plugin: Some(name.clone()),
-        });
-        let task = tokio::spawn(async move {
-            let serve = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener),
-                    stopped(stopped_rx),
-                );
-            if let Err(e) = serve.await {
-                tracing::error!("goplugin socket server: {e}");
+        })
+        .max_decoding_message_size(sockets.max_message_size);
+        // Its own stop flag: the plugin may go before the server (whose
+        // shutdown `plugin_sockets` passes on).
+        let (stop, stopped) = watch::channel(false);
+        let listening = Listening {
+            shutdown: stopped,
+            ..sockets.listening.clone()
+        };
+        let endpoint = Endpoint::Unix(socket_path(dir, &name));
+        match listening
+            .serve(&endpoint, Routes::new(service).prepare(), &sockets.settings)
+            .await
+        {
+            Ok((_, task)) => {
+                served.insert(name, (stop, task));
             }
-        });
-        served.insert(name, (stop, task));
+            Err(e) => tracing::warn!(plugin = %name, "goplugin socket not served: {e}"),
+        }
     }
 }

@@ -6,69 +6,62 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{BroadcastStream, UnixListenerStream, WatchStream};
+use tokio_stream::wrappers::{BroadcastStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
+use super::auth::{self, Known};
+use super::conn::{Limits, Peer};
 use super::goplugin::GoPlugin;
 use super::proto::goplugin::plugin_server;
 use super::proto::v1::{self, plugins_server, value::Kind};
-use super::{Endpoint, State, bind_error, bind_unix, stopped};
+use super::{Shared, State};
 use crate::error::Result;
 use crate::{Context, Error, Executor, PluginState, Value};
 
 /// Metadata key selecting the plugin for the goplugin service.
 pub const PLUGIN_METADATA: &str = "x-dynplug-plugin";
 
-pub(crate) async fn serve(
-    endpoint: &Endpoint,
-    state: State,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(Endpoint, JoinHandle<()>)> {
-    let router = tonic::transport::Server::builder()
-        .add_service(plugins_server::PluginsServer::new(Plugins(Arc::clone(
-            &state,
-        ))))
-        .add_service(plugin_server::PluginServer::new(GoPlugin {
-            state,
-            plugin: None,
-        }));
-    match endpoint {
-        Endpoint::Tcp(addr) => {
-            let (listener, bound) = super::bind_tcp(endpoint, addr).await?;
-            // Measured: Server::tcp_nodelay is ignored by serve_with_incoming;
-            // without nodelay p99 jumps to ~43 ms under concurrency.
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            let task = tokio::spawn(async move {
-                if let Err(e) = router
-                    .serve_with_incoming_shutdown(incoming, stopped(shutdown))
-                    .await
-                {
-                    tracing::error!("grpc server: {e}");
-                }
-            });
-            Ok((bound, task))
-        }
-        Endpoint::Unix(path) => {
-            let incoming =
-                UnixListenerStream::new(bind_unix(path).map_err(|e| bind_error(endpoint, e))?);
-            let socket = path.clone();
-            let task = tokio::spawn(async move {
-                if let Err(e) = router
-                    .serve_with_incoming_shutdown(incoming, stopped(shutdown))
-                    .await
-                {
-                    tracing::error!("grpc server: {e}");
-                }
-                let _ = std::fs::remove_file(socket);
-            });
-            Ok((endpoint.clone(), task))
-        }
+/// `dynplug.v1.Plugins` and the goplugin service, served by `conn` like
+/// the HTTP façade (so with the same limits, TLS and idle rule).
+pub(crate) fn routes(state: &State, limits: &Limits) -> Routes {
+    let plugins = plugins_server::PluginsServer::new(Plugins(Arc::clone(state)))
+        .max_decoding_message_size(limits.grpc_max_message_size);
+    let goplugin = plugin_server::PluginServer::new(GoPlugin {
+        state: Arc::clone(state),
+        plugin: None,
+    })
+    .max_decoding_message_size(limits.grpc_max_message_size);
+    Routes::new(plugins).add_service(goplugin).prepare()
+}
+
+/// Who calls, from `authorization: Bearer <token>` metadata or the
+/// connection's client certificate; `None` when no client is configured.
+pub(crate) fn caller<'a, T>(
+    state: &'a Shared,
+    request: &Request<T>,
+) -> Result<Option<&'a Known>, Status> {
+    let bearer = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::bearer);
+    let peer = request.extensions().get::<Peer>();
+    Ok(state.clients.identify(bearer, peer)?)
+}
+
+/// Refuses a call to `plugin` by a caller who may not make it.
+pub(crate) fn authorize<T>(
+    state: &Shared,
+    request: &Request<T>,
+    plugin: &str,
+) -> Result<(), Status> {
+    if let Some(client) = caller(state, request)? {
+        client.may_call(plugin)?;
     }
+    Ok(())
 }
 
 /// The one place errors become gRPC statuses.
@@ -77,6 +70,8 @@ impl From<Error> for Status {
         let message = error.to_string();
         match error {
             Error::NotFound { .. } => Status::not_found(message),
+            Error::Unauthenticated { .. } => Status::unauthenticated(message),
+            Error::Forbidden { .. } => Status::permission_denied(message),
             Error::Unavailable { .. } | Error::Overloaded { .. } => Status::unavailable(message),
             Error::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             Error::Cancelled { .. } => Status::cancelled(message),
@@ -148,6 +143,7 @@ impl plugins_server::Plugins for Plugins {
         &self,
         request: Request<v1::PingRequest>,
     ) -> Result<Response<v1::PingResponse>, Status> {
+        authorize(&self.0, &request, &request.get_ref().plugin)?;
         let name = request.into_inner().plugin;
         let info = self.0.manager.info(&name).ok_or_else(|| Error::NotFound {
             plugin: name.clone(),
@@ -170,6 +166,7 @@ impl plugins_server::Plugins for Plugins {
         &self,
         request: Request<v1::ExecRequest>,
     ) -> Result<Response<v1::ExecResponse>, Status> {
+        authorize(&self.0, &request, &request.get_ref().plugin)?;
         let deadline = timeout(&self.0, request.metadata(), request.get_ref().timeout_ms);
         let request = request.into_inner();
         check_value_count(request.values.len())?;
@@ -197,8 +194,10 @@ impl plugins_server::Plugins for Plugins {
 
     async fn list(
         &self,
-        _: Request<v1::ListRequest>,
+        request: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResponse>, Status> {
+        // Any client may list and watch: names and states, no plugin data.
+        caller(&self.0, &request)?;
         let plugins = self
             .0
             .manager
@@ -223,7 +222,11 @@ impl plugins_server::Plugins for Plugins {
 
     type WatchStream = EventStream;
 
-    async fn watch(&self, _: Request<v1::WatchRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        caller(&self.0, &request)?;
         let events = BroadcastStream::new(self.0.manager.subscribe())
             .filter_map(Result::ok)
             .map(Some);

@@ -14,7 +14,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, he
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 
-use super::{State, admin};
+use super::conn::Peer;
+use super::{State, admin, auth, origin};
 use crate::{Context, Error, Value};
 
 /// The HTTP façade as a tower service, to mount in a host's own axum app
@@ -33,9 +34,11 @@ use crate::{Context, Error, Value};
 /// # Ok(()) }
 /// ```
 ///
-/// The management API can reload and unload plugins and has no
-/// authentication: mount the service where only operators reach it, or take
+/// The management API can reload and unload plugins: without a management
+/// token or clients it is open to whoever reaches the service, so mount it
+/// where only operators reach it, or take
 /// [`without_management`](Self::without_management) for a public listener.
+/// Either way it checks the `Host` and refuses cross-site state changes.
 /// Under `nest_service`, plugins see the path after the prefix (`path`
 /// value, route matching).
 ///
@@ -114,8 +117,10 @@ impl tower_service::Service<Request> for HttpService {
             // An axum `Router` is always ready: `call` without `poll_ready`
             // is within its contract.
             Some(management) if crate::manifest::is_reserved_path(request.uri().path()) => {
-                if let Some(denied) = check_token(&self.state, &request) {
-                    return Box::pin(std::future::ready(Ok(denied)));
+                let checked = origin::check(&request, &self.state.allowed_hosts)
+                    .and_then(|()| check_management(&self.state, &request));
+                if let Err(denied) = checked {
+                    return Box::pin(std::future::ready(Ok(denied.into_response())));
                 }
                 Box::pin(management.call(request))
             }
@@ -127,27 +132,28 @@ impl tower_service::Service<Request> for HttpService {
     }
 }
 
-/// With a management token, the management API's data and actions need it:
-/// `Authorization: Bearer <token>` or the `dynplug_token` cookie the web page
-/// sets. The page, `/_dynplug/health` and `/metrics` stay open (load
-/// balancers and scrapers). `None` lets the request through.
-fn check_token(state: &super::Shared, request: &Request) -> Option<Response> {
-    let token = state.management_token.as_ref()?;
-    if matches!(
-        request.uri().path(),
-        "/_dynplug" | "/_dynplug/" | "/_dynplug/health" | "/metrics"
-    ) {
-        return None;
+/// With a management token or clients, the management API's data and
+/// actions need credentials: the token, or a client allowed the management
+/// API (its token or its certificate), as `Authorization: Bearer <token>` or
+/// the `dynplug_token` cookie the web page sets. The page,
+/// `/_dynplug/health` and `/metrics` stay open (load balancers and
+/// scrapers).
+fn check_management(state: &super::Shared, request: &Request) -> Result<(), Error> {
+    if !state.management_guarded()
+        || matches!(
+            request.uri().path(),
+            "/_dynplug" | "/_dynplug/" | "/_dynplug/health" | "/metrics"
+        )
+    {
+        return Ok(());
     }
     let headers = request.headers();
-    // The scheme is case-insensitive (RFC 7235); every cookie of that name
-    // is tried (a stale one may come first).
+    // Every cookie of that name is tried (a stale one may come first).
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, credentials)| credentials.trim().to_owned());
+        .and_then(auth::bearer)
+        .map(str::to_owned);
     let cookies = headers
         .get_all(header::COOKIE)
         .iter()
@@ -155,38 +161,49 @@ fn check_token(state: &super::Shared, request: &Request) -> Option<Response> {
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().strip_prefix("dynplug_token="))
         .map(|v| decode(v, false));
-    if bearer
-        .into_iter()
-        .chain(cookies)
-        .any(|given| same_secret(&given, &token.0))
-    {
-        return None;
+    let mut client = None;
+    for given in bearer.into_iter().chain(cookies) {
+        if let Some(token) = &state.management_token
+            && same_secret(&given, &token.0)
+        {
+            return Ok(());
+        }
+        client = client.or_else(|| state.clients.by_token(&given));
     }
-    let mut response = error_json(
-        StatusCode::UNAUTHORIZED,
-        "the management API needs its token: Authorization: Bearer <token>",
-        None,
-    );
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"dynplug\""),
-    );
-    Some(response)
+    if client.is_none()
+        && let Some(names) = request
+            .extensions()
+            .get::<Peer>()
+            .and_then(|p| p.cert_names.as_deref())
+    {
+        client = state.clients.by_cert(names);
+    }
+    match client {
+        Some(client) if client.management => Ok(()),
+        Some(client) => Err(Error::Forbidden {
+            plugin: String::new(),
+            reason: format!("client `{}` may not use the management API", client.name),
+        }),
+        None => Err(Error::Unauthenticated {
+            reason: "the management API needs its token: Authorization: Bearer <token>".into(),
+        }),
+    }
 }
 
 /// Compares two secrets without leaking, through timing, where they differ
 /// or how long the right one is: both are hashed to 32 bytes first.
 fn same_secret(given: &str, expected: &str) -> bool {
     use sha2::Digest as _;
-    let (a, b) = (sha2::Sha256::digest(given), sha2::Sha256::digest(expected));
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    auth::same_hash(
+        &sha2::Sha256::digest(given).into(),
+        &sha2::Sha256::digest(expected).into(),
+    )
 }
 
 async fn metrics(Extract(state): Extract<State>) -> Response {
-    let body = state.metrics.render(&state.manager);
+    let mut body = state.metrics.render(&state.manager);
+    let open = state.max_connections - state.slots.available_permits();
+    super::metrics::render_connections(&mut body, open, state.max_connections);
     (
         [(
             header::CONTENT_TYPE,
@@ -219,10 +236,30 @@ const FRAMING: &[&str] = &[
 async fn facade(state: State, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
+    // Who calls, before the route is looked up: routes are not shown to
+    // callers who cannot say who they are.
+    let caller = if state.clients.enabled() {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::bearer);
+        match state
+            .clients
+            .identify(bearer, parts.extensions.get::<Peer>())
+        {
+            Ok(caller) => caller,
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        None
+    };
     let Some((target, params)) = state.routes.load().lookup(method.as_str(), uri.path()) else {
         let message = format!("no route for {method} {}", uri.path());
         return error_json(StatusCode::NOT_FOUND, &message, None);
     };
+    if let Some(Err(e)) = caller.map(|c| c.may_call(&target.plugin)) {
+        return e.into_response();
+    }
     let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(body) => body,
         Err(e) => {
@@ -234,7 +271,17 @@ async fn facade(state: State, request: Request) -> Response {
             );
         }
     };
-    let mut ctx = request_context(&target.label, method, uri, headers, body, params);
+    // A client's token is dynplug's, not the plugin's to see (or replay).
+    let hide_authorization = state.clients.enabled();
+    let mut ctx = request_context(
+        &target.label,
+        method,
+        uri,
+        headers,
+        hide_authorization,
+        body,
+        params,
+    );
     let timeout = target.timeout.unwrap_or(state.timeout);
     match super::call(
         &state,
@@ -258,6 +305,7 @@ fn request_context(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
+    hide_authorization: bool,
     body: Bytes,
     params: Value,
 ) -> Context {
@@ -273,6 +321,9 @@ fn request_context(
     let query = uri.query().map_or_else(Vec::new, parse_query);
     let mut header_map: BTreeMap<String, Value> = BTreeMap::new();
     for (name, value) in headers {
+        if hide_authorization && name == header::AUTHORIZATION {
+            continue;
+        }
         // Header values are almost always visible ASCII: checked faster than UTF-8.
         let value = match value.to_str() {
             Ok(value) => std::borrow::Cow::Borrowed(value),
@@ -420,6 +471,8 @@ impl Error {
     pub(crate) fn http_status(&self) -> StatusCode {
         match self {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
+            Error::Forbidden { .. } => StatusCode::FORBIDDEN,
             Error::Unavailable { .. } | Error::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             // 499 is nginx's "client closed request": the caller cancelled.
@@ -443,6 +496,12 @@ impl IntoResponse for Error {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"dynplug\""),
+            );
         }
         response
     }

@@ -265,6 +265,18 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The connection cap's use: open connections (every endpoint) and the cap.
+pub(crate) fn render_connections(out: &mut String, open: usize, max: usize) {
+    let _ = writeln!(
+        out,
+        "# HELP dynplug_connections_open Connections open now, over every endpoint.\n# TYPE dynplug_connections_open gauge\ndynplug_connections_open {open}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP dynplug_connections_max The cap on open connections; at it, the server stops accepting.\n# TYPE dynplug_connections_max gauge\ndynplug_connections_max {max}"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,8 @@ impl Reply {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; the response is read to EOF.
+/// One HTTP/1.1 request with `Connection: close`; the response is read to
+/// EOF. `Host: localhost` unless `headers` name another.
 pub async fn exchange(
     mut stream: impl AsyncRead + AsyncWrite + Unpin,
     method: &str,
@@ -31,9 +32,12 @@ pub async fn exchange(
     body: &[u8],
 ) -> Reply {
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
     );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str("host: localhost\r\n");
+    }
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -23,6 +23,15 @@ pub fn manager_with(samples: &[&str]) -> (tempfile::TempDir, dynplug::PluginMana
     (dir, manager)
 }
 
+/// A temporary directory only we can enter (mode 0700), as dynplug wants
+/// the directories of its Unix sockets (tempfile's follow the umask).
+pub fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
 /// One blocking call to `plugin`.
 pub fn call(
     manager: &dynplug::PluginManager,

@@ -20,7 +20,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn start() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = super::private_tempdir();
         for sample in ["hello", "counter", "panicking", "slow"] {
             super::install(dir.path(), sample);
         }
