@@ -10,55 +10,75 @@
 use std::io;
 use std::path::Path;
 
-/// Creates `dir` (and missing parents) with mode `0700` and checks it is
-/// private: a real directory (not a symlink), owned by the effective user,
-/// with no access for group or others. A directory we own that others may
-/// only read or enter is tightened to `0700`; one others may write, or one
-/// owned by someone else, is refused. No ancestor may be writable by every
-/// user without the sticky bit (anyone could rename the directory away and
-/// put their own in its place).
+/// Creates `dir` (and missing parents) with mode `0700` if it is missing,
+/// then checks it as [`check`] does. An existing directory is never chmod-ed
+/// or taken over: it is accepted or refused, with the reason.
 #[cfg(unix)]
-pub(crate) fn ensure(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    std::fs::DirBuilder::new()
+pub(crate) fn ensure(dir: &Path, group: bool) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)?;
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    check(dir, group)
+}
+
+/// Checks that `dir` is private: a real directory (not a symlink), owned by
+/// the effective user, that nobody else may write to, enter or list (with
+/// `group`, the group may enter and list it, never write). No ancestor may
+/// be writable by every user without the sticky bit: anyone could rename
+/// the directory away and put their own in its place.
+#[cfg(unix)]
+pub(crate) fn check(dir: &Path, group: bool) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(dir)?;
     if !meta.is_dir() {
         return Err(refused(dir, "not a directory (a symlink?)".into()));
     }
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
+    let us = rustix::process::geteuid().as_raw();
+    if meta.uid() != us {
         return Err(refused(
             dir,
             format!(
-                "owned by uid {}, not by this process's uid {me}",
+                "owned by uid {}, not by us (uid {us}); it must be a directory of our own",
                 meta.uid()
             ),
         ));
     }
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
+    let mode = meta.mode() & 0o777;
+    let allowed = if group { 0o750 } else { 0o700 };
+    let extra = mode & !allowed;
+    if extra != 0 {
+        let who = match (extra & 0o070 != 0, extra & 0o007 != 0) {
+            (true, true) => "group and others",
+            (true, false) => "the group",
+            _ => "others",
+        };
+        let what = if extra & 0o022 != 0 {
+            "write to it"
+        } else if extra & 0o011 != 0 {
+            "enter it"
+        } else {
+            "list it"
+        };
         return Err(refused(
             dir,
-            format!("mode {mode:04o}: other users can write to it"),
+            format!("mode {mode:04o}: {who} can {what} (make it {allowed:04o})"),
         ));
     }
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    for ancestor in dir
-        .ancestors()
-        .skip(1)
-        .filter(|a| !a.as_os_str().is_empty())
-    {
+    let dir = dir.canonicalize()?;
+    for ancestor in dir.ancestors().skip(1) {
         let Ok(meta) = std::fs::metadata(ancestor) else {
             continue;
         };
         if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
             return Err(refused(
-                dir,
+                &dir,
                 format!(
                     "its ancestor {} is writable by every user (and not sticky)",
                     ancestor.display()
@@ -71,7 +91,7 @@ pub(crate) fn ensure(dir: &Path) -> io::Result<()> {
 
 /// Off Unix there are no modes to check: the directory is created.
 #[cfg(not(unix))]
-pub(crate) fn ensure(dir: &Path) -> io::Result<()> {
+pub(crate) fn ensure(dir: &Path, _group: bool) -> io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
@@ -101,7 +121,7 @@ pub(crate) fn world_writable(_path: &Path) -> Option<String> {
 fn refused(dir: &Path, why: String) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,
-        format!("refusing {}: {why}", dir.display()),
+        format!("directory {}: {why}", dir.display()),
     )
 }
 
@@ -119,43 +139,58 @@ mod tests {
     fn created_private_whatever_the_umask_said() {
         let base = tempfile::tempdir().unwrap();
         let dir = base.path().join("a/b");
-        ensure(&dir).unwrap();
-        assert_eq!(mode(&dir), 0o700);
-        // Ours but readable by others: tightened.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        ensure(&dir).unwrap();
+        ensure(&dir, false).unwrap();
         assert_eq!(mode(&dir), 0o700);
     }
 
     #[test]
-    fn writable_by_others_or_foreign_is_refused() {
-        let base = tempfile::tempdir().unwrap();
-        let dir = base.path().join("shared");
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = ensure(&dir).unwrap_err();
-        assert!(err.to_string().contains("other users can write"), "{err}");
+    fn modes_name_who_can_do_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let set =
+            |m| std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(m)).unwrap();
+        set(0o755);
+        let err = check(dir.path(), false).unwrap_err().to_string();
+        assert!(
+            err.contains("mode 0755: group and others can enter it"),
+            "{err}"
+        );
+        assert_eq!(mode(dir.path()), 0o755, "never chmod-ed");
+        set(0o770);
+        let err = check(dir.path(), true).unwrap_err().to_string();
+        assert!(
+            err.contains("mode 0770: the group can write to it"),
+            "{err}"
+        );
+        set(0o750);
+        check(dir.path(), true).expect("the group may enter for group sockets");
+        assert!(check(dir.path(), false).is_err());
+        set(0o700);
+        check(dir.path(), false).unwrap();
+    }
 
+    #[test]
+    fn symlinks_open_ancestors_and_foreign_owners_are_refused() {
+        let base = tempfile::tempdir().unwrap();
         let link = base.path().join("link");
         std::os::unix::fs::symlink(base.path(), &link).unwrap();
-        let err = ensure(&link).unwrap_err();
+        let err = ensure(&link, false).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
 
         // An open ancestor: anyone could swap the directory.
         let open = base.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = ensure(&open.join("mine")).unwrap_err();
+        let err = ensure(&open.join("mine"), false).unwrap_err();
         assert!(err.to_string().contains("writable by every user"), "{err}");
         // Sticky, like /tmp: fine.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
-        ensure(&open.join("mine")).unwrap();
+        ensure(&open.join("mine"), false).unwrap();
 
         if rustix::process::geteuid().is_root() {
             let foreign = base.path().join("foreign");
             std::fs::create_dir(&foreign).unwrap();
             std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
-            let err = ensure(&foreign).unwrap_err();
+            let err = ensure(&foreign, false).unwrap_err();
             assert!(err.to_string().contains("owned by uid 65534"), "{err}");
         }
     }

@@ -189,8 +189,10 @@ fn execute_async_returns_at_the_deadline_with_the_context_given_back() {
         .build()
         .unwrap();
     let deadline = Instant::now() + Duration::from_millis(100);
+    // A plugin that ignores its deadline: only the host can return on time.
     let mut ctx = Context::new("spin")
-        .with("max_ms", 60_000)
+        .with("max_ms", 1_000)
+        .with("stubborn", true)
         .with_deadline(deadline);
     let token = ctx.cancel_token();
     let err = runtime.block_on(slow.execute_async(&mut ctx)).unwrap_err();

@@ -95,7 +95,7 @@ impl Image {
     }
 
     fn copy(bytes: &[u8], plugin: &str, shadow_dir: &Path) -> io::Result<Image> {
-        crate::private_dir::ensure(shadow_dir)?;
+        crate::private_dir::ensure(shadow_dir, false)?;
         let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
         let name = format!(
             "{COPY_PREFIX}{}-{seq}-{plugin}.{}",

@@ -5,15 +5,11 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The mode of every socket dynplug creates unless configured otherwise.
 pub(crate) const DEFAULT_SOCKET_MODE: u32 = 0o600;
-
-fn refused(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, message)
-}
 
 /// Whether a socket of `mode` is meant for the group: its directory may
 /// then let the group in (but never write).
@@ -21,64 +17,14 @@ fn for_group(mode: u32) -> bool {
     mode & 0o070 != 0
 }
 
-/// Checks that `dir` is a directory owned by the effective user that no one
-/// else can write to or enter (the group may enter and list it when the
-/// sockets are for the group).
-pub(crate) fn check_private_dir(dir: &Path, socket_mode: u32) -> io::Result<()> {
-    let meta = fs::metadata(dir)?;
-    if !meta.is_dir() {
-        return Err(refused(format!("{} is not a directory", dir.display())));
-    }
-    let us = rustix::process::geteuid().as_raw();
-    if meta.uid() != us {
-        return Err(refused(format!(
-            "directory {} is owned by uid {}, not by us (uid {us}); sockets must be in a directory of our own",
-            dir.display(),
-            meta.uid()
-        )));
-    }
-    let mode = meta.mode() & 0o777;
-    let allowed = if for_group(socket_mode) { 0o750 } else { 0o700 };
-    let extra = mode & !allowed;
-    if extra != 0 {
-        let who = match (extra & 0o070 != 0, extra & 0o007 != 0) {
-            (true, true) => "group and others",
-            (true, false) => "the group",
-            _ => "others",
-        };
-        let what = if extra & 0o022 != 0 {
-            "write to it"
-        } else if extra & 0o011 != 0 {
-            "enter it"
-        } else {
-            "list it"
-        };
-        return Err(refused(format!(
-            "directory {}: mode {mode:04o}: {who} can {what} (make it {allowed:04o})",
-            dir.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Creates `dir` (and missing parents) with mode 0700 if it does not exist,
-/// then checks it as [`check_private_dir`] does. An existing directory is
-/// never chmod-ed or taken over: it is accepted or refused.
+/// Creates `dir` 0700 if missing and checks it is private (see
+/// `crate::private_dir`), letting the group in for group sockets.
 pub(crate) fn private_dir(dir: &Path, socket_mode: u32) -> io::Result<()> {
-    match fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    check_private_dir(dir, socket_mode)
+    crate::private_dir::ensure(dir, for_group(socket_mode))
 }
 
 /// Binds a Unix socket at `path` with `mode`, whatever the umask. Its
-/// directory must pass [`check_private_dir`]. A stale socket file is
+/// directory must be private (`crate::private_dir::check`). A stale socket file is
 /// replaced, never another kind of file, and never a socket some process
 /// still accepts on.
 ///
@@ -90,7 +36,7 @@ pub(crate) fn bind(path: &Path, mode: u32) -> io::Result<tokio::net::UnixListene
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
-    check_private_dir(dir, mode)?;
+    crate::private_dir::check(dir, for_group(mode))?;
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
@@ -137,33 +83,6 @@ fn staging_dir(dir: &Path) -> io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn modes_name_who_can_do_what() {
-        let dir = tempfile::tempdir().unwrap();
-        let set = |mode| fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
-        set(0o755);
-        let err = check_private_dir(dir.path(), 0o600)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("mode 0755: group and others can enter it"),
-            "{err}"
-        );
-        set(0o770);
-        let err = check_private_dir(dir.path(), 0o660)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("mode 0770: the group can write to it"),
-            "{err}"
-        );
-        set(0o750);
-        check_private_dir(dir.path(), 0o660).expect("the group may enter for group sockets");
-        assert!(check_private_dir(dir.path(), 0o600).is_err());
-        set(0o700);
-        check_private_dir(dir.path(), 0o600).unwrap();
-    }
 
     #[tokio::test]
     async fn sockets_get_their_mode_and_replace_only_stale_ones() {

@@ -1,5 +1,6 @@
 //! Failure fixture: loops until the call is cancelled or past its deadline
-//! (or `max_ms`, default 10 s, as a safety net). With a `started_file` value,
+//! (or `max_ms`, default 10 s, as a safety net; with `stubborn` set it
+//! ignores cancellation and runs until `max_ms`). With a `started_file` value,
 //! it creates that file once it runs, so a test knows the call holds a worker.
 //! Label `count` returns how many calls this copy has started, itself
 //! included, without looping.
@@ -49,7 +50,10 @@ fn execute(ctx: &mut Context) -> Result<(), PluginError> {
     }
     let start = Instant::now();
     let mut iterations = 0_i64;
-    while !ctx.is_cancelled() && start.elapsed() < max {
+    // `stubborn`: ignores cancellation and deadlines, as a badly written
+    // plugin would; only `max_ms` stops it.
+    let stubborn = ctx.get_bool("stubborn").unwrap_or(false);
+    while (stubborn || !ctx.is_cancelled()) && start.elapsed() < max {
         std::thread::sleep(Duration::from_millis(1));
         iterations += 1;
     }
