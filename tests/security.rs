@@ -297,7 +297,7 @@ async fn socket_directories_of_others_or_open_to_others_are_refused() {
             .unwrap_err();
         assert!(matches!(err, Error::Bind { .. }), "{err:?}");
         assert!(
-            err.to_string().contains("is owned by uid 65534, not by us"),
+            err.to_string().contains("owned by uid 65534, not by us"),
             "{err}"
         );
         assert!(

@@ -10,6 +10,21 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::{PluginsDir, ServeArgs};
 
+// A server whose stdout or stderr was closed (a supervisor that read the
+// first line and went away) keeps serving: `println!` would panic on EPIPE.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+macro_rules! tell {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
 /// called, not when it is awaited: call it before announcing the server, or a
 /// signal sent right after the announcement kills the process ungracefully.
@@ -39,7 +54,7 @@ async fn load(dir: &PluginsDir) -> anyhow::Result<PluginManager> {
     let manager = dir.manager()?;
     let loader = manager.clone();
     let report = tokio::task::spawn_blocking(move || loader.load_plugins()).await??;
-    eprintln!(
+    tell!(
         "{} plugin(s) loaded from {}, {} failed",
         report.loaded.len(),
         plugins.display(),
@@ -143,15 +158,15 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
         match endpoint {
             Endpoint::Tcp(addr) => {
                 let scheme = if tls { "https" } else { "http" };
-                println!(
+                say!(
                     "HTTP  {scheme}://{addr}/  (management: {scheme}://{addr}/_dynplug/, metrics: {scheme}://{addr}/metrics)"
                 );
                 if manager.info("hello").is_some() && args.clients.is_empty() && !tls {
-                    println!("      try: curl http://{addr}/api/hello/Ada");
+                    say!("      try: curl http://{addr}/api/hello/Ada");
                 }
             }
             Endpoint::Unix(path) => {
-                println!(
+                say!(
                     "HTTP  {endpoint}  (try: curl --unix-socket {} http://localhost/_dynplug/plugins)",
                     path.display()
                 );
@@ -159,16 +174,16 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
         }
     }
     for endpoint in running.grpc_endpoints() {
-        println!("gRPC  {endpoint}  (services dynplug.v1.Plugins, plugin.Plugin; see proto/)");
+        say!("gRPC  {endpoint}  (services dynplug.v1.Plugins, plugin.Plugin; see proto/)");
     }
     if args.watch {
-        println!(
+        say!(
             "watching {} for plugins to load, upgrade and unload",
             args.dir.plugins().display()
         );
     }
     terminated.await;
-    eprintln!("shutting down: finishing requests, draining and unloading plugins");
+    tell!("shutting down: finishing requests, draining and unloading plugins");
     drop(watcher);
     running.shutdown().await;
     Ok(std::process::ExitCode::SUCCESS)
@@ -180,7 +195,7 @@ pub(crate) async fn watch(dir: &PluginsDir) -> anyhow::Result<std::process::Exit
     let manager = load(dir).await?;
     let mut events = manager.subscribe();
     let watcher = manager.watch()?;
-    eprintln!(
+    tell!(
         "watching {}; events follow as JSON lines",
         plugins.display()
     );
@@ -189,7 +204,7 @@ pub(crate) async fn watch(dir: &PluginsDir) -> anyhow::Result<std::process::Exit
             match events.recv().await {
                 Ok(event) => print_event(&event),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                    eprintln!("dynplug: {missed} event(s) dropped: the output fell behind");
+                    tell!("dynplug: {missed} event(s) dropped: the output fell behind");
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
@@ -205,5 +220,5 @@ pub(crate) async fn watch(dir: &PluginsDir) -> anyhow::Result<std::process::Exit
 }
 
 fn print_event(event: &Event) {
-    println!("{}", serde_json::to_string(event).unwrap_or_default());
+    say!("{}", serde_json::to_string(event).unwrap_or_default());
 }

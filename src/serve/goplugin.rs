@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 use super::conn::Settings;
 use super::grpc::{PLUGIN_METADATA, authorize, check_value_count, executor, timeout};
 use super::proto::goplugin::{self, plugin_server};
-use super::{Endpoint, Listening, State};
+use super::server::Listening;
+use super::{Endpoint, State};
 use crate::{Context, PluginState, Value};
 
 /// The goplugin service: for one plugin (its own socket), or for the plugin
