@@ -123,7 +123,7 @@ impl Executor {
     pub(crate) fn try_inline(&self, ctx: &mut Context) -> Option<Result<()>> {
         let current = self.slot.current.load();
         let version = current.as_ref()?;
-        if version.manifest.isolation != crate::Isolation::Inline {
+        if !version.is_inline() {
             return None;
         }
         Some(self.counted(|| version.execute(ctx)))

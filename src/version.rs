@@ -1,12 +1,42 @@
-//! One loaded version of a plugin, whatever its kind.
+//! One loaded version of a plugin, whatever its kind: the seam between the
+//! manager (and everything above it: watcher, façades, metrics, CLI) and the
+//! plugin kinds.
+//!
+//! A kind is one [`Backend`] variant, implemented in its own module, with
+//! the same few operations: load (checked, started, ready), execute
+//! (blocking and async), how many calls it still runs (`busy`, for
+//! draining), unload (stop, and say how it ended), and what it runs from
+//! (`artifact`, for messages). Everything else (routes, version policy,
+//! draining, events, metrics) is the manager's and is the same for every
+//! kind. `Version::load` is the one place that decides which kind a
+//! manifest asks for, and refuses what this host does not do.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::Context;
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
-use crate::native::{Ending, NativeOptions, NativeVersion, Outcome};
+use crate::manifest::{Isolation, Manifest, Source};
+use crate::native::{NativeOptions, NativeVersion};
+
+/// What a plugin's entry reported.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Ok,
+    Error(String),
+    Panic(String),
+}
+
+/// How a version ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// Stopped and, for native code, verified unmapped.
+    Unloaded,
+    /// Kept mapped on purpose (`inline`).
+    Retained,
+    /// Still mapped after `dlclose`, or never closed; the reason says why.
+    Leaked(String),
+}
 
 /// How a version's calls are carried out: one variant per plugin kind.
 pub(crate) enum Backend {
@@ -24,13 +54,56 @@ pub(crate) struct LoadOptions {
     pub(crate) native: NativeOptions,
 }
 
+/// The kinds this host runs; which one a manifest asks for is decided once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Native,
+}
+
+impl Kind {
+    fn of(manifest: &Manifest, dir: &Path) -> Result<Kind> {
+        let unsupported = |what: String| Error::Unsupported {
+            plugin: manifest.name.clone(),
+            path: dir.join(crate::manifest::MANIFEST_FILE),
+            what,
+        };
+        match (&manifest.source, manifest.isolation) {
+            (Source::LocalSo { .. }, Isolation::Process) => {
+                Err(unsupported("isolation \"process\"".into()))
+            }
+            (Source::LocalSo { .. }, _) => Ok(Kind::Native),
+            (source, _) => Err(unsupported(format!("source.mode \"{}\"", source.mode()))),
+        }
+    }
+}
+
 impl Version {
-    pub(crate) fn load(manifest: Manifest, dir: PathBuf, options: &LoadOptions) -> Result<Version> {
-        let backend = Backend::Native(NativeVersion::load(&manifest, &dir, &options.native)?);
+    /// Loads what `manifest` asks for, from the plugin directory `dir`:
+    /// checked, started and ready to serve.
+    pub(crate) fn load(manifest: Manifest, dir: &Path, options: &LoadOptions) -> Result<Version> {
+        let backend = match Kind::of(&manifest, dir)? {
+            Kind::Native => Backend::Native(NativeVersion::load(&manifest, dir, &options.native)?),
+        };
         Ok(Version {
             manifest: Arc::new(manifest),
             backend,
         })
+    }
+
+    /// Checks a plugin as far as can be done without serving it (see
+    /// [`crate::verify`]).
+    pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<()> {
+        match Kind::of(manifest, dir)? {
+            Kind::Native => crate::native::verify(manifest, dir, &options.native),
+        }
+    }
+
+    /// Whether calls run on the caller's thread (`inline`): the façades then
+    /// call it in place rather than through the async path.
+    pub(crate) fn is_inline(&self) -> bool {
+        match &self.backend {
+            Backend::Native(native) => native.is_inline(),
+        }
     }
 
     pub(crate) fn name(&self) -> &str {

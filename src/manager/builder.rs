@@ -133,8 +133,14 @@ impl Builder {
         self
     }
 
-    /// What every native load of the manager needs.
-    pub(crate) fn native_options(&self) -> NativeOptions {
+    /// What every load of the manager needs.
+    pub(crate) fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            native: self.native_options(),
+        }
+    }
+
+    fn native_options(&self) -> NativeOptions {
         NativeOptions {
             shadow_dir: self
                 .shadow_dir
@@ -171,13 +177,13 @@ impl Builder {
                 reason,
             });
         }
-        let native = self.native_options();
-        remove_stale(&native.shadow_dir);
+        let options = self.load_options();
+        remove_stale(&options.native.shadow_dir);
         let (events, _) = broadcast::channel(self.event_capacity);
         Ok(PluginManager {
             inner: Arc::new(Inner {
                 base: self.base,
-                options: LoadOptions { native },
+                options,
                 drain_timeout: self.drain_timeout,
                 allow_downgrades: self.allow_downgrades,
                 settle: self.settle,

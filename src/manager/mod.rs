@@ -213,7 +213,7 @@ impl PluginManager {
         // Checked early to avoid a useless load, and again at the swap.
         self.check_routes(slot, &manifest)?;
         let started = Instant::now();
-        let version = Version::load(manifest, slot.dir.clone(), &self.inner.options)?;
+        let version = Version::load(manifest, &slot.dir, &self.inner.options)?;
         tracing::debug!(plugin = %slot.name, elapsed = ?started.elapsed(), "loaded and initialised");
         Ok(version)
     }
@@ -438,7 +438,7 @@ pub fn verify(dir: impl AsRef<Path>) -> Result<Manifest> {
     // `verify .` must put a fallback copy beside the plugin, not inside it.
     let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let options = PluginManager::builder(parent).native_options();
-    crate::native::verify(&manifest, dir, &options)?;
+    let options = PluginManager::builder(parent).load_options();
+    Version::verify(&manifest, dir, &options)?;
     Ok(manifest)
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use super::PluginManager;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::native::Ending;
 use crate::slot::{PluginState, RetiredVersion, Slot};
+use crate::version::Ending;
 use crate::version::Version;
 
 /// How many plugins `unload_all` drains at once.

@@ -16,15 +16,8 @@ use plugin_abi::ffi::{
 };
 
 use super::header::{HeaderInfo, MAX_VERSION_LEN};
+use crate::version::Outcome;
 use crate::{Context, Value};
-
-/// What an entry reported.
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    Ok,
-    Error(String),
-    Panic(String),
-}
 
 /// Why a library was refused after `dlopen`; turned into [`crate::Error`]
 /// by the caller, who knows the plugin's name and drop path.

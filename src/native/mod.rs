@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub(crate) use ffi::Outcome;
 use ffi::{Library, OpenError};
 pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
 use header::Refusal;
@@ -30,17 +29,7 @@ use pool::{Pool, Refused, Reply, Stuck};
 use crate::Context;
 use crate::error::{Error, Result};
 use crate::manifest::{Isolation, Manifest, Source};
-
-/// How a version ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Ending {
-    /// Closed and verified unmapped.
-    Unloaded,
-    /// Kept mapped on purpose (`inline`).
-    Retained,
-    /// Still mapped after `dlclose`, or never closed; the reason says why.
-    Leaked(String),
-}
+use crate::version::{Ending, Outcome};
 
 enum Runner {
     Inline,
@@ -277,6 +266,11 @@ impl NativeVersion {
         }
     }
 
+    /// Whether calls run on the caller's thread.
+    pub(crate) fn is_inline(&self) -> bool {
+        matches!(self.runner, Runner::Inline)
+    }
+
     /// Calls still queued or running on the workers, including calls whose
     /// caller stopped waiting.
     pub(crate) fn busy(&self) -> usize {
@@ -479,19 +473,8 @@ fn open_checked(
     let plugin = manifest.name.clone();
     let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
     let Source::LocalSo { sha256, .. } = &manifest.source else {
-        return Err(Error::Unsupported {
-            plugin,
-            path: manifest_path,
-            what: format!("source.mode \"{}\"", manifest.source.mode()),
-        });
+        unreachable!("Version::load sends only local_so manifests here");
     };
-    if manifest.isolation == Isolation::Process {
-        return Err(Error::Unsupported {
-            plugin,
-            path: manifest_path,
-            what: "isolation \"process\"".into(),
-        });
-    }
     let path = manifest
         .library_path(dir)
         .expect("local_so always has a library path");

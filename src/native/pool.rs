@@ -10,8 +10,9 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::ffi::{Library, Outcome};
+use super::ffi::Library;
 use crate::Context;
+use crate::version::Outcome;
 
 /// Where a finished call's context and outcome go.
 pub(crate) enum Reply {
