@@ -58,6 +58,9 @@ pub struct Context {
     // an allocation per call shows in the façade's profile.
     cancel: std::sync::OnceLock<CancelToken>,
     deadline: Option<Instant>,
+    // The keys the plugin set during the last call, in order: what a façade
+    // replies with when the plugin shaped no response itself.
+    written: Vec<CompactString>,
 }
 
 impl Context {
@@ -186,6 +189,35 @@ impl Context {
     /// Removes and returns the value under `key`.
     pub fn remove(&mut self, key: &str) -> Option<Value> {
         self.values.remove(key)
+    }
+
+    /// The values the plugin set during the last call (each key once, in
+    /// the order first set); inputs it left alone are not among them. What
+    /// the HTTP and gRPC façades reply with when a plugin sets no
+    /// `response.*` value.
+    pub fn written(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.written
+            .iter()
+            .filter_map(|k| Some((k.as_str(), self.values.get(k)?)))
+    }
+
+    /// Stores a value the plugin sets (through the ABI, or decoded from a
+    /// subprocess's reply), remembering that the plugin set it.
+    pub(crate) fn set_from_plugin(&mut self, key: &str, value: Value) {
+        match self.values.get_mut(key) {
+            Some(slot) => *slot = value,
+            None => {
+                self.values.insert(CompactString::new(key), value);
+            }
+        }
+        if !self.written.iter().any(|k| k == key) {
+            self.written.push(CompactString::new(key));
+        }
+    }
+
+    /// Forgets which values the previous call set (a new call begins).
+    pub(crate) fn begin_call(&mut self) {
+        self.written.clear();
     }
 
     /// All values, in no particular order.

@@ -112,6 +112,7 @@ impl Version {
 
     pub(crate) fn execute(&self, ctx: &mut Context) -> Result<()> {
         self.check_not_expired(ctx)?;
+        ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute(ctx)?,
         };
@@ -120,6 +121,7 @@ impl Version {
 
     pub(crate) async fn execute_async(&self, ctx: &mut Context) -> Result<()> {
         self.check_not_expired(ctx)?;
+        ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute_async(ctx).await?,
         };

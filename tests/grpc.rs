@@ -37,6 +37,12 @@ async fn grpc_plugins_service_over_tcp_and_unix() {
         };
         let reply = client.exec(request).await.unwrap().into_inner();
         assert_eq!(reply.values["greeting"], string("hello, gRPC"));
+        assert_eq!(
+            reply.values.len(),
+            1,
+            "only what the plugin set comes back: {:?}",
+            reply.values
+        );
 
         let numbers = v1::ValueList {
             items: (1..=4)
@@ -193,7 +199,7 @@ async fn goplugin_clients_reach_any_plugin() {
         .into_inner();
     assert_eq!(reply.status, "success");
     let values: serde_json::Value = serde_json::from_slice(&reply.data.unwrap().response).unwrap();
-    assert_eq!(values["greeting"], "hello, Go");
+    assert_eq!(values, serde_json::json!({"greeting": "hello, Go"}));
 
     let status = client.ping(tonic::Request::new(())).await.unwrap_err();
     assert_eq!(

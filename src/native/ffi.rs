@@ -326,12 +326,7 @@ unsafe extern "C" fn host_set(data: *mut Opaque, key: RawStr, value: ValueView) 
     // SAFETY: in call; the plugin holds no borrow of the context while it
     // sets (plugin-abi's `set` takes `&mut Context`); key and value are valid now.
     let (call, key, value) = unsafe { (call_mut(data), key.as_str(), value.to_value()) };
-    match call.ctx.values.get_mut(key) {
-        Some(slot) => *slot = value,
-        None => {
-            call.ctx.values.insert(key.into(), value);
-        }
-    }
+    call.ctx.set_from_plugin(key, value);
 }
 
 unsafe extern "C" fn host_remove(data: *mut Opaque, key: RawStr) -> bool {

@@ -87,7 +87,7 @@ impl plugin_server::Plugin for GoPlugin {
             super::Facade::Grpc,
         )
         .await?;
-        let values: BTreeMap<String, Value> = ctx.into_values().into_iter().collect();
+        let values: BTreeMap<&str, &Value> = ctx.written().collect();
         Ok(Response::new(goplugin::ExecResponse {
             status: "success".into(),
             data: Some(goplugin::DataRpc {

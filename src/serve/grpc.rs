@@ -184,10 +184,10 @@ impl plugins_server::Plugins for Plugins {
             super::Facade::Grpc,
         )
         .await?;
+        // The values the plugin set; the caller knows what it sent.
         let values = ctx
-            .into_values()
-            .into_iter()
-            .map(|(k, v)| (k, to_proto(&v)))
+            .written()
+            .map(|(k, v)| (k.to_owned(), to_proto(v)))
             .collect();
         Ok(Response::new(v1::ExecResponse { values }))
     }

@@ -397,11 +397,27 @@ pub(crate) fn decode(s: &str, plus_is_space: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The plugin's answer: `response.status`, `response.headers`, `response.body`.
-/// Nothing set gives 204; a body without status gives 200.
+/// The plugin's answer: `response.status`, `response.headers`, `response.body`;
+/// without any of them, the values the plugin set as a JSON object (200), or
+/// 204 when it set nothing. A body without status gives 200.
 fn plugin_response(plugin: &str, mut ctx: Context) -> Response {
     // Taken out, not cloned: a body moves into the response as it is.
     let body = ctx.remove("response.body");
+    // A plugin need not know it is called over HTTP: one that shapes no
+    // response gets the values it set, as a JSON object.
+    let shaped = body.is_some()
+        || ctx.get("response.status").is_some()
+        || ctx.get("response.headers").is_some();
+    let body = match body {
+        None if !shaped => {
+            let written: BTreeMap<String, Value> = ctx
+                .written()
+                .map(|(k, v)| (k.to_owned(), v.clone()))
+                .collect();
+            (!written.is_empty()).then_some(Value::Map(written))
+        }
+        body => body,
+    };
     let status = match ctx.get("response.status") {
         None if body.is_none() => StatusCode::NO_CONTENT,
         None => StatusCode::OK,

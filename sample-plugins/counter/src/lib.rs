@@ -43,16 +43,7 @@ impl Plugin for Counter {
             "counter.get" => self.count.load(Ordering::SeqCst),
             other => return Err(PluginError::new(format!("unknown label {other}"))),
         };
-        // Called through the HTTP façade: answer with a JSON body.
-        if ctx.get_str("method").is_some() {
-            let body = format!(r#"{{"count":{count},"generation":"{}"}}"#, self.generation);
-            ctx.set("response.body", body);
-            let headers = [("content-type".to_owned(), Value::from("application/json"))];
-            ctx.set(
-                "response.headers",
-                Value::Map(headers.into_iter().collect()),
-            );
-        }
+        // Over HTTP the reply is what it sets: {"count": N, "generation": "v1"}.
         ctx.set("count", count);
         ctx.set("generation", self.generation.as_str());
         Ok(())

@@ -18,14 +18,9 @@ fn name(ctx: &Context) -> &str {
 
 fn execute(ctx: &mut Context) -> Result<(), PluginError> {
     match ctx.label() {
+        // Over HTTP or gRPC the reply is what it sets: {"greeting": "..."}.
         "hello.get" => {
             let greeting = format!("hello, {}", name(ctx));
-            // Called through the HTTP façade: answer with a JSON body.
-            if ctx.get_str("method").is_some() {
-                let body =
-                    BTreeMap::from([("greeting".to_owned(), Value::from(greeting.as_str()))]);
-                ctx.set("response.body", Value::Map(body));
-            }
             ctx.set("greeting", greeting);
             Ok(())
         }

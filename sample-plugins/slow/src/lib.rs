@@ -45,8 +45,12 @@ fn execute(ctx: &mut Context) -> Result<(), PluginError> {
         .and_then(|q| q.as_map()?.get("max_ms")?.as_str()?.parse::<i64>().ok());
     let max_ms = ctx.get_i64("max_ms").or(from_query).unwrap_or(10_000);
     let max = Duration::from_millis(max_ms.max(0) as u64);
-    if let Some(path) = ctx.get_str("started_file") {
-        std::fs::write(path, b"").map_err(|e| PluginError::new(format!("{path}: {e}")))?;
+    let started_file = ctx
+        .get_str("started_file")
+        .map(str::to_owned)
+        .or_else(|| ctx.get_str_in("query", "started_file").map(str::to_owned));
+    if let Some(path) = started_file {
+        std::fs::write(&path, b"").map_err(|e| PluginError::new(format!("{path}: {e}")))?;
     }
     let start = Instant::now();
     let mut iterations = 0_i64;
