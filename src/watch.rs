@@ -11,7 +11,8 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,73 @@ use crate::manifest::{MANIFEST_FILE, Manifest};
 pub struct Watcher {
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    base: PathBuf,
+    progress: Arc<Progress>,
+}
+
+/// How far the follower got: which settle markers it saw, and whether it
+/// has nothing left to do. For [`Watcher::wait_settled`].
+#[derive(Default)]
+struct Progress {
+    state: Mutex<ProgressState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    markers_seen: HashSet<String>,
+    idle: bool,
+}
+
+/// Names of the marker files `wait_settled` writes (dot files: never plugins).
+const MARKER_PREFIX: &str = ".dynplug-settled-";
+
+impl Watcher {
+    /// Waits until every change made to the plugins directory before this
+    /// call has been handled: loaded, upgraded, unloaded, reported as failed,
+    /// or found unchanged. Returns `false` if that takes longer than
+    /// `timeout`, or if the directory cannot be written.
+    ///
+    /// It writes (and removes) a dot file in the plugins directory: events
+    /// arrive in order, so once the watcher has seen it and has nothing
+    /// left to do, everything before it was handled. Useful after copying
+    /// plugins in a script or a test.
+    pub fn wait_settled(&self, timeout: Duration) -> bool {
+        static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "{MARKER_PREFIX}{}-{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let marker = self.base.join(&name);
+        if std::fs::write(&marker, b"").is_err() {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut state = self
+            .progress
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let settled = loop {
+            if state.idle && state.markers_seen.remove(&name) {
+                break true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            state = self
+                .progress
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        drop(state);
+        let _ = std::fs::remove_file(&marker);
+        settled
+    }
 }
 
 impl std::fmt::Debug for Watcher {
@@ -68,10 +136,12 @@ impl PluginManager {
         let (stop, stopped) = crossbeam_channel::bounded(0);
         let manager = Arc::downgrade(self.inner());
         let settle = self.inner().settle;
+        let progress = Arc::new(Progress::default());
+        let follower = Follower::new(manager, base.clone(), settle, Arc::clone(&progress));
         let thread = std::thread::Builder::new()
             .name("dynplug-watch".into())
             .spawn(move || {
-                let mut sync = Follower::new(manager, base, settle);
+                let mut sync = follower;
                 sync.initial();
                 sync.run(&events, &stopped);
                 let _ = watcher.unwatch(&sync.base);
@@ -80,6 +150,8 @@ impl PluginManager {
         Ok(Watcher {
             stop: Some(stop),
             thread: Some(thread),
+            base,
+            progress,
         })
     }
 
@@ -104,6 +176,7 @@ struct Follower {
     running: HashSet<String>,
     done_tx: Sender<(String, Next)>,
     done: Receiver<(String, Next)>,
+    progress: Arc<Progress>,
 }
 
 /// Most plugins synced at once (the initial sweep of a large directory
@@ -111,7 +184,12 @@ struct Follower {
 const MAX_SYNCS: usize = 16;
 
 impl Follower {
-    fn new(manager: Weak<Inner>, base: PathBuf, settle: Duration) -> Follower {
+    fn new(
+        manager: Weak<Inner>,
+        base: PathBuf,
+        settle: Duration,
+        progress: Arc<Progress>,
+    ) -> Follower {
         let (done_tx, done) = crossbeam_channel::unbounded();
         Follower {
             manager,
@@ -121,7 +199,20 @@ impl Follower {
             running: HashSet::new(),
             done_tx,
             done,
+            progress,
         }
+    }
+
+    /// Tells `wait_settled` callers where things stand.
+    fn report(&self, markers: Vec<String>) {
+        let mut state = self
+            .progress
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        state.markers_seen.extend(markers);
+        state.idle = self.due.is_empty() && self.running.is_empty();
+        self.progress.changed.notify_all();
     }
 
     fn manager(&self) -> Option<PluginManager> {
@@ -155,10 +246,11 @@ impl Follower {
                 .min()
                 .filter(|_| self.running.len() < MAX_SYNCS)
                 .unwrap_or(Duration::from_secs(3600));
+            let mut markers = Vec::new();
             crossbeam_channel::select! {
                 recv(stop) -> _ => return,
                 recv(events) -> event => match event {
-                    Ok(Ok(event)) => self.note(&event),
+                    Ok(Ok(event)) => markers = self.note(&event),
                     Ok(Err(e)) => tracing::warn!("watch error: {e}"),
                     Err(_) => return,
                 },
@@ -172,6 +264,7 @@ impl Follower {
             if !self.start_ready() {
                 return;
             }
+            self.report(markers);
         }
     }
 
@@ -220,9 +313,18 @@ impl Follower {
         }
     }
 
-    fn note(&mut self, event: &notify::Event) {
+    /// Queues the plugins `event` touches; returns the settle markers it names.
+    fn note(&mut self, event: &notify::Event) -> Vec<String> {
+        let markers = event
+            .paths
+            .iter()
+            .filter(|p| p.parent() == Some(self.base.as_path()))
+            .filter_map(|p| p.file_name()?.to_str())
+            .filter(|name| name.starts_with(MARKER_PREFIX))
+            .map(str::to_owned)
+            .collect();
         if matches!(event.kind, EventKind::Access(_)) {
-            return;
+            return markers;
         }
         let at = Instant::now() + self.settle;
         for path in &event.paths {
@@ -232,6 +334,7 @@ impl Follower {
                 self.due.insert(name, (at, 0));
             }
         }
+        markers
     }
 }
 

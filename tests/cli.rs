@@ -198,15 +198,18 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
         "plugins = \".\"\npool_size = 3\n[serve]\nhttp = [\"127.0.0.1:0\"]\ngrpc = [\"127.0.0.1:0\"]\nwatch = true\n",
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dynplug"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .env("DYNPLUG_MANAGEMENT_TOKEN", "t0ken")
-        .current_dir("/")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    // Killed on drop: a failing assertion never leaves the server running.
+    let mut child = support::ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_dynplug"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("DYNPLUG_MANAGEMENT_TOKEN", "t0ken")
+            .current_dir("/")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
     let addr = line
@@ -240,23 +243,31 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
     let response = get("/_dynplug/plugins", "authorization: Bearer t0ken\r\n");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
-    // The file's `pool_size` reached the manager: three workers per pooled version.
-    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
-        .filter(|name| name.starts_with("dynplug-hello-"))
-        .count();
-    assert_eq!(workers, 3, "worker threads of the pooled hello");
+    // The file's `pool_size` reached the manager: three workers per pooled
+    // version. A thread names itself once it runs: wait for the names.
+    let workers = || {
+        std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with("dynplug-hello-"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    while workers() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(workers(), 3, "worker threads of the pooled hello");
 
     // As an operator would.
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     let mut stderr = String::new();
     child
+        .0
         .stderr
         .take()
         .unwrap()

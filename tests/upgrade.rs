@@ -113,6 +113,16 @@ fn load(manager: &PluginManager) -> Load {
 }
 
 impl Load {
+    /// Waits until `n` more calls have been made.
+    fn wait_for_calls(&self, n: u64) {
+        let target = self.calls.load(Ordering::Relaxed) + n;
+        let deadline = std::time::Instant::now() + support::PATIENCE;
+        while self.calls.load(Ordering::Relaxed) < target {
+            assert!(std::time::Instant::now() < deadline, "calls stalled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn finish(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         let errors = self
@@ -150,7 +160,7 @@ fn watched_counter() -> (
 fn upgrade_under_load_fails_no_call() {
     let (dir, manager, _watcher, mut events) = watched_counter();
     let load = load(&manager);
-    std::thread::sleep(Duration::from_millis(50));
+    load.wait_for_calls(100);
     let event = upgrade_counter(dir.path(), &mut events, "2.0.0", "v2");
     assert_eq!(event, upgraded("1.0.0", "2.0.0"));
     wait_for(
@@ -158,7 +168,8 @@ fn upgrade_under_load_fails_no_call() {
         "v1 unloaded",
         |e| matches!(e, Event::Unloaded { version, .. } if version == "1.0.0"),
     );
-    std::thread::sleep(Duration::from_millis(50));
+    // Calls go on after the old version is gone.
+    load.wait_for_calls(100);
     let (calls, errors) = load.finish();
     assert!(
         errors.is_empty(),
@@ -319,7 +330,7 @@ fn new_directories_load_and_removed_ones_unload() {
 
 #[test]
 fn same_version_new_bytes_reloads_and_touch_does_not() {
-    let (dir, manager, _watcher, mut events) = watched_counter();
+    let (dir, manager, watcher, mut events) = watched_counter();
     // New bytes at the same version: a reload.
     let event = upgrade_counter(dir.path(), &mut events, "1.0.0", "v2");
     assert_eq!(event, upgraded("1.0.0", "1.0.0"));
@@ -329,7 +340,10 @@ fn same_version_new_bytes_reloads_and_touch_does_not() {
     let manifest_path = dir.path().join("counter").join("plugin.json");
     let text = std::fs::read(&manifest_path).unwrap();
     std::fs::write(&manifest_path, text).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        watcher.wait_settled(support::PATIENCE),
+        "the watcher settled"
+    );
     while let Ok(event) = events.try_recv() {
         assert!(
             !matches!(event, Event::Upgraded { .. } | Event::Loaded { .. }),
