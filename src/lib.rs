@@ -20,7 +20,9 @@
 //!
 //! # The map
 //!
-//! * [`manifest`]: `plugin.json`, parsed strictly ([`Manifest`]).
+//! * [`manifest`]: `plugin.json`, parsed strictly ([`Manifest`]). Its HTTP
+//!   routes follow one set of rules (the `route` module) for validation,
+//!   conflicts between plugins and request matching.
 //! * [`PluginManager`]: scanning, loading, unloading, events ([`Event`]).
 //! * [`Executor`]: calls one plugin, blocking or async.
 //! * [`Context`]: the host side of a call; plugins see `plugin_abi::Context`.
@@ -44,9 +46,14 @@ mod executor;
 mod manager;
 pub mod manifest;
 mod native;
+// Public for the fuzz targets, the property tests and the binary, not API.
+#[doc(hidden)]
+pub mod route;
 #[cfg(feature = "server")]
 pub mod serve;
 mod slot;
+#[doc(hidden)]
+pub mod text;
 mod version;
 mod watch;
 
