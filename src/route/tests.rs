@@ -155,22 +155,21 @@ fn checking_a_full_manifest_against_many_plugins_stays_near_linear() {
     // 100 plugins of 1,000 routes each, then a new manifest of 1,024 routes
     // that shares their prefix and puts a parameter where they branch.
     let mut served = RouteIndex::new();
-    let mut nodes = 0;
     for plugin in 0..100 {
         for route in 0..1_000 {
             let text = format!("/api/p{plugin}/r{route}/:id");
             served.insert(Method::Get, &pattern(&text), plugin);
-            nodes += 4;
         }
     }
     let mut new = RouteIndex::new();
     for route in 0..1_024 {
         new.insert(Method::Get, &pattern(&format!("/api/:p/q{route}")), route);
-        nodes += 3;
     }
     let mut work = 0;
     assert_eq!(new.overlap_counted(&served, &mut work), None);
-    assert!(work <= nodes, "{work} node pairs for {nodes} nodes");
+    // Two shared levels, then the parameter against each plugin's name; the
+    // literal maps below meet by lookups, not by pairs.
+    assert!(work <= 200, "{work} node pairs");
 
     // And a conflict among them is found.
     new.insert(Method::Get, &pattern("/api/p42/r7/x"), 9_999);
