@@ -20,7 +20,9 @@
 //!
 //! # The map
 //!
-//! * [`manifest`]: `plugin.json`, parsed strictly ([`Manifest`]).
+//! * [`manifest`]: `plugin.json`, parsed strictly ([`Manifest`]). Its HTTP
+//!   routes follow one set of rules (the `route` module) for validation,
+//!   conflicts between plugins and request matching.
 //! * [`PluginManager`]: scanning, loading, unloading, events ([`Event`]).
 //! * [`Executor`]: calls one plugin, blocking or async.
 //! * [`Context`]: the host side of a call; plugins see `plugin_abi::Context`.
@@ -46,9 +48,14 @@ mod manager;
 pub mod manifest;
 mod native;
 mod private_dir;
+// Public for the fuzz targets, the property tests and the binary, not API.
+#[doc(hidden)]
+pub mod route;
 #[cfg(feature = "server")]
 pub mod serve;
 mod slot;
+#[doc(hidden)]
+pub mod text;
 mod untrusted;
 mod version;
 mod watch;

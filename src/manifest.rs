@@ -8,9 +8,31 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::route::{Method, Pattern, Router};
+use crate::text::printable;
 
 /// The manifest file's name inside a plugin directory.
 pub const MANIFEST_FILE: &str = "plugin.json";
+
+/// Most routes one manifest may declare (100,000 once stalled the watcher
+/// for 17 s; the count is refused before any route is looked at).
+const MAX_ROUTES: usize = 1024;
+/// Longest `version`, in bytes: semver puts no bound on pre-release and
+/// build parts, and a long one ended up in a file name ("File name too long").
+const MAX_VERSION_LEN: usize = 128;
+/// Longest label, `rev`, `package` and maintainer, in bytes.
+const MAX_SHORT_TEXT: usize = 256;
+/// Longest `description`, `home`, `source.path` and argument, in bytes
+/// (4,096: Linux's `PATH_MAX`).
+const MAX_LONG_TEXT: usize = 4096;
+/// Most `maintainers` and most `args`.
+const MAX_ITEMS: usize = 256;
+/// Longest error message and field path, in characters, and longest value
+/// quoted in a message: a manifest's text (and serde's quotes of it) ends
+/// up in logs, terminals and `dynplug list`.
+const MAX_MESSAGE: usize = 1024;
+const MAX_FIELD: usize = 256;
+const QUOTED: usize = 120;
 
 /// A parsed and validated `plugin.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -180,7 +202,9 @@ pub struct HttpServices {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Route {
-    /// Path pattern with `:param` segments, e.g. `/api/hello/:id`.
+    /// Path pattern: `/` and segments that are literals, `:name` (one
+    /// segment) or a last `*name` (the rest of the path), e.g.
+    /// `/api/hello/:id`. At most 1,024 bytes.
     pub route: String,
     /// HTTP method, upper case.
     pub method: String,
@@ -190,28 +214,6 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
 }
-
-impl Route {
-    /// The route with parameter names erased (`/a/:id` → `/a/:`), for
-    /// comparing routes that would match the same requests.
-    pub fn shape(&self) -> String {
-        self.route
-            .split('/')
-            .map(|seg| {
-                if seg.starts_with(':') {
-                    ":"
-                } else if seg.starts_with('*') {
-                    "*"
-                } else {
-                    seg
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("/")
-    }
-}
-
-const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
 
 impl Manifest {
     /// Reads and validates `<dir>/plugin.json`; the directory's name must equal `name`.
@@ -254,14 +256,24 @@ impl Manifest {
     /// # Errors
     /// [`Error::Manifest`] naming the field.
     pub fn parse(bytes: &[u8], path: &Path, plugin: &str) -> Result<Manifest> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let manifest: Manifest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             // serde_path_to_error says `?` when the document itself is cut short.
             let field = match e.path().to_string() {
                 p if p == "?" => ".".to_owned(),
                 p => p,
             };
             invalid(plugin, path, &field, e.into_inner().to_string())
+        })?;
+        // The deserializer stops after one value: without this, `{…} junk`
+        // and two concatenated objects passed as the first object.
+        de.end().map_err(|e| {
+            invalid(
+                plugin,
+                path,
+                ".",
+                format!("expected one JSON object and nothing after it: {e}"),
+            )
         })?;
         manifest.validate(path, plugin)?;
         Ok(manifest)
@@ -274,10 +286,23 @@ impl Manifest {
                 "name",
                 format!(
                     "expected 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit, found `{}`",
-                    self.name
+                    quote(&self.name)
                 ),
             );
         }
+        let version = self.version.to_string();
+        if version.len() > MAX_VERSION_LEN {
+            return fail(
+                "version",
+                format!(
+                    "expected at most {MAX_VERSION_LEN} characters, found {}: `{}`",
+                    version.len(),
+                    quote(&version)
+                ),
+            );
+        }
+        self.check_text_sizes()
+            .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
         match &self.source {
             Source::LocalSo { path: p, sha256 } => {
                 if let Err(why) = check_relative(p) {
@@ -286,7 +311,7 @@ impl Manifest {
                 if let Some(h) = sha256.as_deref().filter(|h| !is_hex(h, 64)) {
                     return fail(
                         "source.sha256",
-                        format!("expected 64 hex digits, found `{h}`"),
+                        format!("expected 64 hex digits, found `{}`", quote(h)),
                     );
                 }
             }
@@ -305,11 +330,14 @@ impl Manifest {
                 if let Some(h) = sha256.as_deref().filter(|h| !is_hex(h, 64)) {
                     return fail(
                         "source.sha256",
-                        format!("expected 64 hex digits, found `{h}`"),
+                        format!("expected 64 hex digits, found `{}`", quote(h)),
                     );
                 }
                 if let Some(h) = md5.as_deref().filter(|h| !is_hex(h, 32)) {
-                    return fail("source.md5", format!("expected 32 hex digits, found `{h}`"));
+                    return fail(
+                        "source.md5",
+                        format!("expected 32 hex digits, found `{}`", quote(h)),
+                    );
                 }
             }
             Source::RemoteGit { path: p, .. } | Source::Socket { path: p, .. } => {
@@ -322,53 +350,82 @@ impl Manifest {
             if let Some(driver) = http.driver.as_deref().filter(|d| *d != "axum") {
                 return fail(
                     "http_services.driver",
-                    format!("expected \"axum\", found `{driver}`"),
+                    format!("expected \"axum\", found `{}`", quote(driver)),
                 );
             }
-            for (i, route) in http.routes.iter().enumerate() {
-                let field = |name: &str| format!("http_services.routes[{i}].{name}");
-                if !route.route.starts_with('/') {
-                    return fail(
-                        &field("route"),
-                        format!("expected a path starting with `/`, found `{}`", route.route),
-                    );
-                }
-                if is_reserved_path(&route.route) {
-                    return fail(
-                        &field("route"),
-                        format!(
-                            "`{}` is reserved for dynplug's management API and metrics (`/_dynplug/...`, `/metrics`)",
-                            route.route
-                        ),
-                    );
-                }
-                if !METHODS.contains(&route.method.as_str()) {
-                    return fail(
-                        &field("method"),
-                        format!(
-                            "expected one of {}, found `{}`",
-                            METHODS.join(", "),
-                            route.method
-                        ),
-                    );
-                }
-                if route.label.is_empty() {
-                    return fail(&field("label"), "expected a non-empty label".into());
-                }
-                if route.timeout_ms == Some(0) {
-                    return fail(
-                        &field("timeout_ms"),
-                        "expected a positive number of milliseconds, found 0".into(),
-                    );
-                }
-            }
+            validate_routes(&http.routes)
+                .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
         }
         Ok(())
+    }
+
+    /// Bounds every free text, so that no manifest value is unbounded
+    /// anywhere downstream (file names, logs, errors, the web page).
+    fn check_text_sizes(&self) -> std::result::Result<(), (String, String)> {
+        let mut texts: Vec<(String, &str, usize)> = Vec::new();
+        let mut lists: Vec<(&str, usize)> = vec![("maintainers", self.maintainers.len())];
+        if let Some(description) = &self.description {
+            texts.push(("description".into(), description, MAX_LONG_TEXT));
+        }
+        if let Some(home) = &self.home {
+            texts.push(("home".into(), home, MAX_LONG_TEXT));
+        }
+        for (i, maintainer) in self.maintainers.iter().enumerate().take(MAX_ITEMS + 1) {
+            texts.push((format!("maintainers[{i}]"), maintainer, MAX_SHORT_TEXT));
+        }
+        texts.push(("source.path".into(), self.source.path(), MAX_LONG_TEXT));
+        match &self.source {
+            Source::RemoteGit { rev, package, .. } => {
+                texts.extend(
+                    rev.as_deref()
+                        .map(|r| ("source.rev".into(), r, MAX_SHORT_TEXT)),
+                );
+                texts.extend(
+                    package
+                        .as_deref()
+                        .map(|p| ("source.package".into(), p, MAX_SHORT_TEXT)),
+                );
+            }
+            Source::Exec { args, .. } => {
+                lists.push(("source.args", args.len()));
+                for (i, arg) in args.iter().enumerate().take(MAX_ITEMS + 1) {
+                    texts.push((format!("source.args[{i}]"), arg, MAX_LONG_TEXT));
+                }
+            }
+            Source::LocalSo { .. } | Source::Socket { .. } => {}
+        }
+        if let Some((field, len)) = lists.into_iter().find(|(_, len)| *len > MAX_ITEMS) {
+            return Err((
+                field.to_owned(),
+                format!("expected at most {MAX_ITEMS} entries, found {len}"),
+            ));
+        }
+        match texts.into_iter().find(|(_, text, max)| text.len() > *max) {
+            Some((field, text, max)) => Err((
+                field,
+                format!(
+                    "expected at most {max} bytes, found {}: `{}`",
+                    text.len(),
+                    quote(text)
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The routes of `http_services` (empty without it).
     pub fn routes(&self) -> &[Route] {
         self.http_services.as_ref().map_or(&[], |h| &h.routes)
+    }
+
+    /// The routes with their method and pattern parsed. A route that does
+    /// not parse (only possible in a manifest that did not come through
+    /// [`Manifest::parse`]) is left out, as the route table leaves it out.
+    pub(crate) fn parsed_routes(&self) -> impl Iterator<Item = (Method, Pattern, &Route)> {
+        self.routes().iter().filter_map(|route| {
+            let method = Method::parse(&route.method)?;
+            Some((method, Pattern::parse(&route.route).ok()?, route))
+        })
     }
 
     /// The `config` object converted for the plugin's `init` (`Null` without one).
@@ -399,13 +456,89 @@ impl Manifest {
     }
 }
 
+/// `http_services.routes`: the count first (so a huge list costs nothing
+/// more), then each route, then exact duplicates. Overlapping routes of one
+/// plugin are fine: precedence decides between them.
+fn validate_routes(routes: &[Route]) -> std::result::Result<(), (String, String)> {
+    if routes.len() > MAX_ROUTES {
+        return Err((
+            "http_services.routes".into(),
+            format!("at most {MAX_ROUTES} routes, found {}", routes.len()),
+        ));
+    }
+    let mut declared = Router::new();
+    for (i, route) in routes.iter().enumerate() {
+        let fail = |name: &str, message: String| {
+            Err((format!("http_services.routes[{i}].{name}"), message))
+        };
+        let pattern = match Pattern::parse(&route.route) {
+            Ok(pattern) => pattern,
+            Err(e) => return fail("route", e.to_string()),
+        };
+        if is_reserved_path(&route.route) {
+            return fail(
+                "route",
+                format!(
+                    "`{}` is reserved for dynplug's management API and metrics (`/_dynplug/...`, `/metrics`)",
+                    quote(&route.route)
+                ),
+            );
+        }
+        let Some(method) = Method::parse(&route.method) else {
+            let all: Vec<&str> = Method::ALL.iter().map(|m| m.as_str()).collect();
+            return fail(
+                "method",
+                format!(
+                    "expected one of {}, found `{}`",
+                    all.join(", "),
+                    quote(&route.method)
+                ),
+            );
+        };
+        if route.label.is_empty() {
+            return fail("label", "expected a non-empty label".into());
+        }
+        if route.label.len() > MAX_SHORT_TEXT || route.label.contains(char::is_control) {
+            return fail(
+                "label",
+                format!(
+                    "expected at most {MAX_SHORT_TEXT} bytes without control characters, found `{}`",
+                    quote(&route.label)
+                ),
+            );
+        }
+        if route.timeout_ms == Some(0) {
+            return fail(
+                "timeout_ms",
+                "expected a positive number of milliseconds, found 0".into(),
+            );
+        }
+        if let Err(&first) = declared.insert(method, &pattern, i) {
+            return fail(
+                "route",
+                format!(
+                    "`{} {}` repeats routes[{first}] (`{} {}`): each method and route may appear once, whatever the parameter names",
+                    route.method, route.route, routes[first].method, routes[first].route
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A manifest error with its field and message made printable and bounded.
 fn invalid(plugin: &str, path: &Path, field: &str, message: String) -> Error {
     Error::Manifest {
         plugin: plugin.to_owned(),
         path: path.to_owned(),
-        field: field.to_owned(),
-        message,
+        field: printable(field, MAX_FIELD).into_owned(),
+        message: printable(&message, MAX_MESSAGE).into_owned(),
     }
+}
+
+/// A manifest value to quote in a message: printable, cut.
+fn quote(text: &str) -> std::borrow::Cow<'_, str> {
+    printable(text, QUOTED)
 }
 
 /// Whether `name` can be used as a directory and file name component everywhere.
@@ -425,7 +558,8 @@ fn check_relative(path: &str) -> std::result::Result<(), String> {
             Component::Normal(_) | Component::CurDir => {}
             _ => {
                 return Err(format!(
-                    "must stay inside the plugin directory (relative, no `..`), found `{path}`"
+                    "must stay inside the plugin directory (relative, no `..`), found `{}`",
+                    quote(path)
                 ));
             }
         }
@@ -582,6 +716,144 @@ mod tests {
             assert_eq!(field, want, "{json}: {message}");
             assert!(!message.is_empty());
         }
+    }
+
+    fn with_routes(routes: &str) -> String {
+        format!(
+            r#"{{"name":"p","version":"1.0.0","source":{{"mode":"local_so","path":"a"}},"http_services":{{"routes":[{routes}]}}}}"#
+        )
+    }
+
+    #[test]
+    fn invalid_route_patterns_are_refused_with_the_rule() {
+        for (route, want) in [
+            ("/api/hello/{name}", "`{` and `}` are not route syntax"),
+            ("/a/{", "`{` and `}` are not route syntax"),
+            ("/a/:", "expected a parameter name after `:`"),
+            ("/a/*", "expected a parameter name after `*`"),
+            ("/a/*rest/b", "must be the last segment"),
+            ("/a//b", "segment 2 is empty"),
+            ("/a/:x/:x", "`x` appears twice"),
+        ] {
+            let json = with_routes(&format!(
+                r#"{{"route":"/ok","method":"GET","label":"x"}},{{"route":"{route}","method":"GET","label":"x"}}"#
+            ));
+            let (field, message) = field_of(&json);
+            assert_eq!(field, "http_services.routes[1].route", "{route}");
+            assert!(message.contains(want), "{route}: {message}");
+        }
+        let long = format!("/{}", "a".repeat(2000));
+        let (field, message) = field_of(&with_routes(&format!(
+            r#"{{"route":"{long}","method":"GET","label":"x"}}"#
+        )));
+        assert_eq!(field, "http_services.routes[0].route");
+        assert!(
+            message.contains("at most 1024 bytes long, found 2001"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_route_repeated_up_to_parameter_names_is_refused_overlaps_are_not() {
+        let (field, message) = field_of(&with_routes(
+            r#"{"route":"/a/:x","method":"GET","label":"x"},{"route":"/a/:y","method":"GET","label":"y"}"#,
+        ));
+        assert_eq!(field, "http_services.routes[1].route");
+        assert!(
+            message.contains("repeats routes[0] (`GET /a/:x`)"),
+            "{message}"
+        );
+        // One plugin may overlap itself: precedence decides; HEAD may have its own.
+        parse(&with_routes(
+            r#"{"route":"/a/:x","method":"GET","label":"x"},{"route":"/a/b","method":"GET","label":"y"},{"route":"/a/*r","method":"GET","label":"z"},{"route":"/a/:x","method":"HEAD","label":"h"}"#,
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn at_most_1024_routes() {
+        let route = r#"{"route":"/a","method":"GET","label":"x"}"#;
+        let json = with_routes(&vec![route; 100_000].join(","));
+        let (field, message) = field_of(&json);
+        assert_eq!(field, "http_services.routes");
+        assert_eq!(message, "at most 1024 routes, found 100000");
+        let distinct: Vec<String> = (0..1024)
+            .map(|i| format!(r#"{{"route":"/r/{i}","method":"GET","label":"x"}}"#))
+            .collect();
+        assert_eq!(
+            parse(&with_routes(&distinct.join(",")))
+                .unwrap()
+                .routes()
+                .len(),
+            1024
+        );
+    }
+
+    #[test]
+    fn trailing_text_after_the_object_is_refused() {
+        for tail in [" x", "{}", r#"{"name":"q"}"#, ",", "]"] {
+            let (field, message) = field_of(&format!("{MINIMAL}{tail}"));
+            assert_eq!(field, ".", "{tail}");
+            assert!(
+                message.starts_with(
+                    "expected one JSON object and nothing after it: trailing characters"
+                ),
+                "{message}"
+            );
+        }
+        parse(&format!(" {MINIMAL}\n\t ")).unwrap();
+    }
+
+    #[test]
+    fn long_values_are_refused_with_bounded_printable_messages() {
+        let long_version = format!("1.0.0-{}", "a".repeat(5000));
+        let (field, message) = field_of(&MINIMAL.replace("1.0.0", &long_version));
+        assert_eq!(field, "version");
+        assert!(
+            message.starts_with("expected at most 128 characters, found 5006"),
+            "{message}"
+        );
+        let with =
+            |key: &str, value: &str| MINIMAL.replacen('{', &format!(r#"{{"{key}":{value},"#), 1);
+        let big = format!(r#""{}""#, "d".repeat(5000));
+        assert_eq!(field_of(&with("description", &big)).0, "description");
+        assert_eq!(field_of(&with("home", &big)).0, "home");
+        assert_eq!(
+            field_of(&with("maintainers", &format!("[{big}]"))).0,
+            "maintainers[0]"
+        );
+        let many = format!("[{}]", vec![r#""m""#; 300].join(","));
+        assert_eq!(field_of(&with("maintainers", &many)).0, "maintainers");
+        let (field, message) = field_of(&with_routes(&format!(
+            r#"{{"route":"/a","method":"GET","label":{big}}}"#
+        )));
+        assert_eq!(field, "http_services.routes[0].label");
+        assert!(message.chars().count() < 300, "{message}");
+        let (field, message) = field_of(&with_routes(
+            r#"{"route":"/a","method":"GET","label":"a\u001b[2Jb"}"#,
+        ));
+        assert_eq!(field, "http_services.routes[0].label");
+        assert!(
+            message.ends_with("without control characters, found `a\\u{1b}[2Jb`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn escapes_and_huge_keys_from_the_file_are_escaped_and_cut() {
+        // serde quotes the unknown key in its message, and the key is the field.
+        let key = format!("\\u001b]0;pwned\\u0007\\u001b[31m{}", "k".repeat(70_000));
+        let (field, message) = field_of(&MINIMAL.replacen('{', &format!(r#"{{"{key}":1,"#), 1));
+        for text in [&field, &message] {
+            assert!(!text.contains(char::is_control), "{text:.200}");
+            assert!(text.contains("\\u{1b}]0;pwned\\u{7}"), "{text:.200}");
+            assert!(text.ends_with('…'));
+        }
+        assert!(field.chars().count() <= 256 && message.chars().count() <= 1024);
+        let (_, message) = field_of(&with_routes(
+            r#"{"route":"/a","method":"G\u001b[2JET","label":"x"}"#,
+        ));
+        assert!(message.contains("found `G\\u{1b}[2JET`"), "{message}");
     }
 
     #[test]

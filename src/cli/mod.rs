@@ -358,17 +358,25 @@ fn list(dir: &PluginsDir, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Widest cell of the table, in characters; the last column (the error) is
+/// not padded and may be longer.
+const CELL_WIDTH: usize = 64;
+const LAST_CELL_WIDTH: usize = 1024;
+
 pub(crate) fn print_table(rows: &[PluginInfo]) {
+    // Cells hold what plugin directories and errors hold: escape what a
+    // terminal would act on, and cut (a `format!` width past 65,535 panics).
+    let cell = |text: &str, width: usize| dynplug::text::printable(text, width).into_owned();
     let cells: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {
             [
-                r.name.clone(),
-                r.version.clone().unwrap_or_else(|| "-".into()),
-                r.mode.clone().unwrap_or_else(|| "-".into()),
+                cell(&r.name, CELL_WIDTH),
+                cell(r.version.as_deref().unwrap_or("-"), CELL_WIDTH),
+                cell(r.mode.as_deref().unwrap_or("-"), CELL_WIDTH),
                 r.isolation.map_or("-", |i| i.as_str()).to_owned(),
                 r.state.as_str().to_owned(),
-                r.error.clone().unwrap_or_default(),
+                cell(r.error.as_deref().unwrap_or_default(), LAST_CELL_WIDTH),
             ]
         })
         .collect();
@@ -376,9 +384,11 @@ pub(crate) fn print_table(rows: &[PluginInfo]) {
     let mut widths = header.clone().map(|h| h.len());
     for row in &cells {
         for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
+            *w = (*w).max(cell.chars().count());
         }
     }
+    // The last column is not padded.
+    widths[header.len() - 1] = 0;
     for row in std::iter::once(&header).chain(&cells) {
         let line: Vec<String> = row
             .iter()

@@ -11,6 +11,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::State;
 use super::metrics::{Latency, Metrics};
 use crate::manifest::Route;
+use crate::route::{Method, Router};
 use crate::{Executor, PluginManager, PluginState, Value};
 
 /// Where a matched request goes.
@@ -23,24 +24,13 @@ pub(crate) struct Target {
     pub(crate) latency: Arc<Latency>,
 }
 
+/// The routes of every serving plugin, matched by the same rules
+/// (`crate::route`) that the manager's conflict check applies.
 #[derive(Default)]
 pub(crate) struct RouteTable {
-    by_method: HashMap<String, matchit::Router<Arc<Target>>>,
+    router: Router<Arc<Target>>,
     /// Every mounted route, per plugin.
     pub(crate) mounted: HashMap<String, Vec<Route>>,
-}
-
-/// `/api/hello/:id` (manifest syntax) → `/api/hello/{id}` (matchit syntax).
-fn pattern(route: &str) -> String {
-    route
-        .split('/')
-        .map(|seg| match (seg.strip_prefix(':'), seg.strip_prefix('*')) {
-            (Some(name), _) => format!("{{{name}}}"),
-            (_, Some(name)) => format!("{{*{name}}}"),
-            _ => seg.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 impl RouteTable {
@@ -54,7 +44,7 @@ impl RouteTable {
                 continue;
             };
             let latency = metrics.latency(&info.name);
-            for route in manifest.routes() {
+            for (method, pattern, route) in manifest.parsed_routes() {
                 let target = Arc::new(Target {
                     plugin: info.name.clone(),
                     label: route.label.clone(),
@@ -62,17 +52,17 @@ impl RouteTable {
                     executor: executor.clone(),
                     latency: Arc::clone(&latency),
                 });
-                let router = table.by_method.entry(route.method.clone()).or_default();
-                // The manager refuses plugins whose routes clash; what matchit
-                // still refuses (e.g. `/a/:x` beside `/a/*rest`) is logged.
-                match router.insert(pattern(&route.route), target) {
+                // The manager never lets two serving plugins overlap, and a
+                // manifest never repeats a route, so this refuses nothing; if
+                // it ever did, the route mounted first (in name order) stays.
+                match table.router.insert(method, &pattern, target) {
                     Ok(()) => table
                         .mounted
                         .entry(info.name.clone())
                         .or_default()
                         .push(route.clone()),
-                    Err(e) => {
-                        tracing::warn!(plugin = %info.name, route = %route.route, "route not mounted: {e}")
+                    Err(owner) => {
+                        tracing::warn!(plugin = %info.name, route = %route.route, owner = %owner.plugin, "route not mounted: the same route is mounted already")
                     }
                 }
             }
@@ -84,16 +74,15 @@ impl RouteTable {
     /// the `params` map value. `HEAD` falls back to the `GET` route, as in
     /// axum (the plugin sees `method` = `HEAD`; hyper sends no body).
     pub(crate) fn lookup(&self, method: &str, path: &str) -> Option<(Arc<Target>, Value)> {
-        let at = |method: &str| self.by_method.get(method)?.at(path).ok();
-        let matched = match at(method) {
-            None if method == "HEAD" => at("GET")?,
-            matched => matched?,
-        };
+        let (target, raw) = self.router.lookup(Method::parse(method)?, path)?;
         let mut params = std::collections::BTreeMap::new();
-        for (k, v) in matched.params.iter() {
-            params.insert(k.to_owned(), Value::String(super::http::decode(v, false)));
+        for (name, value) in raw.iter() {
+            params.insert(
+                name.to_owned(),
+                Value::String(super::http::decode(value, false)),
+            );
         }
-        Some((Arc::clone(matched.value), Value::Map(params)))
+        Some((Arc::clone(target), Value::Map(params)))
     }
 }
 
@@ -115,17 +104,5 @@ pub(crate) async fn follow(state: State) {
             },
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn manifest_routes_become_matchit_patterns() {
-        assert_eq!(pattern("/api/hello/:name"), "/api/hello/{name}");
-        assert_eq!(pattern("/files/*path"), "/files/{*path}");
-        assert_eq!(pattern("/plain"), "/plain");
     }
 }
