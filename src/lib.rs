@@ -47,6 +47,7 @@ mod executor;
 mod manager;
 pub mod manifest;
 mod native;
+mod origin;
 mod private_dir;
 // Public for the fuzz targets, the property tests and the binary, not API.
 #[doc(hidden)]

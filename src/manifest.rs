@@ -454,6 +454,17 @@ impl Manifest {
             _ => None,
         }
     }
+
+    /// The file the plugin runs from, inside `dir`: the library of
+    /// `local_so`, the executable of `exec` (absolute paths as given). A
+    /// change to it is an upgrade. `None` for kinds without a file.
+    pub fn artifact_path(&self, dir: &Path) -> Option<PathBuf> {
+        match &self.source {
+            Source::LocalSo { .. } => self.library_path(dir),
+            Source::Exec { path, .. } => Some(dir.join(path)),
+            _ => None,
+        }
+    }
 }
 
 /// `http_services.routes`: the count first (so a huge list costs nothing

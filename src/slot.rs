@@ -13,6 +13,7 @@ use arc_swap::ArcSwapOption;
 use serde::Serialize;
 
 use crate::manifest::Isolation;
+use crate::origin::Origin;
 use crate::version::Version;
 
 /// Where a plugin is in its life.
@@ -106,7 +107,7 @@ pub(crate) struct Status {
 
 pub(crate) struct Slot {
     pub(crate) name: String,
-    pub(crate) dir: PathBuf,
+    pub(crate) origin: Origin,
     pub(crate) current: ArcSwapOption<Version>,
     pub(crate) stats: CallStats,
     status: Mutex<Status>,
@@ -167,10 +168,10 @@ impl CallStats {
 }
 
 impl Slot {
-    pub(crate) fn new(name: String, dir: PathBuf) -> Slot {
+    pub(crate) fn new(name: String, origin: Origin) -> Slot {
         Slot {
             name,
-            dir,
+            origin,
             current: ArcSwapOption::empty(),
             stats: CallStats::default(),
             status: Mutex::new(Status {
@@ -207,7 +208,7 @@ impl Slot {
             isolation: status.isolation,
             state: status.state,
             error: status.error.clone(),
-            dir: self.dir.clone(),
+            dir: self.origin.path().to_owned(),
             upgrades: status.upgrades,
             unloads: status.unloads,
             calls: self.stats.snapshot(),

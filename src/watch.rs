@@ -9,7 +9,6 @@
 //! before it is reported.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -21,7 +20,7 @@ use notify::{EventKind, RecursiveMode, Watcher as _};
 
 use crate::error::{Error, Result};
 use crate::manager::{Inner, PluginManager};
-use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::origin::Origin;
 
 /// Keeps the plugins directory watched; dropping it stops the watching.
 #[must_use = "the directory is watched only while the Watcher lives"]
@@ -229,7 +228,7 @@ impl Follower {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with('.') && entry.path().is_dir() && manager.slot(&name).is_none() {
+            if Origin::of_entry(&self.base, &name).is_some() && manager.slot(&name).is_none() {
                 self.due.insert(name, (Instant::now(), 0));
             }
         }
@@ -357,18 +356,17 @@ enum Next {
     Retry(u32),
 }
 
-/// Brings one plugin in line with its directory.
+/// Brings one plugin in line with its entry in the plugins directory.
 fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
-    let dir = manager.base_dir().join(name);
-    if !dir.is_dir() {
+    let Some(origin) = Origin::of_entry(manager.base_dir(), name) else {
         manager.forget_or_unload(name);
         return Next::Done;
-    }
-    let Ok(slot) = manager.slot_for(name) else {
+    };
+    let Ok(slot) = manager.slot_for(name, origin) else {
         return Next::Done;
     };
     let _ops = slot.ops();
-    if attempt == 0 && slot.status().attempted == Some(fingerprint(&dir)) {
+    if attempt == 0 && slot.status().attempted == Some(slot.origin.fingerprint()) {
         return Next::Done;
     }
     match manager
@@ -391,30 +389,6 @@ fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
             Next::Done
         }
     }
-}
-
-/// Identifies the directory's content: the manifest's bytes and the
-/// artifact's size, modification time and inode (a rename-in is a new inode).
-pub(crate) fn fingerprint(dir: &Path) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    let manifest_path = dir.join(MANIFEST_FILE);
-    let bytes = crate::untrusted::read_file(&manifest_path, crate::untrusted::MAX_MANIFEST_BYTES)
-        .unwrap_or_default();
-    bytes.hash(&mut hasher);
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let library = Manifest::parse(&bytes, &manifest_path, &name)
-        .ok()
-        .and_then(|m| m.library_path(dir));
-    if let Some(meta) = library.and_then(|p| std::fs::metadata(p).ok()) {
-        meta.len().hash(&mut hasher);
-        meta.modified().ok().hash(&mut hasher);
-        #[cfg(unix)]
-        std::os::unix::fs::MetadataExt::ino(&meta).hash(&mut hasher);
-    }
-    hasher.finish()
 }
 
 #[cfg(test)]

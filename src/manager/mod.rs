@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::executor::Executor;
 use crate::manifest::{Manifest, is_path_safe};
+use crate::origin::Origin;
 
 use crate::slot::{PluginInfo, PluginState, Slot};
 use crate::version::{LoadOptions, Version};
@@ -124,29 +125,15 @@ impl PluginManager {
         Ok(report)
     }
 
-    /// The plugin directory names under the base directory (dot entries skipped).
+    /// The entries of the base directory that hold plugins.
     fn scan(&self) -> Result<Vec<String>> {
         let base = &self.inner.base;
-        let entries = std::fs::read_dir(base).map_err(|source| Error::Io {
+        Origin::scan(base).map_err(|source| Error::Io {
             plugin: String::new(),
             action: "reading plugins directory",
             path: base.clone(),
             source,
-        })?;
-        let mut names = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            if entry.path().is_dir() {
-                names.push(name);
-            } else {
-                tracing::debug!(file = %entry.path().display(), "skipping: not a plugin directory");
-            }
-        }
-        names.sort();
-        Ok(names)
+        })
     }
 
     /// Loads (or reloads) the plugin in `<base>/<name>`. On a reload the new
@@ -164,12 +151,13 @@ impl PluginManager {
 
     fn load_one(&self, name: &str) -> Result<Arc<Manifest>> {
         // A typo must not leave a failed plugin in the listing.
-        if self.slot(name).is_none() && !self.inner.base.join(name).is_dir() {
-            return Err(Error::NotFound {
-                plugin: name.to_owned(),
-            });
-        }
-        let slot = self.slot_for(name)?;
+        let not_found = || Error::NotFound {
+            plugin: name.to_owned(),
+        };
+        let slot = match Origin::of_entry(&self.inner.base, name) {
+            Some(origin) => self.slot_for(name, origin)?,
+            None => self.slot(name).ok_or_else(not_found)?,
+        };
         let _ops = slot.ops();
         match self
             .prepare(&slot)
@@ -183,13 +171,14 @@ impl PluginManager {
         }
     }
 
-    pub(crate) fn slot_for(&self, name: &str) -> Result<Arc<Slot>> {
+    /// The slot of `name`, created for `origin` if new.
+    pub(crate) fn slot_for(&self, name: &str, origin: Origin) -> Result<Arc<Slot>> {
         if !is_path_safe(name) {
             return Err(Error::NotFound {
                 plugin: name.to_owned(),
             });
         }
-        Ok(self.slot_or_insert(name, &self.inner.base.join(name)))
+        Ok(self.slot_or_insert(name, origin))
     }
 
     /// Reads, checks and loads the version in the slot's directory, without
@@ -197,15 +186,15 @@ impl PluginManager {
     pub(crate) fn prepare(&self, slot: &Slot) -> Result<Version> {
         // What is tried now is not tried again by the watcher until it
         // changes, whoever tries it (a scan, `load_plugin`, the watcher).
-        slot.status().attempted = Some(crate::watch::fingerprint(&slot.dir));
-        let manifest = Manifest::from_dir(&slot.dir)?;
+        slot.status().attempted = Some(slot.origin.fingerprint());
+        let manifest = slot.origin.manifest()?;
         if let Some(serving) = slot.current.load().as_ref()
             && manifest.version < serving.manifest.version
             && !self.inner.allow_downgrades
         {
             return Err(Error::Downgrade {
                 plugin: slot.name.clone(),
-                path: slot.dir.join(crate::manifest::MANIFEST_FILE),
+                path: slot.origin.manifest_path(),
                 serving: serving.manifest.version.to_string(),
                 found: manifest.version.to_string(),
             });
@@ -213,7 +202,7 @@ impl PluginManager {
         // Checked early to avoid a useless load, and again at the swap.
         self.check_routes(slot, &manifest)?;
         let started = Instant::now();
-        let version = Version::load(manifest, &slot.dir, &self.inner.options)?;
+        let version = Version::load(manifest, slot.origin.dir(), &self.inner.options)?;
         tracing::debug!(plugin = %slot.name, elapsed = ?started.elapsed(), "loaded and initialised");
         Ok(version)
     }
@@ -253,7 +242,7 @@ impl PluginManager {
         match new.first_overlap(&served) {
             Some((route, owner)) => Err(Error::RouteConflict {
                 plugin: slot.name.clone(),
-                path: slot.dir.join(crate::manifest::MANIFEST_FILE),
+                path: slot.origin.manifest_path(),
                 route: format!("{} {}", route.method, route.route),
                 owner: owner.to_string(),
             }),
@@ -355,7 +344,7 @@ impl PluginManager {
         crate::native::pthread_keys_in_use()
     }
 
-    fn slot_or_insert(&self, name: &str, dir: &Path) -> Arc<Slot> {
+    fn slot_or_insert(&self, name: &str, origin: Origin) -> Arc<Slot> {
         if let Some(slot) = self.slot(name) {
             return slot;
         }
@@ -363,7 +352,7 @@ impl PluginManager {
         Arc::clone(
             slots
                 .entry(name.to_owned())
-                .or_insert_with(|| Arc::new(Slot::new(name.to_owned(), dir.to_owned()))),
+                .or_insert_with(|| Arc::new(Slot::new(name.to_owned(), origin))),
         )
     }
 
