@@ -134,13 +134,13 @@ fn main() -> ExitCode {
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
         match events.try_recv() {
-            Ok(
+            Ok(Some(
                 Event::Unloaded { version, .. }
                 | Event::Retained { version, .. }
                 | Event::Leaked { version, .. },
-            ) if version == last => break,
-            Ok(_) => {}
-            Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            )) if version == last => break,
+            Ok(Some(_)) => {}
+            _ => std::thread::sleep(Duration::from_millis(1)),
         }
     }
     stop.store(true, Ordering::Relaxed);

@@ -88,3 +88,77 @@ impl Event {
         }
     }
 }
+
+/// The lifecycle events of one manager, from the moment of
+/// [`PluginManager::subscribe`](crate::PluginManager::subscribe). Readable
+/// with or without an async runtime.
+#[derive(Debug)]
+pub struct Events {
+    inner: tokio::sync::broadcast::Receiver<Event>,
+}
+
+/// Why no event was received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventsError {
+    /// The subscriber fell more than `event_capacity` events behind: this
+    /// many were dropped for it. The next receive goes on with the oldest
+    /// one kept.
+    #[error("{0} event(s) missed: the subscriber fell behind")]
+    Lagged(u64),
+    /// The manager is gone: no event will come any more.
+    #[error("the manager is gone")]
+    Closed,
+}
+
+impl From<tokio::sync::broadcast::error::RecvError> for EventsError {
+    fn from(error: tokio::sync::broadcast::error::RecvError) -> Self {
+        use tokio::sync::broadcast::error::RecvError;
+        match error {
+            RecvError::Lagged(missed) => EventsError::Lagged(missed),
+            RecvError::Closed => EventsError::Closed,
+        }
+    }
+}
+
+impl Events {
+    pub(crate) fn new(inner: tokio::sync::broadcast::Receiver<Event>) -> Events {
+        Events { inner }
+    }
+
+    /// The next event, waiting for it (any async runtime).
+    ///
+    /// # Errors
+    /// [`EventsError::Lagged`] after falling behind, [`EventsError::Closed`]
+    /// once the manager is gone.
+    pub async fn recv(&mut self) -> Result<Event, EventsError> {
+        Ok(self.inner.recv().await?)
+    }
+
+    /// The next event if one is waiting, `None` otherwise (never blocks).
+    ///
+    /// # Errors
+    /// As [`recv`](Self::recv).
+    pub fn try_recv(&mut self) -> Result<Option<Event>, EventsError> {
+        use tokio::sync::broadcast::error::TryRecvError;
+        match self.inner.try_recv() {
+            Ok(event) => Ok(Some(event)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Lagged(missed)) => Err(EventsError::Lagged(missed)),
+            Err(TryRecvError::Closed) => Err(EventsError::Closed),
+        }
+    }
+
+    /// The next event, blocking the thread until it comes. Not for use
+    /// inside an async runtime (use [`recv`](Self::recv) there).
+    ///
+    /// # Errors
+    /// As [`recv`](Self::recv).
+    pub fn blocking_recv(&mut self) -> Result<Event, EventsError> {
+        Ok(self.inner.blocking_recv()?)
+    }
+
+    pub(crate) fn into_inner(self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.inner
+    }
+}

@@ -63,7 +63,7 @@ mod watch;
 
 pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
-pub use event::Event;
+pub use event::{Event, Events, EventsError};
 pub use executor::Executor;
 pub use manager::{Builder, LoadReport, PluginManager, verify};
 pub use manifest::{Isolation, Manifest};

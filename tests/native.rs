@@ -349,7 +349,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     ));
 
     let mut failed_events = 0;
-    while let Ok(event) = events.try_recv() {
+    while let Ok(Some(event)) = events.try_recv() {
         if let Event::Failed { .. } = event {
             failed_events += 1;
         }
@@ -462,7 +462,7 @@ fn reload_swaps_versions_and_unloads_the_old_one() {
         "only the new copy is mapped"
     );
 
-    let events: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    let events: Vec<Event> = std::iter::from_fn(|| events.try_recv().ok().flatten()).collect();
     assert_eq!(
         events,
         [

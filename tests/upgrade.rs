@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use dynplug::Events;
 use dynplug::{Context, Event, PluginManager, PluginState};
 use support::{install_as, manifest, mapped_under};
-use tokio::sync::broadcast::Receiver;
 
 fn counter_manifest(version: &str, generation: &str, extra: &str) -> String {
     let extra = if extra.is_empty() {
@@ -25,13 +25,13 @@ fn counter_manifest(version: &str, generation: &str, extra: &str) -> String {
     )
 }
 
-fn wait_for(events: &mut Receiver<Event>, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
+fn wait_for(events: &mut Events, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
     support::wait_for_event(events, what, pred)
 }
 
 /// Waits for the next event of the same kind as `expected` and asserts it is
 /// exactly `expected`.
-fn expect_event(events: &mut Receiver<Event>, expected: Event) {
+fn expect_event(events: &mut Events, expected: Event) {
     let kind = std::mem::discriminant(&expected);
     let got = wait_for(events, &format!("{expected:?}"), |e| {
         std::mem::discriminant(e) == kind
@@ -43,7 +43,7 @@ fn expect_event(events: &mut Receiver<Event>, expected: Event) {
 /// into place) and waits for the upgrade event, which it returns.
 fn upgrade_counter(
     dir: &std::path::Path,
-    events: &mut Receiver<Event>,
+    events: &mut Events,
     version: &str,
     generation: &str,
 ) -> Event {
@@ -134,12 +134,7 @@ impl Load {
     }
 }
 
-fn watched_counter() -> (
-    tempfile::TempDir,
-    PluginManager,
-    dynplug::Watcher,
-    Receiver<Event>,
-) {
+fn watched_counter() -> (tempfile::TempDir, PluginManager, dynplug::Watcher, Events) {
     let dir = tempfile::tempdir().unwrap();
     install_as(
         dir.path(),
@@ -344,7 +339,7 @@ fn same_version_new_bytes_reloads_and_touch_does_not() {
         watcher.wait_settled(support::PATIENCE),
         "the watcher settled"
     );
-    while let Ok(event) = events.try_recv() {
+    while let Ok(Some(event)) = events.try_recv() {
         assert!(
             !matches!(event, Event::Upgraded { .. } | Event::Loaded { .. }),
             "unexpected {event:?}"

@@ -203,10 +203,10 @@ pub(crate) async fn watch(dir: &PluginsDir) -> anyhow::Result<std::process::Exit
         loop {
             match events.recv().await {
                 Ok(event) => print_event(&event),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                Err(dynplug::EventsError::Lagged(missed)) => {
                     tell!("dynplug: {missed} event(s) dropped: the output fell behind");
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                Err(_) => break,
             }
         }
     };

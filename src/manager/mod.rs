@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use crate::error::{Error, Result};
-use crate::event::Event;
+use crate::event::{Event, Events};
 use crate::executor::Executor;
 use crate::manifest::{Manifest, is_path_safe};
 use crate::origin::Origin;
@@ -82,8 +82,8 @@ impl PluginManager {
     }
 
     /// Receives every lifecycle event from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.inner.events.subscribe()
+    pub fn subscribe(&self) -> Events {
+        Events::new(self.inner.events.subscribe())
     }
 
     /// Loads every plugin directory under the base directory, in parallel.

@@ -127,7 +127,7 @@ async fn unload(Extract(state): Extract<State>, Path(name): Path<String>) -> Res
 
 /// Lifecycle events as server-sent events (`event:` is the kind, `data:` the JSON).
 async fn events(Extract(state): Extract<State>) -> Response {
-    let events = BroadcastStream::new(state.manager.subscribe())
+    let events = BroadcastStream::new(state.manager.subscribe().into_inner())
         .filter_map(Result::ok)
         .map(Some);
     // End the stream at shutdown, or graceful shutdown would wait for the client.

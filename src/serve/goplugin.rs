@@ -121,7 +121,7 @@ pub(crate) async fn plugin_sockets(
         sync_sockets(&state, &sockets, &mut served).await;
         tokio::select! {
             event = events.recv() => {
-                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = event {
+                if let Err(crate::EventsError::Closed) = event {
                     break;
                 }
             }

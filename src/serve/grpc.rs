@@ -227,7 +227,7 @@ impl plugins_server::Plugins for Plugins {
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<EventStream>, Status> {
         caller(&self.0, &request)?;
-        let events = BroadcastStream::new(self.0.manager.subscribe())
+        let events = BroadcastStream::new(self.0.manager.subscribe().into_inner())
             .filter_map(Result::ok)
             .map(Some);
         // End at shutdown, or graceful shutdown would wait for the client.

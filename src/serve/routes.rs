@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::RecvError;
+use crate::EventsError;
 
 use super::State;
 use super::metrics::{Latency, Metrics};
@@ -97,10 +97,10 @@ pub(crate) async fn follow(state: State) {
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Ok(_) | Err(RecvError::Lagged(_)) => {
+                Ok(_) | Err(EventsError::Lagged(_)) => {
                     state.routes.store(Arc::new(RouteTable::build(&state.manager, &state.metrics)));
                 }
-                Err(RecvError::Closed) => return,
+                Err(EventsError::Closed) => return,
             },
             _ = shutdown.wait_for(|stop| *stop) => return,
         }

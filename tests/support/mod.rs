@@ -178,16 +178,16 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// Waits for the first event matching `pred`, failing after [`PATIENCE`].
 pub fn wait_for_event(
-    events: &mut tokio::sync::broadcast::Receiver<Event>,
+    events: &mut dynplug::Events,
     what: &str,
     pred: impl Fn(&Event) -> bool,
 ) -> Event {
     let deadline = Instant::now() + PATIENCE;
     loop {
         match events.try_recv() {
-            Ok(event) if pred(&event) => return event,
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::TryRecvError::Empty) => {
+            Ok(Some(event)) if pred(&event) => return event,
+            Ok(Some(_)) => {}
+            Ok(None) => {
                 assert!(Instant::now() < deadline, "timed out waiting for {what}");
                 std::thread::sleep(Duration::from_millis(2));
             }
