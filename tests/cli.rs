@@ -281,28 +281,27 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
     );
 }
 
-/// The code blocks of the README's "Writing a plugin" section, built as a
-/// third-party crate outside the workspace, loaded and called by the CLI.
+/// The code blocks of the plugin-writing guide (`docs/writing-plugins.md`),
+/// built as a third-party crate outside the workspace, loaded and called by
+/// the CLI.
 #[test]
-fn third_party_plugin_written_from_the_readme() {
-    let readme = std::fs::read_to_string(support::root().join("README.md")).unwrap();
+fn third_party_plugin_written_from_the_guide() {
+    let readme =
+        std::fs::read_to_string(support::root().join("docs/writing-plugins.md")).unwrap();
     let block = |fence: &str, marker: &str| -> String {
         readme
             .split(&format!("```{fence}\n"))
             .skip(1)
             .filter_map(|rest| rest.split("\n```").next())
             .find(|code| code.contains(marker))
-            .unwrap_or_else(|| panic!("README has no ```{fence} block with {marker}"))
+            .unwrap_or_else(|| panic!("the guide has no ```{fence} block with {marker}"))
             .to_owned()
     };
     let cargo_toml = block("toml", r#"crate-type = ["cdylib"]"#).replace(
         r#"path = "../dynplug/plugin-abi""#,
         &format!("path = {:?}", support::root().join("plugin-abi")),
     );
-    let lib_rs = block(
-        "rust",
-        "export_plugin!(execute, init = init, shutdown = shutdown)",
-    );
+    let lib_rs = block("rust", "export_plugin!(plugin = MyPlugin)");
     let manifest = block("json", r#""name": "myplugin""#);
 
     let work = tempfile::tempdir().unwrap();
@@ -320,7 +319,7 @@ fn third_party_plugin_written_from_the_readme() {
         .env("CARGO_TARGET_DIR", &target)
         .status()
         .unwrap();
-    assert!(status.success(), "the README's plugin crate builds");
+    assert!(status.success(), "the guide's plugin crate builds");
 
     let plugins = work.path().join("plugins");
     let dir = plugins.join("myplugin");
