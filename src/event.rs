@@ -158,6 +158,7 @@ impl Events {
         Ok(self.inner.blocking_recv()?)
     }
 
+    #[cfg(feature = "server")]
     pub(crate) fn into_inner(self) -> tokio::sync::broadcast::Receiver<Event> {
         self.inner
     }

@@ -72,4 +72,14 @@ pub use plugin_abi::{Value, ValueError};
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
 pub use slot::{CallCounts, PluginInfo, PluginState, RetiredVersion};
+
+/// Entry points for the fuzz targets (`fuzz/`) and property tests: not API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The checks made on a library's bytes before `dlopen`: `Ok` when the
+    /// bytes would be handed to `dlopen`, else why not.
+    pub fn inspect_library(bytes: &[u8]) -> Result<(), String> {
+        crate::native::inspect(bytes)
+    }
+}
 pub use watch::Watcher;

@@ -100,6 +100,7 @@ impl Version {
 
     /// Whether calls run on the caller's thread (`inline`): the façades then
     /// call it in place rather than through the async path.
+    #[cfg(feature = "server")]
     pub(crate) fn is_inline(&self) -> bool {
         match &self.backend {
             Backend::Native(native) => native.is_inline(),

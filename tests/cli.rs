@@ -286,8 +286,7 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
 /// the CLI.
 #[test]
 fn third_party_plugin_written_from_the_guide() {
-    let readme =
-        std::fs::read_to_string(support::root().join("docs/writing-plugins.md")).unwrap();
+    let readme = std::fs::read_to_string(support::root().join("docs/writing-plugins.md")).unwrap();
     let block = |fence: &str, marker: &str| -> String {
         readme
             .split(&format!("```{fence}\n"))

@@ -267,6 +267,7 @@ impl NativeVersion {
     }
 
     /// Whether calls run on the caller's thread.
+    #[cfg(feature = "server")]
     pub(crate) fn is_inline(&self) -> bool {
         matches!(self.runner, Runner::Inline)
     }
@@ -460,6 +461,13 @@ impl Drop for Pending<'_> {
             abandoned.restore(self.ctx);
         }
     }
+}
+
+/// The pre-`dlopen` checks alone, for the fuzz targets.
+pub(crate) fn inspect(bytes: &[u8]) -> std::result::Result<(), String> {
+    header::inspect(bytes)
+        .map(|_| ())
+        .map_err(|refusal| format!("{refusal:?}"))
 }
 
 /// Checks everything about a native plugin that can be checked without
