@@ -23,15 +23,19 @@ const BUCKETS: [f64; 14] = [
 
 /// Two atomic increments per observation: the bucket (the last one is
 /// `+Inf`) and the sum; the count is the sum of the buckets.
+///
+/// Kept instead of `prometheus-client`'s histogram, which takes a lock per
+/// observation: measured by `benches/metrics.rs` (see `docs/performance.md`).
 #[derive(Default)]
 #[repr(align(64))]
-pub(crate) struct Histogram {
+pub struct Histogram {
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_nanos: AtomicU64,
 }
 
 impl Histogram {
-    pub(crate) fn observe(&self, elapsed: Duration) {
+    /// Counts one observation.
+    pub fn observe(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
         let i = BUCKETS
             .iter()

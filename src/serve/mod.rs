@@ -59,6 +59,12 @@ use metrics::{Facade, Metrics};
 use routes::RouteTable;
 pub use server::{Running, Server};
 
+/// The request path's latency histogram, for `benches/metrics.rs`: not API.
+#[doc(hidden)]
+pub mod bench {
+    pub use super::metrics::Histogram;
+}
+
 /// Generated gRPC code (clients and servers) for `proto/*.proto`.
 pub mod proto {
     /// `dynplug.v1`: the `Plugins` service.
