@@ -160,7 +160,7 @@ fn check_management(state: &super::Shared, request: &Request) -> Result<(), Erro
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().strip_prefix("dynplug_token="))
-        .map(|v| decode(v, false));
+        .map(decode);
     let mut client = None;
     for given in bearer.into_iter().chain(cookies) {
         if let Some(token) = &state.management_token
@@ -362,39 +362,20 @@ fn request_context(
     ctx
 }
 
-/// `a=1&b=x%20y` → pairs, percent- and plus-decoded; a repeated key keeps the last value.
+/// `a=1&b=x%20y` → pairs, percent- and plus-decoded (`form_urlencoded`, as
+/// browsers encode forms); a repeated key keeps the last value.
 fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k, true), decode(v, true))
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
-/// Percent-decodes; `+` is a space only in query strings.
-pub(crate) fn decode(s: &str, plus_is_space: bool) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'+', _) if plus_is_space => out.push(b' '),
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 2;
-            }
-            (b, _) => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Percent-decodes a path segment or cookie (`+` stays a plus); invalid
+/// UTF-8 becomes U+FFFD.
+pub(crate) fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// The plugin's answer: `response.status`, `response.headers`, `response.body`;

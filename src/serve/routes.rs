@@ -79,7 +79,7 @@ impl RouteTable {
         for (name, value) in raw.iter() {
             params.insert(
                 name.to_owned(),
-                Value::String(super::http::decode(value, false)),
+                Value::String(super::http::decode(value)),
             );
         }
         Some((Arc::clone(target), Value::Map(params)))
