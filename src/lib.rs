@@ -26,21 +26,37 @@
 //! * [`PluginManager`]: scanning, loading, unloading, events ([`Event`]).
 //! * [`Executor`]: calls one plugin, blocking or async.
 //! * [`Context`]: the host side of a call; plugins see `plugin_abi::Context`.
-//! * Native plugins (`source.mode = "local_so"`) are loaded from a shadow
-//!   copy and called `inline` or on their own worker pool (`pooled`), which
-//!   is what lets them be truly unloaded. See `docs/internals.md`.
+//! * Native plugins (`source.mode = "local_so"`) are checked from their
+//!   bytes, loaded from an image nobody else can write, and called `inline`
+//!   or on their own worker pool (`pooled`), which is what lets them be truly
+//!   unloaded.
+//!
+//! Three walks through the code (`docs/internals.md` follows them):
+//! * **the load path**: `manager/load.rs` (`load_plugin` → `prepare` →
+//!   `Version::load` in `version.rs`, which picks the kind → `native/`:
+//!   `header.rs` checks the bytes, `image.rs` holds them, `ffi.rs` opens) →
+//!   `install` swaps the version in;
+//! * **the upgrade path**: `watch.rs` turns file events into plugin names →
+//!   `PluginManager::sync_entry` (the load path again) → the replaced version
+//!   goes through `manager/retire.rs` (`drain.rs`, then `unload`);
+//! * **the request path**: `executor.rs` → `version.rs` → the kind's
+//!   `execute`; the façades enter through `serve/` (see its module docs).
 //!
 //! # Safety model
 //!
 //! Loading native code is inherently trusting it: a plugin runs in the host's
-//! address space. dynplug makes the honest mistakes safe: a plugin built
-//! against another `plugin-abi` is refused before anything is called, a panic
-//! is caught inside the plugin and returned as [`Error::Panic`], and nothing a
-//! plugin allocates outlives a call, so unloading leaves nothing dangling.
-//! All `unsafe` code lives in one module (`native::ffi`).
+//! address space. dynplug makes sure the code that runs is the code that was
+//! checked, and makes the honest mistakes safe: a library that is not a
+//! plugin, or was built against another `plugin-abi`, is refused from its
+//! bytes before any of its code runs; a panic is caught inside the plugin and
+//! returned as [`Error::Panic`]; a hanging `init` holds up only its own
+//! plugin; and nothing a plugin allocates outlives a call, so unloading
+//! leaves nothing dangling. All `unsafe` code lives in one module
+//! (`native::ffi`). `docs/safety.md` says precisely what runs when.
 
 mod context;
 mod digest;
+mod drain;
 mod error;
 mod event;
 mod executor;

@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Sender};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
 use crate::error::{Error, Result};
-use crate::manager::{Inner, PluginManager};
+use crate::manager::{Inner, Next, PluginManager};
 use crate::origin::Origin;
 
 /// Keeps the plugins directory watched; dropping it stops the watching.
@@ -289,7 +289,7 @@ impl Follower {
             let job = {
                 let name = name.clone();
                 move || {
-                    let next = sync(&manager, &name, attempt);
+                    let next = manager.sync_entry(&name, attempt);
                     let _ = done.send((name, next));
                 }
             };
@@ -346,48 +346,6 @@ fn plugin_of(base: &Path, path: &Path) -> Option<String> {
             (!name.starts_with('.')).then(|| name.to_owned())
         }
         _ => None,
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Next {
-    Done,
-    /// Try again once the files had time to settle (this was attempt N).
-    Retry(u32),
-}
-
-/// Brings one plugin in line with its entry in the plugins directory.
-fn sync(manager: &PluginManager, name: &str, attempt: u32) -> Next {
-    let Some(origin) = Origin::of_entry(manager.base_dir(), name) else {
-        manager.forget_or_unload(name);
-        return Next::Done;
-    };
-    let Ok(slot) = manager.slot_for(name, origin) else {
-        return Next::Done;
-    };
-    let _ops = slot.ops();
-    if attempt == 0 && slot.status().attempted == Some(slot.origin.fingerprint()) {
-        return Next::Done;
-    }
-    match manager
-        .prepare(&slot)
-        .and_then(|version| manager.install(&slot, version))
-    {
-        Ok(_) => Next::Done,
-        Err(error) if attempt == 0 && error.may_be_partial_write() => {
-            tracing::debug!(
-                plugin = name,
-                "load failed, retrying once the files settle: {error}"
-            );
-            // Not concluded: a change noticed meanwhile must try again, not
-            // be skipped as already tried.
-            slot.status().attempted = None;
-            Next::Retry(attempt)
-        }
-        Err(error) => {
-            manager.record_failure(&slot, &error);
-            Next::Done
-        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::PluginManager;
 use crate::error::{Error, Result};
@@ -90,34 +90,31 @@ impl PluginManager {
         }
         // A timeout too large for the clock means no deadline, not a panic.
         let deadline = Instant::now().checked_add(self.inner.drain_timeout);
-        let mut pause = Duration::from_micros(50);
         // Every running call holds a clone of the Arc; calls whose caller
         // gave up still count as busy. Wait for both.
-        while Arc::strong_count(&old) > 1 || old.busy() > 0 {
-            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-                let running = (Arc::strong_count(&old) - 1).max(old.busy());
-                let reason = format!(
-                    "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",
-                    self.inner.drain_timeout
-                );
-                // Never block loads on a plugin that ignores its deadline:
-                // the last holder unloads the version, on a thread of its own.
-                let name = format!("dynplug-retire-{plugin}");
-                let _ = std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || drop(old));
-                return self.ended(
-                    slot,
-                    serving,
-                    Event::Leaked {
-                        plugin,
-                        version,
-                        reason,
-                    },
-                );
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
+        let drained =
+            crate::drain::wait_until(deadline, || Arc::strong_count(&old) == 1 && old.busy() == 0);
+        if !drained {
+            let running = (Arc::strong_count(&old) - 1).max(old.busy());
+            let reason = format!(
+                "drain timed out after {:?} with {running} call(s) running; it is unloaded when they return",
+                self.inner.drain_timeout
+            );
+            // Never block loads on a plugin that ignores its deadline:
+            // the last holder unloads the version, on a thread of its own.
+            let name = format!("dynplug-retire-{plugin}");
+            let _ = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || drop(old));
+            return self.ended(
+                slot,
+                serving,
+                Event::Leaked {
+                    plugin,
+                    version,
+                    reason,
+                },
+            );
         }
         let Ok(mut old) = Arc::try_unwrap(old) else {
             unreachable!("strong count was 1 and no new clone can appear after the swap");

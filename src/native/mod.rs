@@ -296,11 +296,7 @@ impl NativeVersion {
         }
         // Calls whose caller gave up may still run; `shutdown` must not race
         // them. Nothing can submit any more (the version is out of service).
-        let mut pause = Duration::from_micros(50);
-        while self.busy() > 0 {
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
-        }
+        crate::drain::wait_until(None, || self.busy() == 0);
         let ending = match self.on_thread(self.shutdown_timeout, |lib| lib.shutdown()) {
             Err(Stuck::TimedOut) => self.abandon("shutdown never returned"),
             shutdown => {

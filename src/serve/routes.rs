@@ -77,10 +77,7 @@ impl RouteTable {
         let (target, raw) = self.router.lookup(Method::parse(method)?, path)?;
         let mut params = std::collections::BTreeMap::new();
         for (name, value) in raw.iter() {
-            params.insert(
-                name.to_owned(),
-                Value::String(super::http::decode(value)),
-            );
+            params.insert(name.to_owned(), Value::String(super::http::decode(value)));
         }
         Some((Arc::clone(target), Value::Map(params)))
     }
