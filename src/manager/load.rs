@@ -290,7 +290,7 @@ impl PluginManager {
         if attempt == 0 && slot.status().attempted == Some(slot.origin.fingerprint()) {
             return Next::Done;
         }
-        match manager
+        match self
             .prepare(&slot)
             .and_then(|version| self.install(&slot, version))
         {

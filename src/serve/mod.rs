@@ -21,7 +21,7 @@
 //! * The request path: `listen.rs` (accept loop, connection cap) →
 //!   `conn.rs` (TLS, HTTP/1.1 and HTTP/2 with their limits) → `http.rs`
 //!   (routes to plugins; management API to `admin.rs`) or `grpc.rs` /
-//!   `goplugin.rs` → [`call`] here, the one call path of every façade.
+//!   `goplugin.rs` → `call` here, the one call path of every façade.
 //! * Who may call: `auth.rs` (clients), `origin.rs` (Host and cross-site
 //!   checks), `tls.rs`; where sockets live: `unix.rs`.
 //! * `routes.rs` (the route table, rebuilt on lifecycle events) and
