@@ -62,6 +62,18 @@ pub enum Event {
         /// Why it is still mapped.
         reason: String,
     },
+    /// A version was taken out of service, but threads still hold state of
+    /// its code (thread-locals with destructors, values of its pthread
+    /// keys): it is closed once they let go, then [`Event::Unloaded`] (or
+    /// [`Event::Leaked`]) follows.
+    Pinned {
+        /// The plugin.
+        plugin: String,
+        /// The version pinned.
+        version: String,
+        /// Which threads hold it.
+        reason: String,
+    },
     /// The process is running out of pthread keys (glibc has 1024; plugin
     /// code calling `std::thread::current()` takes one per loaded copy and
     /// never gives it back). At 1024 the process aborts.
@@ -83,7 +95,8 @@ impl Event {
             | Event::UpgradeFailed { plugin, .. }
             | Event::Unloaded { plugin, .. }
             | Event::Retained { plugin, .. }
-            | Event::Leaked { plugin, .. } => Some(plugin),
+            | Event::Leaked { plugin, .. }
+            | Event::Pinned { plugin, .. } => Some(plugin),
             Event::TlsKeysLow { .. } => None,
         }
     }

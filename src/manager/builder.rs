@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
 
 use super::{Inner, PluginManager};
 use crate::error::{Error, Result};
-use crate::native::{NativeOptions, remove_stale};
+use crate::native::{LateEnding, NativeOptions, remove_stale};
 use crate::version::LoadOptions;
 
 /// Configures a [`PluginManager`].
@@ -133,14 +133,19 @@ impl Builder {
         self
     }
 
-    /// What every load of the manager needs.
+    /// What every load of the manager needs (nobody hears how a pinned
+    /// version ends: for `verify`).
     pub(crate) fn load_options(&self) -> LoadOptions {
+        self.load_options_with(LateEnding::ignored())
+    }
+
+    fn load_options_with(&self, late: LateEnding) -> LoadOptions {
         LoadOptions {
-            native: self.native_options(),
+            native: self.native_options(late),
         }
     }
 
-    fn native_options(&self) -> NativeOptions {
+    fn native_options(&self, late: LateEnding) -> NativeOptions {
         NativeOptions {
             shadow_dir: self
                 .shadow_dir
@@ -151,6 +156,7 @@ impl Builder {
             max_library_size: self.max_library_size,
             init_timeout: self.init_timeout,
             shutdown_timeout: self.shutdown_timeout,
+            late,
         }
     }
 
@@ -177,12 +183,21 @@ impl Builder {
                 reason,
             });
         }
-        let options = self.load_options();
-        remove_stale(&options.native.shadow_dir);
+        report_thread_tracking();
         let (events, _) = broadcast::channel(self.event_capacity);
-        Ok(PluginManager {
-            inner: Arc::new(Inner {
-                base: self.base,
+        let inner = Arc::new_cyclic(|manager: &Weak<Inner>| {
+            // A version reported pinned ends later, on dynplug's reaper
+            // thread; the manager may be gone by then.
+            let manager = manager.clone();
+            let late = LateEnding::new(move |plugin, version, ending| {
+                if let Some(inner) = manager.upgrade() {
+                    PluginManager::from_inner(inner).ended_late(plugin, version, ending);
+                }
+            });
+            let options = self.load_options_with(late);
+            remove_stale(&options.native.shadow_dir);
+            Inner {
+                base: self.base.clone(),
                 options,
                 drain_timeout: self.drain_timeout,
                 allow_downgrades: self.allow_downgrades,
@@ -191,7 +206,26 @@ impl Builder {
                 slots: RwLock::new(BTreeMap::new()),
                 events,
                 routes: Mutex::new(()),
-            }),
-        })
+            }
+        });
+        Ok(PluginManager { inner })
     }
+}
+
+/// Says once per process, at the first manager, when the executable does
+/// not let dynplug see what plugin code leaves on threads, and what that
+/// costs.
+fn report_thread_tracking() {
+    static REPORTED: std::sync::Once = std::sync::Once::new();
+    REPORTED.call_once(|| {
+        if let Err(why) = crate::native::thread_tracking() {
+            tracing::warn!(
+                "{why}: dynplug cannot see what plugin code leaves on threads, so `auto` \
+                 plugins run on their own workers and replaced `inline` versions are never \
+                 unloaded. A host binary exports them with one line in its crate's build.rs: \
+                 println!(\"cargo:rustc-link-arg-bins={}\");",
+                crate::THREAD_TRACKING_LINK_ARG
+            );
+        }
+    });
 }

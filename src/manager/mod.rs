@@ -95,6 +95,17 @@ impl PluginManager {
         crate::native::pthread_keys_in_use()
     }
 
+    /// Whether this process lets dynplug see what plugin code leaves on
+    /// threads (see [`THREAD_TRACKING_LINK_ARG`](crate::THREAD_TRACKING_LINK_ARG)):
+    /// then code that ran on callers' threads (`inline`, `auto`) is unloaded
+    /// once no thread holds state of it, and replaced versions give their
+    /// pthread keys back. Otherwise `auto` plugins run on their own workers,
+    /// replaced `inline` versions are retained, and each version of a plugin
+    /// calling `std::thread::current()` keeps one of glibc's 1,024 keys.
+    pub fn tracks_threads(&self) -> bool {
+        crate::native::thread_tracking().is_ok()
+    }
+
     fn slot_or_insert(&self, name: &str, origin: Origin) -> Arc<Slot> {
         if let Some(slot) = self.slot(name) {
             return slot;
