@@ -38,6 +38,10 @@ struct Args {
     /// threads at rest after serving.
     #[arg(long, default_value_t = 3)]
     rest_seconds: u64,
+    /// Pause this long after installing the plugins, before measuring (to
+    /// attach a profiler).
+    #[arg(long, default_value_t = 0)]
+    pause_seconds: u64,
 }
 
 /// What the process holds at one moment.
@@ -45,6 +49,10 @@ struct Args {
 struct Footprint {
     threads: usize,
     rss_kib: u64,
+    /// Of which anonymous (heap, stacks, relocated data) and shared memory
+    /// (the plugins' memfd images).
+    anon_kib: u64,
+    shmem_kib: u64,
     fds: usize,
     mappings: usize,
 }
@@ -53,15 +61,21 @@ impl Footprint {
     fn now() -> Footprint {
         let count = |dir: &str| std::fs::read_dir(dir).map_or(0, |d| d.count());
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let (rss_kib, anon_kib, shmem_kib) =
+            (field("VmRSS:"), field("RssAnon:"), field("RssShmem:"));
         let mappings = std::fs::read_to_string("/proc/self/maps").map_or(0, |m| m.lines().count());
         Footprint {
             threads: count("/proc/self/task"),
             rss_kib,
+            anon_kib,
+            shmem_kib,
             fds: count("/proc/self/fd"),
             mappings,
         }
@@ -69,11 +83,13 @@ impl Footprint {
 
     fn print(&self, what: &str, base: &Footprint) {
         println!(
-            "{what:<28} threads {:>5} ({:+})  RSS {:>8} KiB ({:+} KiB)  fds {:>6} ({:+})  mappings {:>6} ({:+})",
+            "{what:<28} threads {:>5} ({:+})  RSS {:>8} KiB ({:+} KiB: anon {:+}, shmem {:+})  fds {:>6} ({:+})  mappings {:>6} ({:+})",
             self.threads,
             self.threads as i64 - base.threads as i64,
             self.rss_kib,
             self.rss_kib as i64 - base.rss_kib as i64,
+            self.anon_kib as i64 - base.anon_kib as i64,
+            self.shmem_kib as i64 - base.shmem_kib as i64,
             self.fds,
             self.fds as i64 - base.fds as i64,
             self.mappings,
@@ -130,7 +146,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    if args.pause_seconds > 0 {
+        println!("installed; pausing {} s", args.pause_seconds);
+    }
+    std::thread::sleep(Duration::from_millis(100) + Duration::from_secs(args.pause_seconds));
     let base = Footprint::now();
     base.print("before loading", &base);
 

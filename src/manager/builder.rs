@@ -205,7 +205,7 @@ impl Builder {
                 tls_warned: AtomicUsize::new(0),
                 slots: RwLock::new(BTreeMap::new()),
                 events,
-                routes: Mutex::new(()),
+                routes: Mutex::new(super::load::ServedRoutes::default()),
             }
         });
         Ok(PluginManager { inner })

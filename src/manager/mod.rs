@@ -52,8 +52,8 @@ pub(crate) struct Inner {
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     events: broadcast::Sender<Event>,
     /// Held while a version is swapped in, so that parallel loads cannot
-    /// both claim a route.
-    routes: Mutex<()>,
+    /// both claim a route; holds the index of the routes served.
+    routes: Mutex<load::ServedRoutes>,
 }
 
 impl std::fmt::Debug for PluginManager {

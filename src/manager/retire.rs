@@ -85,6 +85,14 @@ impl PluginManager {
 
     /// Drains a version taken out of service, then unloads it and reports how it ended.
     pub(super) fn retire(&self, slot: &Slot, old: Arc<Version>) -> PluginState {
+        if slot.current.load().is_none() && old.manifest.parsed_routes().next().is_some() {
+            // Its routes are no longer served (an upgrade has forgotten them already).
+            self.inner
+                .routes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .forget();
+        }
         let plugin = slot.name.clone();
         let version = old.manifest.version.to_string();
         let serving = slot.current.load().is_some();

@@ -240,6 +240,16 @@ impl Library {
         outcome(code, call.error)
     }
 
+    /// Whether the plugin exports `init`.
+    pub(crate) fn has_init(&self) -> bool {
+        self.vtable().init.is_some()
+    }
+
+    /// Whether the plugin exports `shutdown`.
+    pub(crate) fn has_shutdown(&self) -> bool {
+        self.vtable().shutdown.is_some()
+    }
+
     /// Calls `init` (if exported) with `config`.
     pub(crate) fn init(&self, config: &Value) -> Outcome {
         let Some(init) = self.vtable().init else {
