@@ -475,9 +475,15 @@ unsafe extern "C" fn host_get(data: *const Opaque, key: RawStr) -> ValueView {
 
 unsafe extern "C" fn host_set(data: *mut Opaque, key: RawStr, value: ValueView) {
     // SAFETY: in call; the plugin holds no borrow of the context while it
-    // sets (plugin-abi's `set` takes `&mut Context`); key and value are valid now.
-    let (call, key, value) = unsafe { (call_mut(data), key.as_str(), value.to_value()) };
-    call.ctx.set_from_plugin(key, value);
+    // sets (plugin-abi's `set` takes `&mut Context`); key is valid now.
+    let (call, key) = unsafe { (call_mut(data), key.as_str()) };
+    if let ValueView::Str(text) = value {
+        // SAFETY: the view is valid during this callback.
+        call.ctx.set_str_from_plugin(key, unsafe { text.as_str() });
+        return;
+    }
+    // SAFETY: the view is valid during this callback.
+    call.ctx.set_from_plugin(key, unsafe { value.to_value() });
 }
 
 unsafe extern "C" fn host_remove(data: *mut Opaque, key: RawStr) -> bool {

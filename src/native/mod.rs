@@ -53,7 +53,10 @@ enum Runner {
     Pooled(Pool),
     /// In place while the call is quick and a runtime worker stays free, on
     /// the version's workers otherwise (`placement`).
-    Auto { pool: Pool, placement: Placement },
+    Auto {
+        pool: Pool,
+        placement: Arc<Placement>,
+    },
 }
 
 pub(crate) struct NativeVersion {
@@ -130,16 +133,27 @@ impl NativeVersion {
         let plugin = manifest.name.clone();
         let (library, image) = open::open_checked(manifest, dir, options)?;
         let library = Arc::new(library);
-        let pool = || Pool::new(&plugin, &library, options.pool_size, options.queue_limit);
+        let pool = |placement| {
+            Pool::new(
+                &plugin,
+                &library,
+                options.pool_size,
+                options.queue_limit,
+                placement,
+            )
+        };
         let runner = match manifest.isolation {
             Isolation::Inline => Runner::Inline,
             // Without tracking, code that ran on a caller's thread can never
             // be closed: `auto` then runs everything on its workers.
-            Isolation::Auto if library.lib().is_some() => Runner::Auto {
-                pool: pool(),
-                placement: Placement::default(),
-            },
-            _ => Runner::Pooled(pool()),
+            Isolation::Auto if library.lib().is_some() => {
+                let placement = Arc::new(Placement::default());
+                Runner::Auto {
+                    pool: pool(Some(Arc::clone(&placement))),
+                    placement,
+                }
+            }
+            _ => Runner::Pooled(pool(None)),
         };
         let mut version = NativeVersion {
             plugin: plugin.clone(),

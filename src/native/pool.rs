@@ -16,6 +16,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::ffi::Library;
+use super::placement::Placement;
 use crate::Context;
 use crate::version::Outcome;
 
@@ -185,18 +186,20 @@ pub(crate) enum Refused {
 
 impl Pool {
     /// At most `size` workers, none started yet; with `queue_limit`, at most
-    /// that many calls wait for a worker (beyond the ones running).
+    /// that many calls wait for a worker (beyond the ones running). With
+    /// `placement` (`auto`), how long each call takes is recorded there.
     pub(crate) fn new(
         plugin: &str,
         library: &Arc<Library>,
         size: usize,
         queue_limit: Option<usize>,
+        placement: Option<Arc<Placement>>,
     ) -> Pool {
         let calls = Arc::new(AtomicUsize::new(0));
         let library = Arc::clone(library);
         let counted = Arc::clone(&calls);
         let (jobs, crew) = Crew::new(format!("dynplug-{plugin}"), size, move |job| {
-            run_job(&library, &counted, job);
+            run_job(&library, &counted, placement.as_deref(), job);
         });
         Pool {
             jobs: Some(jobs),
@@ -323,7 +326,7 @@ impl Reply {
     }
 }
 
-fn run_job(library: &Library, calls: &AtomicUsize, job: Job) {
+fn run_job(library: &Library, calls: &AtomicUsize, placement: Option<&Placement>, job: Job) {
     match job {
         Job::Execute { mut ctx, reply } => {
             // A call whose caller gave up while it waited in the queue
@@ -332,6 +335,11 @@ fn run_job(library: &Library, calls: &AtomicUsize, job: Job) {
             // The caller's result is DeadlineExceeded / Cancelled.
             let outcome = if ctx.is_cancelled() {
                 Outcome::Error("not started: the call was cancelled or past its deadline".into())
+            } else if let Some(placement) = placement {
+                let started = std::time::Instant::now();
+                let outcome = library.execute(&mut ctx);
+                placement.took(ctx.label(), started.elapsed());
+                outcome
             } else {
                 library.execute(&mut ctx)
             };

@@ -100,8 +100,9 @@ impl Settings {
 }
 
 /// What handlers may know about the connection a request came on, in the
-/// request's extensions. Only inserted when it says something (a Unix
-/// socket, a client certificate): a plain TCP request pays no allocation.
+/// request's extensions. Only inserted when it says something a handler
+/// reads (a client certificate; a Unix socket, for the management API): a
+/// plugin call pays no allocation for it.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Peer {
     /// Came over a Unix socket (no browser can: the Host check is moot).
@@ -249,7 +250,13 @@ where
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let guard = InFlight::new(&self.activity);
-        if let Some(peer) = &self.peer {
+        // Only requests that read it pay for it (two allocations): any
+        // with a client certificate (callers are named by it), and those
+        // to the management API (its Host check skips Unix sockets).
+        if let Some(peer) = &self.peer
+            && (peer.cert_names.is_some()
+                || crate::manifest::is_reserved_path(request.uri().path()))
+        {
             request.extensions_mut().insert(peer.clone());
         }
         // Both façades are always ready (an axum router, and `HttpService`):
