@@ -57,6 +57,42 @@ pub enum Error {
         found: String,
     },
 
+    /// A `.plg` package breaks a rule (a link, a path leaving the package,
+    /// too many entries, too large unpacked) or is misnamed.
+    #[error("{}{}: {message}", prefix(.plugin), .path.display())]
+    Package {
+        /// The plugin, once its manifest was read (else empty).
+        plugin: String,
+        /// The package file.
+        path: PathBuf,
+        /// Which rule, and for which entry.
+        message: String,
+    },
+
+    /// The host checks signatures and this plugin's is missing, does not
+    /// match what is loaded, or is by a key it does not trust.
+    #[error("{plugin}: {path}: {reason}")]
+    Signature {
+        /// The plugin.
+        plugin: String,
+        /// The signature file (`plugin.sig`), present or not.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Building a plugin from source (`source.mode = "remote_git"`) failed:
+    /// fetching, checking out or compiling.
+    #[error("{plugin}: building from {source_path}: {message}")]
+    Build {
+        /// The plugin.
+        plugin: String,
+        /// The repository (`source.path`).
+        source_path: String,
+        /// What failed, with the last lines of git's or cargo's output.
+        message: String,
+    },
+
     /// `dlopen` refused the artifact (a missing dependency, an unresolved
     /// symbol, …).
     #[error("{plugin}: {path}: cannot load library: {message}")]
@@ -269,6 +305,9 @@ impl Error {
             | Error::Manifest { plugin, .. }
             | Error::Unsupported { plugin, .. }
             | Error::Checksum { plugin, .. }
+            | Error::Package { plugin, .. }
+            | Error::Signature { plugin, .. }
+            | Error::Build { plugin, .. }
             | Error::Open { plugin, .. }
             | Error::Insecure { plugin, .. }
             | Error::BadLibrary { plugin, .. }
@@ -302,6 +341,8 @@ impl Error {
                 | Error::BadLibrary { .. }
                 | Error::MissingRoot { .. }
                 | Error::Checksum { .. }
+                | Error::Package { .. }
+                | Error::Signature { .. }
         )
     }
 }

@@ -64,12 +64,14 @@ mod manager;
 pub mod manifest;
 mod native;
 mod origin;
+pub mod package;
 mod private_dir;
 // Public for the fuzz targets, the property tests and the binary, not API.
 #[doc(hidden)]
 pub mod route;
 #[cfg(feature = "server")]
 pub mod serve;
+pub mod signing;
 mod slot;
 #[doc(hidden)]
 pub mod text;

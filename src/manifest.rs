@@ -222,6 +222,11 @@ impl Manifest {
     /// [`Error::Io`] if the file cannot be read, [`Error::Manifest`] naming the
     /// field if it is malformed or invalid.
     pub fn from_dir(dir: &Path) -> Result<Manifest> {
+        Manifest::read_dir(dir).map(|(manifest, _)| manifest)
+    }
+
+    /// [`Manifest::from_dir`], with the bytes parsed (what a signature covers).
+    pub(crate) fn read_dir(dir: &Path) -> Result<(Manifest, Vec<u8>)> {
         let path = dir.join(MANIFEST_FILE);
         // `dynplug verify .` names the directory by its real name.
         let real = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
@@ -248,7 +253,7 @@ impl Manifest {
                 ),
             ));
         }
-        Ok(manifest)
+        Ok((manifest, bytes))
     }
 
     /// Parses and validates manifest bytes; `path` and `plugin` only label errors.

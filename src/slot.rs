@@ -107,7 +107,8 @@ pub(crate) struct Status {
 
 pub(crate) struct Slot {
     pub(crate) name: String,
-    pub(crate) origin: Origin,
+    /// Where the plugin was last loaded from (a newer package moves it).
+    origin: Mutex<Origin>,
     pub(crate) current: ArcSwapOption<Version>,
     pub(crate) stats: CallStats,
     status: Mutex<Status>,
@@ -171,7 +172,7 @@ impl Slot {
     pub(crate) fn new(name: String, origin: Origin) -> Slot {
         Slot {
             name,
-            origin,
+            origin: Mutex::new(origin),
             current: ArcSwapOption::empty(),
             stats: CallStats::default(),
             status: Mutex::new(Status {
@@ -187,6 +188,17 @@ impl Slot {
             }),
             ops: Mutex::new(()),
         }
+    }
+
+    pub(crate) fn origin(&self) -> Origin {
+        self.origin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_origin(&self, origin: Origin) {
+        *self.origin.lock().unwrap_or_else(|e| e.into_inner()) = origin;
     }
 
     /// Serialises loads and unloads of this plugin (see `ops`).
@@ -208,7 +220,7 @@ impl Slot {
             isolation: status.isolation,
             state: status.state,
             error: status.error.clone(),
-            dir: self.origin.path().to_owned(),
+            dir: self.origin().path().to_owned(),
             upgrades: status.upgrades,
             unloads: status.unloads,
             calls: self.stats.snapshot(),

@@ -18,6 +18,7 @@ use crate::Context;
 use crate::error::{Error, Result};
 use crate::manifest::{Isolation, Manifest, Source};
 use crate::native::{NativeOptions, NativeVersion};
+use crate::signing::{Seal, Trust};
 
 /// What a plugin's entry reported.
 #[derive(Debug)]
@@ -52,6 +53,8 @@ pub(crate) struct Version {
 #[derive(Debug, Clone)]
 pub(crate) struct LoadOptions {
     pub(crate) native: NativeOptions,
+    /// Which signatures loads require and accept.
+    pub(crate) trust: Arc<Trust>,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
@@ -80,9 +83,30 @@ impl Kind {
 impl Version {
     /// Loads what `manifest` asks for, from the plugin directory `dir`:
     /// checked, started and ready to serve.
-    pub(crate) fn load(manifest: Manifest, dir: &Path, options: &LoadOptions) -> Result<Version> {
+    /// `seal` is checked against the artifact's bytes as they are read for
+    /// the load, when the host checks signatures.
+    pub(crate) fn load(
+        manifest: Manifest,
+        seal: &Seal,
+        dir: &Path,
+        options: &LoadOptions,
+    ) -> Result<Version> {
+        let plugin = manifest.name.as_str();
+        let check = |digest: &str| {
+            let signer = options.trust.check(plugin, seal, Some(digest))?;
+            if let Some(signer) = signer {
+                tracing::info!(plugin, %signer, "signature verified");
+            }
+            Ok(())
+        };
+        let check = options
+            .trust
+            .is_on()
+            .then_some(&check as &crate::native::ArtifactCheck<'_>);
         let backend = match Kind::of(&manifest, dir)? {
-            Kind::Native => Backend::Native(NativeVersion::load(&manifest, dir, &options.native)?),
+            Kind::Native => {
+                Backend::Native(NativeVersion::load(&manifest, dir, &options.native, check)?)
+            }
         };
         Ok(Version {
             manifest: Arc::new(manifest),

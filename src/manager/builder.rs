@@ -27,6 +27,9 @@ pub struct Builder {
     max_library_size: u64,
     init_timeout: Duration,
     shutdown_timeout: Duration,
+    trusted_keys: Vec<crate::signing::PublicKey>,
+    trusted_keys_file: Option<PathBuf>,
+    require_signatures: bool,
 }
 
 impl Builder {
@@ -43,6 +46,9 @@ impl Builder {
             max_library_size: crate::untrusted::DEFAULT_MAX_LIBRARY_BYTES,
             init_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            trusted_keys: Vec::new(),
+            trusted_keys_file: None,
+            require_signatures: false,
         }
     }
 
@@ -133,11 +139,55 @@ impl Builder {
         self
     }
 
+    /// Trusts signatures by these keys: a signed plugin is then loaded only
+    /// if its signature verifies over the bytes loaded and its key is one
+    /// of these (see [`require_signatures`](Self::require_signatures) for
+    /// unsigned ones). Default: none, and signatures are not checked.
+    #[must_use]
+    pub fn trusted_keys(
+        mut self,
+        keys: impl IntoIterator<Item = crate::signing::PublicKey>,
+    ) -> Self {
+        self.trusted_keys.extend(keys);
+        self
+    }
+
+    /// Trusts the keys in `path` (a file of `dynplug-ed25519-public` lines,
+    /// or a directory of `*.pub` files), read by [`build`](Self::build).
+    #[must_use]
+    pub fn trusted_keys_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.trusted_keys_file = Some(path.into());
+        self
+    }
+
+    /// Refuses unsigned plugins, with [`Error::Signature`] (default `false`).
+    #[must_use]
+    pub fn require_signatures(mut self, required: bool) -> Self {
+        self.require_signatures = required;
+        self
+    }
+
     /// What every load of the manager needs.
     pub(crate) fn load_options(&self) -> LoadOptions {
         LoadOptions {
             native: self.native_options(),
+            trust: Arc::new(crate::signing::Trust::default()),
         }
+    }
+
+    /// The trust policy, with the key file read.
+    fn trust(&self) -> Result<crate::signing::Trust> {
+        let mut keys = self.trusted_keys.clone();
+        let mut source = format!("{} key(s) given", keys.len());
+        if let Some(path) = &self.trusted_keys_file {
+            keys.extend(crate::signing::PublicKey::load_all(path)?);
+            source = path.display().to_string();
+        }
+        Ok(crate::signing::Trust::new(
+            keys,
+            self.require_signatures,
+            source,
+        ))
     }
 
     fn native_options(&self) -> NativeOptions {
@@ -158,7 +208,8 @@ impl Builder {
     ///
     /// # Errors
     /// [`Error::Io`] if the base directory is not a readable directory,
-    /// [`Error::Insecure`] if every user can write to it.
+    /// [`Error::Insecure`] if every user can write to it, [`Error::Io`] or
+    /// [`Error::Config`] if the trusted keys file cannot be read.
     pub fn build(self) -> Result<PluginManager> {
         let io = |source| Error::Io {
             plugin: String::new(),
@@ -177,12 +228,20 @@ impl Builder {
                 reason,
             });
         }
-        let options = self.load_options();
+        let mut options = self.load_options();
+        options.trust = Arc::new(self.trust()?);
         remove_stale(&options.native.shadow_dir);
+        let unpack_root = self.base.join(".dynplug").join("unpacked");
+        crate::package::remove_stale(&unpack_root);
+        let packages = crate::origin::PackageIndex::new(crate::package::Limits::for_library(
+            self.max_library_size,
+        ));
         let (events, _) = broadcast::channel(self.event_capacity);
         Ok(PluginManager {
             inner: Arc::new(Inner {
                 base: self.base,
+                unpack_root,
+                packages,
                 options,
                 drain_timeout: self.drain_timeout,
                 allow_downgrades: self.allow_downgrades,

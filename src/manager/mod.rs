@@ -44,6 +44,10 @@ pub struct PluginManager {
 
 pub(crate) struct Inner {
     base: PathBuf,
+    /// Where packages are unpacked for a load (`<base>/.dynplug/unpacked`).
+    unpack_root: PathBuf,
+    /// Which plugin each package file holds.
+    packages: crate::origin::PackageIndex,
     options: LoadOptions,
     drain_timeout: Duration,
     allow_downgrades: bool,

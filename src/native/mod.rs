@@ -62,9 +62,10 @@ impl NativeVersion {
         manifest: &Manifest,
         dir: &Path,
         options: &NativeOptions,
+        check: Option<&ArtifactCheck<'_>>,
     ) -> Result<NativeVersion> {
         let plugin = manifest.name.clone();
-        let (library, image) = open_checked(manifest, dir, options)?;
+        let (library, image) = open_checked(manifest, dir, options, check)?;
         let library = Arc::new(library);
         let runner = match manifest.isolation {
             Isolation::Inline => Runner::Inline,
@@ -466,13 +467,18 @@ pub(crate) fn inspect(bytes: &[u8]) -> std::result::Result<(), String> {
         .map_err(|refusal| format!("{refusal:?}"))
 }
 
+/// A check of the artifact by the caller (its signature), given the hex
+/// SHA-256 of the bytes read, before anything else looks at them.
+pub(crate) type ArtifactCheck<'a> = dyn Fn(&str) -> Result<()> + 'a;
+
 /// Checks everything about a native plugin that can be checked without
-/// running it (manifest mode, artifact, checksum, header) and loads it from
-/// an image of exactly the checked bytes.
+/// running it (manifest mode, artifact, the caller's `check`, checksum,
+/// header) and loads it from an image of exactly the checked bytes.
 fn open_checked(
     manifest: &Manifest,
     dir: &Path,
     options: &NativeOptions,
+    check: Option<&ArtifactCheck<'_>>,
 ) -> Result<(Library, Image)> {
     let plugin = manifest.name.clone();
     let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
@@ -517,17 +523,21 @@ fn open_checked(
     // exactly them, so what is checked is what is loaded.
     let bytes = crate::untrusted::read_file(&real, options.max_library_size)
         .map_err(|e| io("reading", e))?;
-    if let Some(expected) = sha256 {
-        let found = crate::digest::sha256_hex(&bytes);
-        if !crate::digest::digests_equal(expected, &found) {
-            return Err(Error::Checksum {
-                plugin,
-                path,
-                expected: expected.clone(),
-                found,
-            });
-        }
+    let digest = (sha256.is_some() || check.is_some()).then(|| crate::digest::sha256_hex(&bytes));
+    if let (Some(check), Some(digest)) = (check, &digest) {
+        check(digest)?;
     }
+    if let (Some(expected), Some(found)) = (sha256, digest)
+        && !crate::digest::digests_equal(expected, &found)
+    {
+        return Err(Error::Checksum {
+            plugin,
+            path,
+            expected: expected.clone(),
+            found,
+        });
+    }
+
     let checked = header::inspect(&bytes).map_err(|refusal| match refusal {
         Refusal::NotALibrary(message) => Error::BadLibrary {
             plugin: plugin.clone(),
@@ -596,7 +606,7 @@ fn open_error(e: OpenError, plugin: &str, path: &Path) -> Error {
 /// checked, loaded from an image, its ABI checked, and it is closed again.
 /// The constructors of a library that passed the checks on its bytes run.
 pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<()> {
-    let (library, image) = open_checked(manifest, dir, options)?;
+    let (library, image) = open_checked(manifest, dir, options, None)?;
     let closed = library.close();
     let mapped = image.is_mapped();
     image.release(mapped || closed.is_err());

@@ -85,12 +85,12 @@ async fn one(Extract(state): Extract<State>, Path(name): Path<String>) -> Respon
     }
 }
 
-/// Loads the plugin's directory again (an upgrade if it changed); the old
+/// Loads the plugin's directory or newest package again (an upgrade if it changed); the old
 /// version keeps serving if the new one fails.
 async fn reload(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
     let manager = state.manager.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        if !manager.base_dir().join(&name).is_dir() {
+        if !manager.holds(&name) {
             return Err(Error::NotFound { plugin: name });
         }
         manager.load_plugin(&name)
