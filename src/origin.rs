@@ -144,7 +144,8 @@ impl Origin {
                 let manifest = Manifest::parse(&bytes, &manifest_path, "")?;
                 crate::package::check_file_name(&manifest, path)?;
                 Ok(Opened {
-                    seal: Seal::read(unpacked.dir(), &bytes),
+                    seal: Seal::read(unpacked.dir(), &bytes)
+                        .shown_as(path.join(crate::signing::SIGNATURE_FILE)),
                     manifest,
                     dir: unpacked.dir().to_owned(),
                     _unpacked: Some(unpacked),

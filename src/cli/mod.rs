@@ -2,6 +2,10 @@
 
 mod config;
 mod demo;
+mod dev;
+mod install;
+mod new;
+mod plugin_crate;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -47,6 +51,38 @@ struct PluginsDir {
     /// Accept a lower version over a serving one (refused by default).
     #[arg(long)]
     allow_downgrades: bool,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// Which signatures are checked.
+#[derive(Debug, Default, Clone, clap::Args)]
+struct TrustArgs {
+    /// Trust signatures by these keys: a directory of `*.pub` files or a file
+    /// of key lines. A signed plugin then loads only if its signature
+    /// verifies and its key is trusted.
+    #[arg(long, env = "DYNPLUG_TRUSTED_KEYS", value_name = "PATH")]
+    trusted_keys: Option<PathBuf>,
+    /// Refuse unsigned plugins (needs --trusted-keys).
+    #[arg(long, requires = "trusted_keys")]
+    require_signatures: bool,
+}
+
+impl TrustArgs {
+    fn apply(&mut self, config: &config::Config) {
+        self.trusted_keys = self
+            .trusted_keys
+            .take()
+            .or_else(|| config.trusted_keys.clone());
+        self.require_signatures |= config.require_signatures.unwrap_or(false);
+    }
+
+    fn keys(&self) -> anyhow::Result<Vec<dynplug::signing::PublicKey>> {
+        match &self.trusted_keys {
+            Some(path) => Ok(dynplug::signing::PublicKey::load_all(path)?),
+            None => Ok(Vec::new()),
+        }
+    }
 }
 
 impl PluginsDir {
@@ -57,6 +93,7 @@ impl PluginsDir {
         self.queue_limit = self.queue_limit.or(config.queue_limit);
         self.drain_timeout = self.drain_timeout.or(config.drain_timeout);
         self.allow_downgrades |= config.allow_downgrades.unwrap_or(false);
+        self.trust.apply(config);
     }
 
     fn plugins(&self) -> &Path {
@@ -75,7 +112,12 @@ impl PluginsDir {
         if let Some(timeout) = self.drain_timeout {
             builder = builder.drain_timeout(timeout);
         }
-        builder.build()
+        if let Some(keys) = &self.trust.trusted_keys {
+            builder = builder.trusted_keys_file(keys);
+        }
+        builder
+            .require_signatures(self.trust.require_signatures)
+            .build()
     }
 }
 
@@ -105,10 +147,13 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
-    /// Check one plugin directory (manifest, checksum, ABI) without running the plugin.
+    /// Check one plugin directory or `.plg` (manifest, checksum, signature, ABI) without running the plugin.
     Verify {
-        /// The plugin directory.
-        dir: PathBuf,
+        /// The plugin directory or package.
+        #[arg(value_name = "DIR|PLG")]
+        path: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
     /// Load every plugin and serve them over HTTP and gRPC until SIGINT/SIGTERM.
     Serve(Box<ServeArgs>),
@@ -116,6 +161,72 @@ enum Command {
     Watch {
         #[command(flatten)]
         dir: PluginsDir,
+    },
+    /// Create a plugin crate NAME that builds and loads as it is, with a unit test.
+    New {
+        /// The plugin's (and crate's) name.
+        name: String,
+        /// Where to create the crate directory [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        path: Option<PathBuf>,
+        /// The `plugin-abi` crate to depend on [default: this dynplug's
+        /// checkout when built from source, else its crates.io version].
+        #[arg(long, env = "DYNPLUG_PLUGIN_ABI", value_name = "DIR")]
+        plugin_abi: Option<PathBuf>,
+    },
+    /// Build a plugin crate, serve it, and rebuild and hot-upgrade it on every save.
+    Dev {
+        /// The plugin crate [default: the current directory].
+        #[arg(value_name = "CRATE")]
+        krate: Option<PathBuf>,
+        /// HTTP address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: std::net::SocketAddr,
+        /// gRPC address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc: std::net::SocketAddr,
+        /// Build in release mode (slower builds, faster plugin).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Pack a plugin directory, or build and pack a plugin crate, into NAME-VERSION.plg.
+    Pack {
+        /// The plugin directory or crate [default: the current directory].
+        #[arg(value_name = "DIR|CRATE")]
+        path: Option<PathBuf>,
+        /// Where to write the package [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Create an ed25519 key pair to sign plugins: FILE (secret, 0600) and FILE.pub.
+    Keygen {
+        /// The key's name, shown as the signer.
+        name: String,
+        /// The secret key file [default: NAME.key].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Sign a plugin directory (writes plugin.sig) or a `.plg` (rewritten with it).
+    Sign {
+        /// The secret key file (from `dynplug keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The plugin directory or package.
+        #[arg(value_name = "DIR|PLG")]
+        path: PathBuf,
+    },
+    /// Install a plugin into the plugins directory, atomically: a plugin
+    /// directory or crate, a `.plg`, an http(s) URL of a `.plg`, or a git repository.
+    Install {
+        /// DIR, CRATE, FILE.plg, https://…/NAME-VERSION.plg, or a git URL
+        /// (`git+file:///…`, `git+https://…`, `https://….git`, `git@…`).
+        source: String,
+        /// The plugins directory [default: plugins].
+        #[arg(long, env = "DYNPLUG_PLUGINS_DIR")]
+        plugins: Option<PathBuf>,
+        /// For a git repository: the branch, tag or commit to build.
+        #[arg(long)]
+        rev: Option<String>,
     },
     /// From a source checkout: build the sample plugins and serve them (watching the directory).
     Demo {
@@ -220,7 +331,14 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 pub(crate) fn init_logging(args: &Args) {
     let quiet = matches!(
         args.command,
-        Command::List { .. } | Command::Call { .. } | Command::Verify { .. }
+        Command::List { .. }
+            | Command::Call { .. }
+            | Command::Verify { .. }
+            | Command::New { .. }
+            | Command::Pack { .. }
+            | Command::Keygen { .. }
+            | Command::Sign { .. }
+            | Command::Install { .. }
     );
     let level = match args.verbose {
         0 if quiet => tracing::Level::WARN,
@@ -292,7 +410,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 dir.apply(&config)
             }
             Command::Serve(serve) => serve.apply(&config),
-            Command::Verify { .. } | Command::Demo { .. } => {}
+            Command::Verify { trust, .. } => trust.apply(&config),
+            Command::Install { plugins, .. } => {
+                *plugins = plugins.take().or_else(|| config.plugins.clone());
+            }
+            _ => {}
         }
     }
     match command {
@@ -304,17 +426,79 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             values,
             timeout,
         } => call(&dir, &name, &label, &values, timeout),
-        Command::Verify { dir } => {
-            let manifest = dynplug::verify(&dir)?;
+        Command::Verify { path, trust } => verify(&path, &trust),
+        Command::New {
+            name,
+            path,
+            plugin_abi,
+        } => {
+            let parent = path.unwrap_or_else(|| PathBuf::from("."));
+            let dir = new::create(&name, &parent, &new::AbiSource::choose(plugin_abi))?;
+            println!("created {}: cd there, then `dynplug dev`", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev {
+            krate,
+            http,
+            grpc,
+            release,
+        } => {
+            let args = dev::DevArgs {
+                krate: krate.unwrap_or_else(|| PathBuf::from(".")),
+                http,
+                grpc,
+                release,
+                verbose: args.verbose > 0,
+            };
+            runtime()?.block_on(dev::run(args))
+        }
+        Command::Pack { path, out } => {
+            let path = path.unwrap_or_else(|| PathBuf::from("."));
+            let out = out.unwrap_or_else(|| PathBuf::from("."));
+            let packed = pack(&path, &out)?;
+            println!("{}", packed.path.display());
+            if packed.dropped_signature {
+                eprintln!(
+                    "dynplug: the directory's plugin.sig was left out (filling in sha256 changed the manifest it signed): sign the package"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { name, out } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.key")));
+            let key = dynplug::signing::SecretKey::generate(&name)?;
+            key.save(&out)?;
             println!(
-                "ok: {} {} ({}, {}; compatible with this host's plugin ABI {}.{})",
-                manifest.name,
-                manifest.version,
-                manifest.source.mode(),
-                manifest.isolation.as_str(),
-                dynplug::ABI_VERSION.0,
-                dynplug::ABI_VERSION.1
+                "{} (secret: keep it private) and {}.pub (give it to hosts), key {}",
+                out.display(),
+                out.display(),
+                key.public().fingerprint()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sign { key, path } => {
+            let key = dynplug::signing::SecretKey::load(&key)?;
+            let signed = if path.is_file() {
+                dynplug::signing::sign_package(&path, &key)?
+            } else {
+                dynplug::signing::sign_dir(&path, &key)?
+            };
+            println!(
+                "{} signed by {} (key {})",
+                signed.display(),
+                key.public().name(),
+                key.public().fingerprint()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Install {
+            source,
+            plugins,
+            rev,
+        } => {
+            let plugins = plugins.unwrap_or_else(|| PathBuf::from("plugins"));
+            let installed = install::install(&source, rev.as_deref(), &plugins)?;
+            println!("installed {}", installed.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(serve) => {
@@ -337,6 +521,58 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(serve::run(serve, args.verbose > 0))
         }
     }
+}
+
+/// `dynplug pack`: a crate is built (release) and staged first.
+fn pack(path: &Path, out: &Path) -> anyhow::Result<dynplug::package::Packed> {
+    if plugin_crate::PluginCrate::is_crate(path) {
+        let krate = plugin_crate::PluginCrate::open(path)?;
+        eprintln!("building {}", krate.dir.display());
+        let library = krate
+            .build(true, false)
+            .map_err(|failed| anyhow::anyhow!("cargo build failed:\n{}", failed.0))?;
+        let scratch = plugin_crate::Scratch::new("pack")?;
+        let staged = krate.stage(&library, &scratch.0)?;
+        return Ok(dynplug::package::pack(&staged, out)?);
+    }
+    Ok(dynplug::package::pack(path, out)?)
+}
+
+/// `dynplug verify`: the load checks, then who signed it.
+fn verify(path: &Path, trust: &TrustArgs) -> anyhow::Result<ExitCode> {
+    let scratch;
+    let dir = if path.is_file() {
+        scratch = plugin_crate::Scratch::new("verify")?;
+        dynplug::package::unpack(path, &scratch.0)?
+    } else {
+        path.to_owned()
+    };
+    let manifest = dynplug::verify(&dir)?;
+    let keys = trust.keys()?;
+    let signer = dynplug::signing::signer_of(&dir, &keys)?;
+    let signed = match &signer {
+        Some(signer) => format!("signed by {signer}"),
+        None => "not signed".to_owned(),
+    };
+    if trust.trusted_keys.is_some() && signer.as_ref().is_some_and(|s| !s.trusted) {
+        bail!("{}: {signed}: not among the trusted keys", path.display());
+    }
+    if trust.require_signatures && signer.is_none() {
+        bail!(
+            "{}: not signed, and signatures are required",
+            path.display()
+        );
+    }
+    println!(
+        "ok: {} {} ({}, {}; compatible with this host's plugin ABI {}.{}; {signed})",
+        manifest.name,
+        manifest.version,
+        manifest.source.mode(),
+        manifest.isolation.as_str(),
+        dynplug::ABI_VERSION.0,
+        dynplug::ABI_VERSION.1
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -24,6 +24,11 @@ use crate::manifest::{MANIFEST_FILE, Manifest};
 /// The extension of package files.
 pub const EXTENSION: &str = "plg";
 
+/// The largest library a manager loads by default
+/// ([`Builder::max_library_size`](crate::Builder::max_library_size)), which
+/// also bounds packages.
+pub const DEFAULT_MAX_LIBRARY_SIZE: u64 = crate::untrusted::DEFAULT_MAX_LIBRARY_BYTES;
+
 /// The signature file, beside `plugin.json` (see [`crate::signing`]).
 pub(crate) const SIGNATURE_FILE: &str = "plugin.sig";
 
@@ -198,6 +203,32 @@ pub(crate) fn remove_stale(root: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Unpacks the package file `package` into `<dest>/NAME` (its manifest's
+/// name), with every rule of the plugins directory applied, and returns
+/// that directory.
+///
+/// # Errors
+/// [`Error::Package`] for a package that breaks a rule or is misnamed,
+/// [`Error::Manifest`] for its manifest, [`Error::Io`] when writing fails.
+pub fn unpack(package: impl AsRef<Path>, dest: impl AsRef<Path>) -> Result<PathBuf> {
+    let (package, dest) = (package.as_ref(), dest.as_ref());
+    let limits = Limits::for_library(DEFAULT_MAX_LIBRARY_SIZE);
+    let manifest = read_manifest(package, limits)?;
+    let root = dest.join(format!(".dynplug-unpack-{}", std::process::id()));
+    let unpacked = Unpacked::new(package, &root, limits)?;
+    let target = dest.join(&manifest.name);
+    let moved = std::fs::rename(unpacked.dir(), &target);
+    drop(unpacked);
+    let _ = std::fs::remove_dir_all(&root);
+    moved.map_err(|source| Error::Io {
+        plugin: manifest.name.clone(),
+        action: "unpacking to",
+        path: target.clone(),
+        source,
+    })?;
+    Ok(target)
 }
 
 /// What [`install`] put in the plugins directory.

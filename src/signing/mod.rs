@@ -93,6 +93,13 @@ impl Seal {
         }
     }
 
+    /// The same seal, naming its signature file `path` in errors (an
+    /// unpacked package's file by the package).
+    pub(crate) fn shown_as(mut self, path: PathBuf) -> Seal {
+        self.path = path;
+        self
+    }
+
     /// The signature's signer when it verifies over the manifest and
     /// `artifact_sha256`; `None` when unsigned; why not when it does not.
     fn verify(
