@@ -477,7 +477,11 @@ impl Error {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
             Error::Downgrade { .. } | Error::RouteConflict { .. } => StatusCode::CONFLICT,
-            Error::Manifest { .. } | Error::Unsupported { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Manifest { .. }
+            | Error::Unsupported { .. }
+            | Error::Package { .. }
+            | Error::Signature { .. }
+            | Error::Checksum { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -132,7 +132,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Whether the management API's data and actions need credentials.
-    fn management_guarded(&self) -> bool {
+    pub(crate) fn management_guarded(&self) -> bool {
         self.management_token.is_some() || self.clients.enabled()
     }
 }
