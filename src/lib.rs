@@ -54,6 +54,7 @@
 //! leaves nothing dangling. All `unsafe` code lives in one module
 //! (`native::ffi`). `docs/safety.md` says precisely what runs when.
 
+mod build;
 mod context;
 mod digest;
 mod drain;

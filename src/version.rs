@@ -55,12 +55,16 @@ pub(crate) struct LoadOptions {
     pub(crate) native: NativeOptions,
     /// Which signatures loads require and accept.
     pub(crate) trust: Arc<Trust>,
+    /// Where `remote_git` plugins are built.
+    pub(crate) build: crate::build::BuildOptions,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Native,
+    /// Built from a git repository, then run as `Native`.
+    RemoteGit,
 }
 
 impl Kind {
@@ -75,6 +79,10 @@ impl Kind {
                 Err(unsupported("isolation \"process\"".into()))
             }
             (Source::LocalSo { .. }, _) => Ok(Kind::Native),
+            (Source::RemoteGit { .. }, Isolation::Process) => {
+                Err(unsupported("isolation \"process\"".into()))
+            }
+            (Source::RemoteGit { .. }, _) => Ok(Kind::RemoteGit),
             (source, _) => Err(unsupported(format!("source.mode \"{}\"", source.mode()))),
         }
     }
@@ -107,6 +115,20 @@ impl Version {
             Kind::Native => {
                 Backend::Native(NativeVersion::load(&manifest, dir, &options.native, check)?)
             }
+            Kind::RemoteGit => {
+                // The signature covers the manifest (which pins `rev`):
+                // the library is built here, so it has no signed digest.
+                if options.trust.is_on() {
+                    options.trust.check(plugin, seal, None)?;
+                }
+                let built = crate::build::build(&manifest, dir, &options.build)?;
+                Backend::Native(NativeVersion::load(
+                    &built.manifest,
+                    &built.dir,
+                    &options.native,
+                    None,
+                )?)
+            }
         };
         Ok(Version {
             manifest: Arc::new(manifest),
@@ -119,6 +141,10 @@ impl Version {
     pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<()> {
         match Kind::of(manifest, dir)? {
             Kind::Native => crate::native::verify(manifest, dir, &options.native),
+            Kind::RemoteGit => {
+                let built = crate::build::build(manifest, dir, &options.build)?;
+                crate::native::verify(&built.manifest, &built.dir, &options.native)
+            }
         }
     }
 

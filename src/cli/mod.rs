@@ -53,6 +53,13 @@ struct PluginsDir {
     allow_downgrades: bool,
     #[command(flatten)]
     trust: TrustArgs,
+    /// Where `remote_git` plugins are cloned and built [default:
+    /// ~/.cache/dynplug/builds].
+    #[arg(long, env = "DYNPLUG_BUILD_CACHE", value_name = "DIR")]
+    build_cache: Option<PathBuf>,
+    /// How long each git or cargo step of a `remote_git` build may take [default: 10m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    build_timeout: Option<Duration>,
 }
 
 /// Which signatures are checked.
@@ -111,6 +118,12 @@ impl PluginsDir {
         }
         if let Some(timeout) = self.drain_timeout {
             builder = builder.drain_timeout(timeout);
+        }
+        if let Some(cache) = &self.build_cache {
+            builder = builder.build_cache(cache);
+        }
+        if let Some(timeout) = self.build_timeout {
+            builder = builder.build_timeout(timeout);
         }
         if let Some(keys) = &self.trust.trusted_keys {
             builder = builder.trusted_keys_file(keys);

@@ -30,6 +30,8 @@ pub struct Builder {
     trusted_keys: Vec<crate::signing::PublicKey>,
     trusted_keys_file: Option<PathBuf>,
     require_signatures: bool,
+    build_cache: Option<PathBuf>,
+    build_timeout: Duration,
 }
 
 impl Builder {
@@ -49,6 +51,8 @@ impl Builder {
             trusted_keys: Vec::new(),
             trusted_keys_file: None,
             require_signatures: false,
+            build_cache: None,
+            build_timeout: Duration::from_secs(600),
         }
     }
 
@@ -167,11 +171,37 @@ impl Builder {
         self
     }
 
+    /// Where `remote_git` plugins are cloned and built, one directory per
+    /// repository, builds kept per commit (default
+    /// `$XDG_CACHE_HOME/dynplug/builds`, else `~/.cache/dynplug/builds`).
+    /// Created `0700`. Cargo's target directory is `$CARGO_TARGET_DIR` when
+    /// set, else one per repository in here.
+    #[must_use]
+    pub fn build_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.build_cache = Some(dir.into());
+        self
+    }
+
+    /// How long each git or cargo step of a `remote_git` build may take
+    /// before it is killed (default 10 minutes).
+    #[must_use]
+    pub fn build_timeout(mut self, timeout: Duration) -> Self {
+        self.build_timeout = timeout;
+        self
+    }
+
     /// What every load of the manager needs.
     pub(crate) fn load_options(&self) -> LoadOptions {
         LoadOptions {
             native: self.native_options(),
             trust: Arc::new(crate::signing::Trust::default()),
+            build: crate::build::BuildOptions {
+                cache: self
+                    .build_cache
+                    .clone()
+                    .unwrap_or_else(|| crate::build::BuildOptions::default_cache(&self.base)),
+                timeout: self.build_timeout,
+            },
         }
     }
 
