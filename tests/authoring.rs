@@ -221,10 +221,12 @@ fn dev_serves_each_saved_edit_and_keeps_the_last_good_version() {
     };
     let mut source = std::fs::read_to_string(&lib).unwrap();
     let mut served = Vec::new();
-    for (from, to) in [("hello", "howdy"), ("howdy", "hi"), ("hi,", "hey,")] {
-        source = source.replacen(&format!("\"{from}"), &format!("\"{to}"), 1);
+    for (from, to) in [("hello", "howdy"), ("howdy", "hi"), ("hi", "hey")] {
+        let before = format!("format!(\"{from}, ");
+        assert!(source.contains(&before), "{before}");
+        source = source.replacen(&before, &format!("format!(\"{to}, "), 1);
         save(&source);
-        let word = to.trim_end_matches(',');
+        let word = to;
         served.push(wait_for_body(
             &addr,
             "/api/devloop/Ada",
