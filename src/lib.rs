@@ -26,6 +26,13 @@
 //! * [`PluginManager`]: scanning, loading, unloading, events ([`Event`]).
 //! * [`Executor`]: calls one plugin, blocking or async.
 //! * [`Context`]: the host side of a call; plugins see `plugin_abi::Context`.
+//! * [`package`]: `.plg` packages (pack, unpack under hostile-input rules,
+//!   install); the plugins directory holds them beside plugin directories
+//!   (the `origin` module says which entry holds which plugin).
+//! * [`signing`]: ed25519 keys and signatures, checked over the bytes
+//!   loaded when the manager has trusted keys ([`Builder::trusted_keys`]).
+//! * `source.mode = "remote_git"` plugins are built per commit into a cache
+//!   (the `build` module), then loaded as native ones.
 //! * Native plugins (`source.mode = "local_so"`) are checked from their
 //!   bytes, loaded from an image nobody else can write, and called `inline`
 //!   or on their own worker pool (`pooled`), which is what lets them be truly

@@ -65,7 +65,7 @@ pub struct PluginInfo {
     pub state: PluginState,
     /// The last error: why it failed, or why its last load or unload went wrong.
     pub error: Option<String>,
-    /// The plugin directory.
+    /// The plugin directory, or the package it was last loaded from.
     pub dir: PathBuf,
     /// Versions swapped in after the first (upgrades and reloads).
     pub upgrades: u64,

@@ -397,3 +397,25 @@ fn the_management_api_takes_a_package_upload_behind_its_token() {
         (200, r#"{"greeting":"hello, Up"}"#)
     );
 }
+
+#[test]
+fn every_command_has_help() {
+    let out = run(dynplug().arg("--help"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let commands: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    for command in ["new", "dev", "pack", "keygen", "sign", "install", "verify"] {
+        assert!(commands.contains(&command), "{command} in {commands:?}");
+    }
+    for command in commands {
+        let out = run(dynplug().args([command, "--help"]));
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Usage: dynplug"), "{command}: {help}");
+    }
+}

@@ -13,7 +13,7 @@
 //! `{"format": "dynplug-signature-v1", "signer": NAME, "public_key": HEX,
 //! "signature": HEX}`. The manifest's digest is taken over the bytes that
 //! were parsed, and the artifact's over the bytes the loader read once and
-//! loads (`native::open_checked` calls [`Trust::check`] with them): what is
+//! loads (`native::open_checked` calls `Trust::check` with them): what is
 //! verified is what runs.
 
 mod keys;
