@@ -128,3 +128,69 @@ fn built_from_git_cached_rebuilt_on_a_moved_branch_and_failing_clearly() {
     .count();
     assert_eq!(builds, 2, "one kept build per commit that compiled");
 }
+
+/// A build that takes too long is killed at the build timeout, and it
+/// never holds up another plugin: `hello` loads and serves meanwhile.
+#[test]
+fn a_slow_build_times_out_without_holding_up_other_plugins() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("sleepy");
+    std::fs::create_dir_all(repo.join("src")).unwrap();
+    std::fs::write(
+        repo.join("Cargo.toml"),
+        "[package]\nname = \"sleepy\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[lib]\ncrate-type = [\"cdylib\"]\n\n[workspace]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("build.rs"),
+        "fn main() { std::thread::sleep(std::time::Duration::from_secs(120)); }\n",
+    )
+    .unwrap();
+    std::fs::write(repo.join("src/lib.rs"), "").unwrap();
+    git(&repo, &["init", "--quiet", "--initial-branch", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "--quiet", "-m", "slow"]);
+
+    let plugins = work.path().join("plugins");
+    std::fs::create_dir_all(plugins.join("sleepy")).unwrap();
+    std::fs::write(
+        plugins.join("sleepy/plugin.json"),
+        format!(
+            r#"{{"name": "sleepy", "version": "1.0.0", "source": {{"mode": "remote_git", "path": "{}"}}}}"#,
+            repo.display()
+        ),
+    )
+    .unwrap();
+    support::install(&plugins, "hello");
+    let manager = dynplug::PluginManager::builder(&plugins)
+        .build_cache(work.path().join("cache"))
+        .build_timeout(std::time::Duration::from_secs(4))
+        .build()
+        .unwrap();
+    let mut events = manager.subscribe();
+    let _watcher = manager.watch().unwrap();
+
+    support::wait_for_event(
+        &mut events,
+        "hello loaded",
+        |e| matches!(e, dynplug::Event::Loaded { plugin, .. } if plugin == "hello"),
+    );
+    let mut ctx = dynplug::Context::new("hello.get").with("name", "Ada");
+    support::call(&manager, "hello", &mut ctx).unwrap();
+    assert!(
+        manager.info("sleepy").is_none_or(|i| i.error.is_none()),
+        "hello served while sleepy was still building"
+    );
+    let failed = support::wait_for_event(
+        &mut events,
+        "sleepy failed",
+        |e| matches!(e, dynplug::Event::Failed { plugin, .. } if plugin == "sleepy"),
+    );
+    let dynplug::Event::Failed { error, .. } = failed else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("did not finish within 4s (the build timeout); killed"),
+        "{error}"
+    );
+}
