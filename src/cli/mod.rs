@@ -4,9 +4,12 @@ mod config;
 mod demo;
 mod dev;
 mod install;
+mod keys;
 mod new;
+mod package;
 mod plugin_crate;
 mod serve;
+mod trust;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use dynplug::{Context, PluginInfo, PluginManager, Value};
+use trust::TrustArgs;
 
 /// Load, call and verify dynplug plugins.
 #[derive(Debug, Parser)]
@@ -60,36 +64,6 @@ struct PluginsDir {
     /// How long each git or cargo step of a `remote_git` build may take [default: 10m].
     #[arg(long, value_parser = humantime::parse_duration)]
     build_timeout: Option<Duration>,
-}
-
-/// Which signatures are checked.
-#[derive(Debug, Default, Clone, clap::Args)]
-struct TrustArgs {
-    /// Trust signatures by these keys: a directory of `*.pub` files or a file
-    /// of key lines. A signed plugin then loads only if its signature
-    /// verifies and its key is trusted.
-    #[arg(long, env = "DYNPLUG_TRUSTED_KEYS", value_name = "PATH")]
-    trusted_keys: Option<PathBuf>,
-    /// Refuse unsigned plugins (needs --trusted-keys).
-    #[arg(long, requires = "trusted_keys")]
-    require_signatures: bool,
-}
-
-impl TrustArgs {
-    fn apply(&mut self, config: &config::Config) {
-        self.trusted_keys = self
-            .trusted_keys
-            .take()
-            .or_else(|| config.trusted_keys.clone());
-        self.require_signatures |= config.require_signatures.unwrap_or(false);
-    }
-
-    fn keys(&self) -> anyhow::Result<Vec<dynplug::signing::PublicKey>> {
-        match &self.trusted_keys {
-            Some(path) => Ok(dynplug::signing::PublicKey::load_all(path)?),
-            None => Ok(Vec::new()),
-        }
-    }
 }
 
 impl PluginsDir {
@@ -439,7 +413,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             values,
             timeout,
         } => call(&dir, &name, &label, &values, timeout),
-        Command::Verify { path, trust } => verify(&path, &trust),
+        Command::Verify { path, trust } => package::verify(&path, &trust),
         Command::New {
             name,
             path,
@@ -468,7 +442,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Pack { path, out } => {
             let path = path.unwrap_or_else(|| PathBuf::from("."));
             let out = out.unwrap_or_else(|| PathBuf::from("."));
-            let packed = pack(&path, &out)?;
+            let packed = package::pack(&path, &out)?;
             println!("{}", packed.path.display());
             if packed.dropped_signature {
                 eprintln!(
@@ -477,33 +451,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keygen { name, out } => {
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.key")));
-            let key = dynplug::signing::SecretKey::generate(&name)?;
-            key.save(&out)?;
-            println!(
-                "{} (secret: keep it private) and {}.pub (give it to hosts), key {}",
-                out.display(),
-                out.display(),
-                key.public().fingerprint()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Sign { key, path } => {
-            let key = dynplug::signing::SecretKey::load(&key)?;
-            let signed = if path.is_file() {
-                dynplug::signing::sign_package(&path, &key)?
-            } else {
-                dynplug::signing::sign_dir(&path, &key)?
-            };
-            println!(
-                "{} signed by {} (key {})",
-                signed.display(),
-                key.public().name(),
-                key.public().fingerprint()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Keygen { name, out } => keys::keygen(&name, out),
+        Command::Sign { key, path } => keys::sign(&key, &path),
         Command::Install {
             source,
             plugins,
@@ -534,58 +483,6 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(serve::run(serve, args.verbose > 0))
         }
     }
-}
-
-/// `dynplug pack`: a crate is built (release) and staged first.
-fn pack(path: &Path, out: &Path) -> anyhow::Result<dynplug::package::Packed> {
-    if plugin_crate::PluginCrate::is_crate(path) {
-        let krate = plugin_crate::PluginCrate::open(path)?;
-        eprintln!("building {}", krate.dir.display());
-        let library = krate
-            .build(true, false)
-            .map_err(|failed| anyhow::anyhow!("cargo build failed:\n{}", failed.0))?;
-        let scratch = plugin_crate::Scratch::new("pack")?;
-        let staged = krate.stage(&library, &scratch.0)?;
-        return Ok(dynplug::package::pack(&staged, out)?);
-    }
-    Ok(dynplug::package::pack(path, out)?)
-}
-
-/// `dynplug verify`: the load checks, then who signed it.
-fn verify(path: &Path, trust: &TrustArgs) -> anyhow::Result<ExitCode> {
-    let scratch;
-    let dir = if path.is_file() {
-        scratch = plugin_crate::Scratch::new("verify")?;
-        dynplug::package::unpack(path, &scratch.0)?
-    } else {
-        path.to_owned()
-    };
-    let manifest = dynplug::verify(&dir)?;
-    let keys = trust.keys()?;
-    let signer = dynplug::signing::signer_of(&dir, &keys)?;
-    let signed = match &signer {
-        Some(signer) => format!("signed by {signer}"),
-        None => "not signed".to_owned(),
-    };
-    if trust.trusted_keys.is_some() && signer.as_ref().is_some_and(|s| !s.trusted) {
-        bail!("{}: {signed}: not among the trusted keys", path.display());
-    }
-    if trust.require_signatures && signer.is_none() {
-        bail!(
-            "{}: not signed, and signatures are required",
-            path.display()
-        );
-    }
-    println!(
-        "ok: {} {} ({}, {}; compatible with this host's plugin ABI {}.{}; {signed})",
-        manifest.name,
-        manifest.version,
-        manifest.source.mode(),
-        manifest.isolation.as_str(),
-        dynplug::ABI_VERSION.0,
-        dynplug::ABI_VERSION.1
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
