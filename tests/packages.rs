@@ -265,3 +265,23 @@ fn signed_unsigned_tampered_and_unknown_key_plugins() {
     assert_eq!(greet(&manager).unwrap(), "hello, Ada");
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn a_package_seen_half_written_is_listed_by_file_then_loads_by_name() {
+    let plugins = tempfile::tempdir().unwrap();
+    let packages = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(hello_package(packages.path(), "1.0.0")).unwrap();
+    let path = plugins.path().join("hello-1.0.0.plg");
+    // Copied in place rather than renamed in: the first look sees 20 bytes.
+    std::fs::write(&path, &bytes[..20]).unwrap();
+    let manager = PluginManager::new(plugins.path()).unwrap();
+    let report = manager.load_plugins().unwrap();
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, "hello-1.0.0.plg");
+    let watcher = manager.watch().unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(watcher.wait_settled(support::PATIENCE));
+    let names: Vec<String> = manager.list().into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["hello"]);
+    assert_eq!(greet(&manager).unwrap(), "hello, Ada");
+}

@@ -323,6 +323,11 @@ impl PluginManager {
         let Some(name) = self.plugin_of_entry(entry) else {
             return Next::Done;
         };
+        if name != entry {
+            // A package first seen half-written was listed under its file
+            // name; now that its manifest names the plugin, forget that.
+            self.forget_or_unload(entry);
+        }
         self.sync_plugin(&name, attempt)
     }
 

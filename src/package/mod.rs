@@ -271,7 +271,13 @@ pub fn install(bytes: &[u8], plugins: impl AsRef<Path>, max_library: u64) -> Res
         path: root.clone(),
         source,
     })?;
-    let check = root.join(format!(".check-{}.{EXTENSION}", std::process::id()));
+    // Uploads may run in parallel: each checks a file of its own.
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let check = root.join(format!(
+        "check-{}-{}.{EXTENSION}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    ));
     write_atomically(
         &root,
         check
