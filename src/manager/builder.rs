@@ -177,6 +177,9 @@ impl Builder {
                 reason,
             });
         }
+        if let Some(warning) = crate::private_dir::group_writable(&self.base) {
+            tracing::warn!("{warning}");
+        }
         let options = self.load_options();
         remove_stale(&options.native.shadow_dir);
         let (events, _) = broadcast::channel(self.event_capacity);
