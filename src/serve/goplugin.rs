@@ -13,7 +13,7 @@ use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use super::conn::Settings;
-use super::grpc::{PLUGIN_METADATA, authorize, check_value_count, executor, timeout};
+use super::grpc_request::{PLUGIN_METADATA, authorize, check_value_count, executor, timeout};
 use super::proto::goplugin::{self, plugin_server};
 use super::server::Listening;
 use super::{Endpoint, State};

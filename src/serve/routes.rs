@@ -77,10 +77,18 @@ impl RouteTable {
         let (target, raw) = self.router.lookup(Method::parse(method)?, path)?;
         let mut params = std::collections::BTreeMap::new();
         for (name, value) in raw.iter() {
-            params.insert(name.to_owned(), Value::String(super::http::decode(value)));
+            params.insert(name.to_owned(), Value::String(decode(value)));
         }
         Some((Arc::clone(target), Value::Map(params)))
     }
+}
+
+/// Percent-decodes a path segment or cookie (`+` stays a plus); invalid
+/// UTF-8 becomes U+FFFD.
+pub(crate) fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Rebuilds the table after every lifecycle event until shutdown.
