@@ -29,6 +29,9 @@
 //! * Native plugins (`source.mode = "local_so"`) are loaded from a shadow
 //!   copy and called `inline` or on their own worker pool (`pooled`), which
 //!   is what lets them be truly unloaded. See `docs/internals.md`.
+//! * Exec plugins (`source.mode = "exec"`, feature `exec`) are programs in
+//!   any language that speak goplugin's REST or gRPC protocol; dynplug
+//!   starts, supervises and restarts them. See `docs/exec-plugins.md`.
 //!
 //! # Safety model
 //!
@@ -37,18 +40,23 @@
 //! against another `plugin-abi` is refused before anything is called, a panic
 //! is caught inside the plugin and returned as [`Error::Panic`], and nothing a
 //! plugin allocates outlives a call, so unloading leaves nothing dangling.
-//! All `unsafe` code lives in one module (`native::ffi`).
+//! The `unsafe` code lives in `native::ffi`, and in `exec::parent_death`
+//! (the few lines a child runs between `fork` and `exec`).
 
 mod context;
 mod digest;
 mod error;
 mod event;
+#[cfg(feature = "exec")]
+mod exec;
 mod executor;
 mod manager;
 pub mod manifest;
 mod native;
 mod origin;
 mod private_dir;
+#[cfg(feature = "exec")]
+mod proto;
 // Public for the fuzz targets, the property tests and the binary, not API.
 #[doc(hidden)]
 pub mod route;
@@ -64,12 +72,14 @@ mod watch;
 pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
 pub use event::Event;
+#[cfg(feature = "exec")]
+pub use exec::REPLY_KEY;
 pub use executor::Executor;
-pub use manager::{Builder, LoadReport, PluginManager, verify};
+pub use manager::{Builder, LoadReport, PluginManager, Verified, verify, verify_report};
 pub use manifest::{Isolation, Manifest};
 pub use plugin_abi::{Value, ValueError};
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
-pub use slot::{CallCounts, PluginInfo, PluginState, RetiredVersion};
+pub use slot::{CallCounts, PluginInfo, PluginState, ProcessInfo, RetiredVersion};
 pub use watch::Watcher;

@@ -61,16 +61,7 @@ pub use server::{Running, Server};
 
 /// Generated gRPC code (clients and servers) for `proto/*.proto`.
 pub mod proto {
-    /// `dynplug.v1`: the `Plugins` service.
-    #[allow(missing_docs, clippy::all)]
-    pub mod v1 {
-        tonic::include_proto!("dynplug.v1");
-    }
-    /// `plugin`: the goplugin `Plugin` service.
-    #[allow(missing_docs, clippy::all)]
-    pub mod goplugin {
-        tonic::include_proto!("plugin");
-    }
+    pub use crate::proto::{goplugin, v1};
 }
 
 /// Where a façade listens.
