@@ -129,6 +129,7 @@ impl ExecVersion {
             }
         })?;
         tracing::debug!(plugin = %plugin, pid = first.0.pid, address = %shared.address, "ready");
+        shared.serve(&first.0, &first.1);
         let (stop, stopped) = watch::channel(false);
         let supervisor =
             runtime::handle().spawn(supervisor::supervise(Arc::clone(&shared), first, stopped));

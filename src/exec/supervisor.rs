@@ -141,6 +141,9 @@ impl Shared {
             };
             match attempt {
                 Ok(Ok(())) => return Ok((child, link)),
+                // The last attempt is cut short by the start timeout: the
+                // error before it says more.
+                Ok(Err(CallError::Deadline)) if last.is_some() => {}
                 Ok(Err(e)) => last = Some(e),
                 Err(status) => {
                     let reason = format!("{} before answering Ping", child::describe(status));
@@ -167,7 +170,7 @@ impl Shared {
     }
 
     /// Puts a ready process in service.
-    fn serve(&self, child: &Child, link: &Arc<Link>) {
+    pub(crate) fn serve(&self, child: &Child, link: &Arc<Link>) {
         {
             let mut status = self.status();
             status.phase = Phase::Running;
