@@ -783,6 +783,90 @@ mod tests {
     }
 
     #[test]
+    fn exec_example_manifest_is_valid() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/plugin.exec.json.example"
+        ))
+        .unwrap();
+        let m = Manifest::parse(
+            text.as_bytes(),
+            Path::new("plugin.exec.json.example"),
+            "greeter",
+        )
+        .unwrap();
+        assert!(matches!(
+            m.source,
+            Source::Exec {
+                listen: Listen::Unix,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn exec_fields_are_checked_and_named() {
+        let exec = |fields: &str| {
+            format!(
+                r#"{{"name":"p","version":"1.0.0","source":{{"mode":"exec","path":"bin/p","protocol":"rest"{fields}}}}}"#
+            )
+        };
+        parse(&exec("")).unwrap();
+        parse(&exec("").replace("bin/p", "/usr/local/bin/p")).unwrap();
+        for (fields, field, part) in [
+            (
+                r#","protocol":"jsonrpc""#,
+                "source.protocol",
+                "is for source.mode \"socket\"",
+            ),
+            (
+                r#","listen_flag":"port""#,
+                "source.listen_flag",
+                "a flag such as `--port`",
+            ),
+            (
+                r#","listen_flag":"--port=1""#,
+                "source.listen_flag",
+                "without `=`",
+            ),
+            (
+                r#","start_timeout_ms":0"#,
+                "source.start_timeout_ms",
+                "expected 1 to 3600000",
+            ),
+            (
+                r#","health_misses":0"#,
+                "source.health_misses",
+                "expected 1 to 1000",
+            ),
+            (
+                r#","restart_backoff_ms":500,"restart_backoff_max_ms":100"#,
+                "source.restart_backoff_ms",
+                "above restart_backoff_max_ms",
+            ),
+            (r#","md5":"abc""#, "source.md5", "32 hex digits"),
+        ] {
+            let json = exec(fields).replacen(
+                r#","protocol":"rest""#,
+                "",
+                usize::from(fields.contains("protocol")),
+            );
+            let (got, message) = field_of(&json);
+            assert_eq!(got, field, "{fields}: {message}");
+            assert!(message.contains(part), "{fields}: {message}");
+        }
+        let (field, message) = field_of(&exec("").replace("bin/p", "../p"));
+        assert_eq!(field, "source.path");
+        assert!(message.contains("or an absolute path"), "{message}");
+        let (field, message) = field_of(&exec(r#","listen":"udp""#));
+        assert_eq!(field, "source");
+        assert!(message.contains("unknown variant `udp`"), "{message}");
+        let (field, message) = field_of(&exec(r#","restart":true"#));
+        assert_eq!(field, "source");
+        assert!(message.contains("unknown field `restart`"), "{message}");
+    }
+
+    #[test]
     fn every_mode_parses() {
         for source in [
             r#"{"mode":"remote_git","path":"https://example.com/x.git","rev":"v1","package":"x"}"#,
