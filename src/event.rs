@@ -133,9 +133,11 @@ impl Event {
 
 /// Where a plugin kind reports what happens to a version after its load
 /// (crashes, restarts): the manager's event channel, or nowhere.
+#[cfg(feature = "exec")]
 #[derive(Debug, Clone, Default)]
 pub(crate) struct EventSink(Option<tokio::sync::broadcast::Sender<Event>>);
 
+#[cfg(feature = "exec")]
 impl EventSink {
     pub(crate) fn new(sender: tokio::sync::broadcast::Sender<Event>) -> EventSink {
         EventSink(Some(sender))

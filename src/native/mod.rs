@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use ffi::{Library, OpenError};
 pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
 use header::Refusal;
+#[cfg(feature = "exec")]
 pub(crate) use header::host_architecture;
 use image::Image;
 pub(crate) use image::remove_stale;
