@@ -16,8 +16,11 @@ use std::sync::Arc;
 
 use crate::Context;
 use crate::error::{Error, Result};
+#[cfg(feature = "exec")]
+use crate::exec::{ExecOptions, ExecVersion};
 use crate::manifest::{Isolation, Manifest, Source};
 use crate::native::{NativeOptions, NativeVersion};
+use crate::slot::{PluginState, ProcessInfo};
 
 /// What a plugin's entry reported.
 #[derive(Debug)]
@@ -41,6 +44,8 @@ pub(crate) enum Ending {
 /// How a version's calls are carried out: one variant per plugin kind.
 pub(crate) enum Backend {
     Native(NativeVersion),
+    #[cfg(feature = "exec")]
+    Exec(ExecVersion),
 }
 
 pub(crate) struct Version {
@@ -52,12 +57,16 @@ pub(crate) struct Version {
 #[derive(Debug, Clone)]
 pub(crate) struct LoadOptions {
     pub(crate) native: NativeOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) exec: ExecOptions,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Native,
+    #[cfg(feature = "exec")]
+    Exec,
 }
 
 impl Kind {
@@ -72,6 +81,13 @@ impl Kind {
                 Err(unsupported("isolation \"process\"".into()))
             }
             (Source::LocalSo { .. }, _) => Ok(Kind::Native),
+            #[cfg(feature = "exec")]
+            (Source::Exec { .. }, _) => Ok(Kind::Exec),
+            #[cfg(not(feature = "exec"))]
+            (Source::Exec { .. }, _) => Err(unsupported(
+                "source.mode \"exec\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
             (source, _) => Err(unsupported(format!("source.mode \"{}\"", source.mode()))),
         }
     }
@@ -83,6 +99,8 @@ impl Version {
     pub(crate) fn load(manifest: Manifest, dir: &Path, options: &LoadOptions) -> Result<Version> {
         let backend = match Kind::of(&manifest, dir)? {
             Kind::Native => Backend::Native(NativeVersion::load(&manifest, dir, &options.native)?),
+            #[cfg(feature = "exec")]
+            Kind::Exec => Backend::Exec(ExecVersion::load(&manifest, dir, &options.exec)?),
         };
         Ok(Version {
             manifest: Arc::new(manifest),
@@ -91,10 +109,19 @@ impl Version {
     }
 
     /// Checks a plugin as far as can be done without serving it (see
-    /// [`crate::verify`]).
-    pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<()> {
+    /// [`crate::verify`]); says what was checked.
+    pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<String> {
         match Kind::of(manifest, dir)? {
-            Kind::Native => crate::native::verify(manifest, dir, &options.native),
+            Kind::Native => {
+                crate::native::verify(manifest, dir, &options.native)?;
+                Ok(format!(
+                    "compatible with this host's plugin ABI {}.{}",
+                    crate::ABI_VERSION.0,
+                    crate::ABI_VERSION.1
+                ))
+            }
+            #[cfg(feature = "exec")]
+            Kind::Exec => crate::exec::verify(manifest, dir, &options.exec),
         }
     }
 
@@ -104,6 +131,8 @@ impl Version {
     pub(crate) fn is_inline(&self) -> bool {
         match &self.backend {
             Backend::Native(native) => native.is_inline(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(_) => false,
         }
     }
 
@@ -116,6 +145,8 @@ impl Version {
         ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.execute(ctx)?,
         };
         self.settle(ctx, outcome)
     }
@@ -125,6 +156,8 @@ impl Version {
         ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.execute_async(ctx).await?,
         };
         self.settle(ctx, outcome)
     }
@@ -182,6 +215,8 @@ impl Version {
     pub(crate) fn unload(&mut self) -> Ending {
         match &mut self.backend {
             Backend::Native(native) => native.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.unload(),
         }
     }
 
@@ -190,6 +225,8 @@ impl Version {
     pub(crate) fn busy(&self) -> usize {
         match &self.backend {
             Backend::Native(native) => native.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.busy(),
         }
     }
 
@@ -198,6 +235,27 @@ impl Version {
     pub(crate) fn artifact(&self) -> String {
         match &self.backend {
             Backend::Native(native) => native.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.artifact(),
+        }
+    }
+
+    /// The plugin's process, for kinds that run one.
+    pub(crate) fn process(&self) -> Option<ProcessInfo> {
+        match &self.backend {
+            Backend::Native(_) => None,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => Some(exec.process()),
+        }
+    }
+
+    /// The state to show instead of `Loaded` while the version's process
+    /// is down.
+    pub(crate) fn down_state(&self) -> Option<PluginState> {
+        match &self.backend {
+            Backend::Native(_) => None,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.down_state(),
         }
     }
 }

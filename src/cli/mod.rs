@@ -105,7 +105,9 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
-    /// Check one plugin directory (manifest, checksum, ABI) without running the plugin.
+    /// Check one plugin directory without running the plugin: the manifest,
+    /// and the artifact (native: checksum, header, ABI; exec: the executable,
+    /// its checksums and format; no process is started).
     Verify {
         /// The plugin directory.
         dir: PathBuf,
@@ -305,15 +307,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             timeout,
         } => call(&dir, &name, &label, &values, timeout),
         Command::Verify { dir } => {
-            let manifest = dynplug::verify(&dir)?;
+            let verified = dynplug::verify_report(&dir)?;
+            let manifest = &verified.manifest;
             println!(
-                "ok: {} {} ({}, {}; compatible with this host's plugin ABI {}.{})",
+                "ok: {} {} ({}, {}; {})",
                 manifest.name,
                 manifest.version,
                 manifest.source.mode(),
                 manifest.isolation.as_str(),
-                dynplug::ABI_VERSION.0,
-                dynplug::ABI_VERSION.1
+                verified.checked
             );
             Ok(ExitCode::SUCCESS)
         }

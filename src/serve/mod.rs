@@ -74,16 +74,7 @@ pub mod bench {
 
 /// Generated gRPC code (clients and servers) for `proto/*.proto`.
 pub mod proto {
-    /// `dynplug.v1`: the `Plugins` service.
-    #[allow(missing_docs, clippy::all)]
-    pub mod v1 {
-        tonic::include_proto!("dynplug.v1");
-    }
-    /// `plugin`: the goplugin `Plugin` service.
-    #[allow(missing_docs, clippy::all)]
-    pub mod goplugin {
-        tonic::include_proto!("plugin");
-    }
+    pub use crate::proto::{goplugin, v1};
 }
 
 /// Where a façade listens.

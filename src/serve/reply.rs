@@ -19,6 +19,8 @@ impl Error {
             Error::Forbidden { .. } => StatusCode::FORBIDDEN,
             Error::Unavailable { .. } | Error::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
+            // An exec plugin answered, but not in its protocol.
+            Error::BadReply { .. } => StatusCode::BAD_GATEWAY,
             // 499 is nginx's "client closed request": the caller cancelled.
             Error::Cancelled { .. } => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)

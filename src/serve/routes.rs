@@ -12,7 +12,7 @@ use super::State;
 use super::metrics::{Latency, Metrics};
 use crate::manifest::Route;
 use crate::route::{Method, Router};
-use crate::{Executor, PluginManager, PluginState, Value};
+use crate::{Executor, PluginManager, Value};
 
 /// Where a matched request goes.
 #[derive(Clone)]
@@ -37,7 +37,9 @@ impl RouteTable {
     pub(crate) fn build(manager: &PluginManager, metrics: &Metrics) -> RouteTable {
         let mut table = RouteTable::default();
         for info in manager.list() {
-            if info.state != PluginState::Loaded {
+            // A plugin whose process restarts keeps its routes: they answer
+            // 503 meanwhile, not 404.
+            if !info.state.in_service() {
                 continue;
             }
             let Ok((manifest, executor)) = manager.get_plugin(&info.name) else {
