@@ -1,17 +1,24 @@
 //! Compiles `proto/*.proto` with protox (pure Rust: no system `protoc`
-//! needed), for the `server` feature.
+//! needed): the goplugin `plugin.Plugin` service for the `exec` feature
+//! (its client calls exec plugins), and with `server` its server side and
+//! the `dynplug.v1` service.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     const PROTOS: &[&str] = &["proto/dynplug.proto", "proto/plugin.proto"];
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
-    #[cfg(feature = "server")]
+    #[cfg(feature = "exec")]
     {
-        let fds = protox::compile(PROTOS, ["proto"])?;
+        let protos: &[&str] = if cfg!(feature = "server") {
+            PROTOS
+        } else {
+            &["proto/plugin.proto"]
+        };
+        let fds = protox::compile(protos, ["proto"])?;
         tonic_prost_build::configure()
             .build_client(true)
-            .build_server(true)
+            .build_server(cfg!(feature = "server"))
             .compile_fds(fds)?;
     }
     Ok(())

@@ -44,13 +44,16 @@ pub enum Error {
         what: String,
     },
 
-    /// The artifact's SHA-256 differs from the manifest's `sha256`.
-    #[error("{plugin}: {path}: sha256 mismatch: manifest says {expected}, file has {found}")]
+    /// The artifact's checksum differs from the manifest's (`sha256`, or
+    /// `md5` for exec plugins).
+    #[error("{plugin}: {path}: {algorithm} mismatch: manifest says {expected}, file has {found}")]
     Checksum {
         /// The plugin.
         plugin: String,
         /// The artifact.
         path: PathBuf,
+        /// `sha256` or `md5`.
+        algorithm: &'static str,
         /// From the manifest.
         expected: String,
         /// Of the bytes read.
@@ -162,6 +165,33 @@ pub enum Error {
         /// The plugin.
         plugin: String,
         /// The plugin's message (or panic message).
+        message: String,
+    },
+
+    /// An exec plugin's process could not be started, or did not become
+    /// ready: not executable, exited at once, or never answered Ping within
+    /// its start timeout.
+    #[error("{plugin}: {path}: cannot start: {reason}{}", stderr_tail(.stderr))]
+    Start {
+        /// The plugin.
+        plugin: String,
+        /// The executable, as the manifest names it.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+        /// The last lines the process wrote to stderr, oldest first.
+        stderr: Vec<String>,
+    },
+
+    /// An exec plugin's reply could not be understood (not its protocol,
+    /// not hex, over the size limit).
+    #[error("{plugin}: {label}: bad reply: {message}")]
+    BadReply {
+        /// The plugin.
+        plugin: String,
+        /// The label called.
+        label: String,
+        /// What is wrong with the reply.
         message: String,
     },
 
@@ -314,6 +344,8 @@ impl Error {
             | Error::MissingRoot { plugin, .. }
             | Error::AbiMismatch { plugin, .. }
             | Error::Init { plugin, .. }
+            | Error::Start { plugin, .. }
+            | Error::BadReply { plugin, .. }
             | Error::Downgrade { plugin, .. }
             | Error::RouteConflict { plugin, .. }
             | Error::Forbidden { plugin, .. }
@@ -345,6 +377,15 @@ impl Error {
                 | Error::Signature { .. }
         )
     }
+}
+
+/// `; stderr: «a» «b»`, or nothing.
+fn stderr_tail(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let quoted: Vec<String> = lines.iter().map(|l| format!("«{l}»")).collect();
+    format!("; last lines on stderr: {}", quoted.join(" "))
 }
 
 fn prefix(plugin: &str) -> String {

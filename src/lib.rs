@@ -48,6 +48,9 @@
 //!   goes through `manager/retire.rs` (`drain.rs`, then `unload`);
 //! * **the request path**: `executor.rs` → `version.rs` → the kind's
 //!   `execute`; the façades enter through `serve/` (see its module docs).
+//! * Exec plugins (`source.mode = "exec"`, feature `exec`) are programs in
+//!   any language that speak goplugin's REST or gRPC protocol; dynplug
+//!   starts, supervises and restarts them. See `docs/exec-plugins.md`.
 //!
 //! # Safety model
 //!
@@ -58,8 +61,9 @@
 //! bytes before any of its code runs; a panic is caught inside the plugin and
 //! returned as [`Error::Panic`]; a hanging `init` holds up only its own
 //! plugin; and nothing a plugin allocates outlives a call, so unloading
-//! leaves nothing dangling. All `unsafe` code lives in one module
-//! (`native::ffi`). `docs/safety.md` says precisely what runs when.
+//! leaves nothing dangling. The `unsafe` code lives in `native::ffi`, and in
+//! `exec::parent_death` (the few lines a child runs between `fork` and
+//! `exec`). `docs/safety.md` says precisely what runs when.
 
 mod build;
 mod context;
@@ -67,6 +71,8 @@ mod digest;
 mod drain;
 mod error;
 mod event;
+#[cfg(feature = "exec")]
+mod exec;
 mod executor;
 mod manager;
 pub mod manifest;
@@ -74,6 +80,8 @@ mod native;
 mod origin;
 pub mod package;
 mod private_dir;
+#[cfg(feature = "exec")]
+mod proto;
 // Public for the fuzz targets, the property tests and the binary, not API.
 #[doc(hidden)]
 pub mod route;
@@ -90,14 +98,16 @@ mod watch;
 pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
 pub use event::{Event, Events, EventsError};
+#[cfg(feature = "exec")]
+pub use exec::REPLY_KEY;
 pub use executor::Executor;
-pub use manager::{Builder, LoadReport, PluginManager, verify};
+pub use manager::{Builder, LoadReport, PluginManager, Verified, verify, verify_report};
 pub use manifest::{Isolation, Manifest};
 pub use plugin_abi::{Value, ValueError};
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
-pub use slot::{CallCounts, PluginInfo, PluginState, RetiredVersion};
+pub use slot::{CallCounts, PluginInfo, PluginState, ProcessInfo, RetiredVersion};
 
 /// Entry points for the fuzz targets (`fuzz/`) and property tests: not API.
 #[doc(hidden)]

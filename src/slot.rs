@@ -33,6 +33,13 @@ pub enum PluginState {
     Retained,
     /// Taken out of service, but its code is still mapped (see the error).
     Leaked,
+    /// In service, but its process is down and being started again: calls
+    /// fail with `Unavailable` meanwhile.
+    Restarting,
+    /// In service, but its process crashed several times in a row soon
+    /// after starting: it is restarted with a growing delay, and calls
+    /// fail with `Unavailable` meanwhile.
+    CrashLoop,
 }
 
 impl PluginState {
@@ -45,7 +52,18 @@ impl PluginState {
             PluginState::Unloaded => "unloaded",
             PluginState::Retained => "retained",
             PluginState::Leaked => "leaked",
+            PluginState::Restarting => "restarting",
+            PluginState::CrashLoop => "crash_loop",
         }
+    }
+
+    /// Whether a version is in service (routes mounted, listed as the
+    /// plugin's): loaded, or loaded with its process restarting.
+    pub fn in_service(self) -> bool {
+        matches!(
+            self,
+            PluginState::Loaded | PluginState::Restarting | PluginState::CrashLoop
+        )
     }
 }
 
@@ -76,6 +94,29 @@ pub struct PluginInfo {
     /// Versions taken out of service whose code stays mapped: `inline`
     /// versions (retained on purpose) and leaked ones, oldest first.
     pub retired: Vec<RetiredVersion>,
+    /// For plugins that run as a process (`exec`): that process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessInfo>,
+}
+
+/// One plugin process, as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ProcessInfo {
+    /// The running process, if one is up.
+    pub pid: Option<u32>,
+    /// Where it listens: `127.0.0.1:PORT` or `unix:PATH`.
+    pub address: String,
+    /// `rest` or `grpc`.
+    pub protocol: String,
+    /// Times the process was started again after going down.
+    pub restarts: u64,
+    /// Crashes in a row (0 once a process runs long enough).
+    pub crashes_in_row: u32,
+    /// How the last process ended, e.g. `killed by SIGKILL`.
+    pub last_exit: Option<String>,
+    /// The last lines the processes wrote (`[pid stream] text`), oldest first.
+    pub logs: Vec<String>,
 }
 
 /// A version taken out of service that is still mapped.
@@ -212,8 +253,9 @@ impl Slot {
     }
 
     pub(crate) fn info(&self) -> PluginInfo {
+        let current = self.current.load();
         let status = self.status();
-        PluginInfo {
+        let mut info = PluginInfo {
             name: self.name.clone(),
             version: status.version.clone(),
             mode: status.mode.clone(),
@@ -225,7 +267,17 @@ impl Slot {
             unloads: status.unloads,
             calls: self.stats.snapshot(),
             retired: status.retired.clone(),
+            process: None,
+        };
+        if let Some(version) = current.as_ref() {
+            info.process = version.process();
+            if info.state == PluginState::Loaded
+                && let Some(state) = version.down_state()
+            {
+                info.state = state;
+            }
         }
+        info
     }
 
     /// Records `version` as serving.

@@ -16,9 +16,12 @@ use std::sync::Arc;
 
 use crate::Context;
 use crate::error::{Error, Result};
+#[cfg(feature = "exec")]
+use crate::exec::{ExecOptions, ExecVersion};
 use crate::manifest::{Isolation, Manifest, Source};
 use crate::native::{NativeOptions, NativeVersion};
 use crate::signing::{Seal, Trust};
+use crate::slot::{PluginState, ProcessInfo};
 
 /// What a plugin's entry reported.
 #[derive(Debug)]
@@ -42,6 +45,8 @@ pub(crate) enum Ending {
 /// How a version's calls are carried out: one variant per plugin kind.
 pub(crate) enum Backend {
     Native(NativeVersion),
+    #[cfg(feature = "exec")]
+    Exec(ExecVersion),
 }
 
 pub(crate) struct Version {
@@ -53,6 +58,8 @@ pub(crate) struct Version {
 #[derive(Debug, Clone)]
 pub(crate) struct LoadOptions {
     pub(crate) native: NativeOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) exec: ExecOptions,
     /// Which signatures loads require and accept.
     pub(crate) trust: Arc<Trust>,
     /// Where `remote_git` plugins are built.
@@ -63,6 +70,8 @@ pub(crate) struct LoadOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Native,
+    #[cfg(feature = "exec")]
+    Exec,
     /// Built from a git repository, then run as `Native`.
     RemoteGit,
 }
@@ -83,9 +92,24 @@ impl Kind {
                 Err(unsupported("isolation \"process\"".into()))
             }
             (Source::RemoteGit { .. }, _) => Ok(Kind::RemoteGit),
+            #[cfg(feature = "exec")]
+            (Source::Exec { .. }, _) => Ok(Kind::Exec),
+            #[cfg(not(feature = "exec"))]
+            (Source::Exec { .. }, _) => Err(unsupported(
+                "source.mode \"exec\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
             (source, _) => Err(unsupported(format!("source.mode \"{}\"", source.mode()))),
         }
     }
+}
+
+fn compatible() -> String {
+    format!(
+        "compatible with this host's plugin ABI {}.{}",
+        crate::ABI_VERSION.0,
+        crate::ABI_VERSION.1
+    )
 }
 
 impl Version {
@@ -115,6 +139,8 @@ impl Version {
             Kind::Native => {
                 Backend::Native(NativeVersion::load(&manifest, dir, &options.native, check)?)
             }
+            #[cfg(feature = "exec")]
+            Kind::Exec => Backend::Exec(ExecVersion::load(&manifest, dir, &options.exec, check)?),
             Kind::RemoteGit => {
                 // The signature covers the manifest (which pins `rev`):
                 // the library is built here, so it has no signed digest.
@@ -137,13 +163,19 @@ impl Version {
     }
 
     /// Checks a plugin as far as can be done without serving it (see
-    /// [`crate::verify`]).
-    pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<()> {
+    /// [`crate::verify`]); says what was checked.
+    pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<String> {
         match Kind::of(manifest, dir)? {
-            Kind::Native => crate::native::verify(manifest, dir, &options.native),
+            Kind::Native => {
+                crate::native::verify(manifest, dir, &options.native)?;
+                Ok(compatible())
+            }
+            #[cfg(feature = "exec")]
+            Kind::Exec => crate::exec::verify(manifest, dir, &options.exec),
             Kind::RemoteGit => {
                 let built = crate::build::build(manifest, dir, &options.build)?;
-                crate::native::verify(&built.manifest, &built.dir, &options.native)
+                crate::native::verify(&built.manifest, &built.dir, &options.native)?;
+                Ok(format!("built from source, {}", compatible()))
             }
         }
     }
@@ -154,6 +186,8 @@ impl Version {
     pub(crate) fn is_inline(&self) -> bool {
         match &self.backend {
             Backend::Native(native) => native.is_inline(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(_) => false,
         }
     }
 
@@ -166,6 +200,8 @@ impl Version {
         ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.execute(ctx)?,
         };
         self.settle(ctx, outcome)
     }
@@ -175,6 +211,8 @@ impl Version {
         ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.execute_async(ctx).await?,
         };
         self.settle(ctx, outcome)
     }
@@ -232,6 +270,8 @@ impl Version {
     pub(crate) fn unload(&mut self) -> Ending {
         match &mut self.backend {
             Backend::Native(native) => native.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.unload(),
         }
     }
 
@@ -240,6 +280,8 @@ impl Version {
     pub(crate) fn busy(&self) -> usize {
         match &self.backend {
             Backend::Native(native) => native.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.busy(),
         }
     }
 
@@ -248,6 +290,27 @@ impl Version {
     pub(crate) fn artifact(&self) -> String {
         match &self.backend {
             Backend::Native(native) => native.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.artifact(),
+        }
+    }
+
+    /// The plugin's process, for kinds that run one.
+    pub(crate) fn process(&self) -> Option<ProcessInfo> {
+        match &self.backend {
+            Backend::Native(_) => None,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => Some(exec.process()),
+        }
+    }
+
+    /// The state to show instead of `Loaded` while the version's process
+    /// is down.
+    pub(crate) fn down_state(&self) -> Option<PluginState> {
+        match &self.backend {
+            Backend::Native(_) => None,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.down_state(),
         }
     }
 }

@@ -247,7 +247,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
         "hello",
         "not-yet",
         Some(
-            r#"{"name": "not-yet", "version": "1.0.0", "source": {"mode": "exec", "path": "x", "protocol": "grpc"}}"#,
+            r#"{"name": "not-yet", "version": "1.0.0", "source": {"mode": "socket", "path": "/run/x.sock", "protocol": "grpc"}}"#,
         ),
     );
     install_as(
@@ -316,7 +316,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     assert!(matches!(failed["typo"], Error::Manifest { field, .. } if field == "isolaton"));
     assert!(matches!(failed["not-yet"], Error::Unsupported { .. }));
     assert!(
-        text("not-yet").contains("source.mode \"exec\" is not supported yet"),
+        text("not-yet").contains("source.mode \"socket\" is not supported yet"),
         "{}",
         text("not-yet")
     );

@@ -134,7 +134,10 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
-    /// Check one plugin directory or `.plg` (manifest, checksum, signature, ABI) without running the plugin.
+    /// Check one plugin directory or `.plg` without running the plugin: the
+    /// unpacking rules, the manifest, the signature, and the artifact
+    /// (native: checksum, header, ABI; exec: the executable, its checksums
+    /// and format; no process is started).
     Verify {
         /// The plugin directory or package.
         #[arg(value_name = "DIR|PLG")]

@@ -31,7 +31,8 @@ pub(crate) fn verify(path: &Path, trust: &TrustArgs) -> anyhow::Result<ExitCode>
     } else {
         path.to_owned()
     };
-    let manifest = dynplug::verify(&dir)?;
+    let verified = dynplug::verify_report(&dir)?;
+    let manifest = &verified.manifest;
     let keys = trust.keys()?;
     let signer = dynplug::signing::signer_of(&dir, &keys)?;
     let signed = match &signer {
@@ -48,13 +49,12 @@ pub(crate) fn verify(path: &Path, trust: &TrustArgs) -> anyhow::Result<ExitCode>
         );
     }
     println!(
-        "ok: {} {} ({}, {}; compatible with this host's plugin ABI {}.{}; {signed})",
+        "ok: {} {} ({}, {}; {}; {signed})",
         manifest.name,
         manifest.version,
         manifest.source.mode(),
         manifest.isolation.as_str(),
-        dynplug::ABI_VERSION.0,
-        dynplug::ABI_VERSION.1
+        verified.checked
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -32,6 +32,7 @@ pub struct Builder {
     require_signatures: bool,
     build_cache: Option<PathBuf>,
     build_timeout: Duration,
+    host_name: String,
 }
 
 impl Builder {
@@ -53,6 +54,7 @@ impl Builder {
             require_signatures: false,
             build_cache: None,
             build_timeout: Duration::from_secs(600),
+            host_name: "dynplug".into(),
         }
     }
 
@@ -60,7 +62,9 @@ impl Builder {
     /// loaded from memory (default `<base>/.dynplug/shadow`; on Linux a
     /// sealed memfd is used and nothing is written). Created `0700`; a
     /// directory owned by another user or writable by others is refused.
-    /// Must be on a filesystem that allows executable mappings.
+    /// Must be on a filesystem that allows executable mappings. Exec
+    /// plugins' private copies (and Unix sockets) go in its `exec`
+    /// subdirectory (default `<base>/.dynplug/exec`).
     #[must_use]
     pub fn shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.shadow_dir = Some(dir.into());
@@ -117,8 +121,8 @@ impl Builder {
         self
     }
 
-    /// The largest library file loaded (default 256 MiB); a larger one is
-    /// refused with [`Error::Io`] before it is read.
+    /// The largest library or exec plugin executable loaded (default 256
+    /// MiB); a larger one is refused with [`Error::Io`] before it is read.
     #[must_use]
     pub fn max_library_size(mut self, bytes: u64) -> Self {
         self.max_library_size = bytes;
@@ -190,6 +194,15 @@ impl Builder {
         self
     }
 
+    /// The name exec plugins see as the caller: goplugin's `X-Host` header
+    /// (REST) and `x-host` metadata (gRPC), which goplugin plugins may check
+    /// against their list of allowed hosts (default `dynplug`).
+    #[must_use]
+    pub fn host_name(mut self, name: impl Into<String>) -> Self {
+        self.host_name = name.into();
+        self
+    }
+
     /// What every load of the manager needs.
     pub(crate) fn load_options(&self) -> LoadOptions {
         LoadOptions {
@@ -201,6 +214,17 @@ impl Builder {
                     .clone()
                     .unwrap_or_else(|| crate::build::BuildOptions::default_cache(&self.base)),
                 timeout: self.build_timeout,
+            },
+            #[cfg(feature = "exec")]
+            exec: crate::exec::ExecOptions {
+                // Copies are executed from here: it must allow it (not noexec).
+                work_dir: match &self.shadow_dir {
+                    Some(shadow) => shadow.join("exec"),
+                    None => self.base.join(".dynplug").join("exec"),
+                },
+                max_size: self.max_library_size,
+                host_name: self.host_name.as_str().into(),
+                events: crate::event::EventSink::default(),
             },
         }
     }
@@ -258,6 +282,9 @@ impl Builder {
                 reason,
             });
         }
+        if let Some(warning) = crate::private_dir::group_writable(&self.base) {
+            tracing::warn!("{warning}");
+        }
         let mut options = self.load_options();
         options.trust = Arc::new(self.trust()?);
         remove_stale(&options.native.shadow_dir);
@@ -267,6 +294,11 @@ impl Builder {
             self.max_library_size,
         ));
         let (events, _) = broadcast::channel(self.event_capacity);
+        #[cfg(feature = "exec")]
+        {
+            crate::exec::remove_stale(&options.exec.work_dir);
+            options.exec.events = crate::event::EventSink::new(events.clone());
+        }
         Ok(PluginManager {
             inner: Arc::new(Inner {
                 base: self.base,

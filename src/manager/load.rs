@@ -17,6 +17,9 @@ use crate::origin::Origin;
 use crate::slot::{PluginState, Slot};
 use crate::version::Version;
 
+/// How many plugins `load_plugins` loads at once.
+const LOADERS: usize = 16;
+
 /// What the watcher does after syncing a plugin.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Next {
@@ -37,9 +40,10 @@ impl PluginManager {
         let names = self.scan()?;
         let next = AtomicUsize::new(0);
         let results = Mutex::new(Vec::with_capacity(names.len()));
-        let threads = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .min(names.len());
+        // More loaders than cores: a load mostly waits (on the disk, on
+        // dlopen's lock, on an `init` that may hang until `init_timeout`),
+        // and a few slow plugins must not hold up all the others.
+        let threads = LOADERS.min(names.len());
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 scope.spawn(|| {

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use ffi::{Library, OpenError};
 pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
 use header::Refusal;
+#[cfg(feature = "exec")]
+pub(crate) use header::host_architecture;
 use image::Image;
 pub(crate) use image::remove_stale;
 use pool::{Pool, Refused, Reply, Stuck};
@@ -533,11 +535,11 @@ fn open_checked(
         return Err(Error::Checksum {
             plugin,
             path,
+            algorithm: "sha256",
             expected: expected.clone(),
             found,
         });
     }
-
     let checked = header::inspect(&bytes).map_err(|refusal| match refusal {
         Refusal::NotALibrary(message) => Error::BadLibrary {
             plugin: plugin.clone(),

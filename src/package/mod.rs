@@ -334,6 +334,7 @@ fn check_contents(dir: &Path, shown: &Path) -> Result<Manifest> {
             return Err(Error::Checksum {
                 plugin: manifest.name.clone(),
                 path: shown.join(library.strip_prefix(dir).unwrap_or(&library)),
+                algorithm: "sha256",
                 expected: expected.clone(),
                 found,
             });

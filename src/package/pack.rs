@@ -83,6 +83,7 @@ fn fill_checksum(
         Some(expected) => Err(Error::Checksum {
             plugin: manifest.name.clone(),
             path: library,
+            algorithm: "sha256",
             expected: expected.clone(),
             found,
         }),

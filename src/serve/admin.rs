@@ -108,7 +108,7 @@ async fn reload(Extract(state): Extract<State>, Path(name): Path<String>) -> Res
         }))
         .into_response(),
         Ok(Err(e)) => e.into_response(),
-        Err(e) => super::http::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+        Err(e) => super::reply::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
     }
 }
 
@@ -146,7 +146,7 @@ async fn upload(Extract(state): Extract<State>, body: axum::body::Bytes) -> Resp
         }))
         .into_response(),
         Ok(Err(e)) => e.into_response(),
-        Err(e) => super::http::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+        Err(e) => super::reply::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
     }
 }
 
@@ -160,10 +160,10 @@ async fn unload(Extract(state): Extract<State>, Path(name): Path<String>) -> Res
         }
         // Not serving: retrying will not help, so not the 503 of a call.
         Ok(Err(e @ Error::Unavailable { .. })) => {
-            super::http::error_json(StatusCode::CONFLICT, &e.to_string(), Some(&name))
+            super::reply::error_json(StatusCode::CONFLICT, &e.to_string(), Some(&name))
         }
         Ok(Err(e)) => e.into_response(),
-        Err(e) => super::http::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+        Err(e) => super::reply::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
     }
 }
 

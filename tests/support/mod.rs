@@ -52,6 +52,9 @@ pub const SAMPLES: &[&str] = &[
     "pinned",
 ];
 
+/// The exec plugin samples (programs, not libraries).
+pub const EXEC_SAMPLES: &[&str] = &["exec-rest", "exec-grpc"];
+
 /// The workspace root.
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -70,7 +73,7 @@ pub fn built() -> &'static Path {
         if release {
             cmd.arg("--release");
         }
-        for name in SAMPLES {
+        for name in SAMPLES.iter().chain(EXEC_SAMPLES) {
             cmd.args(["-p", name]);
         }
         let status = cmd
@@ -91,6 +94,28 @@ pub fn library(sample: &str) -> PathBuf {
         std::env::consts::DLL_EXTENSION
     );
     built().join(file)
+}
+
+/// Installs an exec sample as `<base>/<name>` with its own manifest, or
+/// `manifest` (whose `name` must be `name`); returns the plugin directory.
+pub fn install_exec(base: &Path, sample: &str, name: &str, manifest: Option<&str>) -> PathBuf {
+    let staging = base.join(format!(".{name}.staging"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::copy(built().join(sample), staging.join(sample)).unwrap();
+    let text = match manifest {
+        Some(text) => text.to_owned(),
+        None => std::fs::read_to_string(
+            root()
+                .join("sample-plugins")
+                .join(sample)
+                .join("plugin.json"),
+        )
+        .unwrap(),
+    };
+    std::fs::write(staging.join("plugin.json"), text).unwrap();
+    replace_dir(&staging, &base.join(name));
+    base.join(name)
 }
 
 /// Installs a sample as `<base>/<sample>` and returns the plugin directory.
