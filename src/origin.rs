@@ -97,6 +97,9 @@ impl Origin {
         if !dir.is_dir() {
             return newest.map(|(_, path)| Origin::Package(path));
         }
+        if newest.is_none() {
+            return Some(Origin::Dir(dir));
+        }
         let dir_version = Manifest::from_dir(&dir).ok().map(|m| m.version);
         match (newest, dir_version) {
             (Some((version, path)), Some(dir_version)) if version > dir_version => {
