@@ -42,13 +42,18 @@ pub(crate) struct Opened {
     pub(crate) manifest: Manifest,
     pub(crate) seal: Seal,
     dir: PathBuf,
-    _unpacked: Option<Unpacked>,
+    unpacked: Option<Unpacked>,
 }
 
 impl Opened {
     /// Where relative artifact paths of the manifest resolve.
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The unpacked copy of a package, for the version to keep or drop.
+    pub(crate) fn into_unpacked(self) -> Option<Unpacked> {
+        self.unpacked
     }
 }
 
@@ -131,7 +136,7 @@ impl Origin {
                     seal: Seal::read(dir, &bytes),
                     manifest,
                     dir: dir.clone(),
-                    _unpacked: None,
+                    unpacked: None,
                 })
             }
             Origin::Package(path) => {
@@ -151,7 +156,7 @@ impl Origin {
                         .shown_as(path.join(crate::signing::SIGNATURE_FILE)),
                     manifest,
                     dir: unpacked.dir().to_owned(),
-                    _unpacked: Some(unpacked),
+                    unpacked: Some(unpacked),
                 })
             }
         }

@@ -52,6 +52,10 @@ pub(crate) enum Backend {
 pub(crate) struct Version {
     pub(crate) manifest: Arc<Manifest>,
     backend: Backend,
+    /// The unpacked package an exec version runs in (its program's working
+    /// directory, also at restarts); removed when the version goes.
+    #[cfg(feature = "exec")]
+    _files: Option<crate::package::Unpacked>,
 }
 
 /// What the manager needs to load any kind of plugin.
@@ -159,7 +163,20 @@ impl Version {
         Ok(Version {
             manifest: Arc::new(manifest),
             backend,
+            #[cfg(feature = "exec")]
+            _files: None,
         })
+    }
+
+    /// Keeps the unpacked package the version was loaded from, if its kind
+    /// runs from files; a native version runs from its own image and lets
+    /// the copy go at once.
+    pub(crate) fn keep_files(&mut self, unpacked: Option<crate::package::Unpacked>) {
+        match &self.backend {
+            Backend::Native(_) => drop(unpacked),
+            #[cfg(feature = "exec")]
+            Backend::Exec(_) => self._files = unpacked,
+        }
     }
 
     /// Checks a plugin as far as can be done without serving it (see

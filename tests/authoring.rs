@@ -419,3 +419,43 @@ fn every_command_has_help() {
         assert!(help.contains("Usage: dynplug"), "{command}: {help}");
     }
 }
+
+/// `dynplug new --kind exec`: a program speaking goplugin's REST protocol,
+/// unit-tested, packed, installed and called; it runs from the unpacked
+/// package, which stays while the version serves.
+#[test]
+fn an_exec_plugin_crate_from_new_to_call() {
+    let work = tempfile::tempdir().unwrap();
+    let plugins = work.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    run(dynplug()
+        .args(["new", "shouter", "--kind", "exec", "--path"])
+        .arg(work.path()));
+    let krate = work.path().join("shouter");
+    std::fs::copy(support::root().join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = run(Command::new(cargo)
+        .args(["test", "--quiet"])
+        .current_dir(&krate)
+        .env("CARGO_TARGET_DIR", target())
+        .env("CARGO_NET_OFFLINE", "true"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 passed"));
+    run(dynplug()
+        .arg("pack")
+        .arg(&krate)
+        .arg("--out")
+        .arg(work.path()));
+    let package = work.path().join("shouter-0.1.0.plg");
+    run(dynplug()
+        .arg("install")
+        .arg(&package)
+        .arg("--plugins")
+        .arg(&plugins));
+    // A relative plugins directory, as an operator types it.
+    let out = run(dynplug()
+        .current_dir(work.path())
+        .args(["call", "--plugins", "plugins", "shouter"])
+        .args(["--label", "shouter.hello", "--set", "name=Ada"]));
+    let values: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(values["greeting"], "hello, Ada");
+}

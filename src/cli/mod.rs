@@ -163,6 +163,10 @@ enum Command {
         /// checkout when built from source, else its crates.io version].
         #[arg(long, env = "DYNPLUG_PLUGIN_ABI", value_name = "DIR")]
         plugin_abi: Option<PathBuf>,
+        /// A native plugin (a cdylib the host loads), or an exec plugin (a
+        /// program the host starts and calls over goplugin's REST protocol).
+        #[arg(long, value_enum, default_value_t = new::Kind::Native)]
+        kind: new::Kind,
     },
     /// Build a plugin crate, serve it, and rebuild and hot-upgrade it on every save.
     Dev {
@@ -421,9 +425,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             name,
             path,
             plugin_abi,
+            kind,
         } => {
             let parent = path.unwrap_or_else(|| PathBuf::from("."));
-            let dir = new::create(&name, &parent, &new::AbiSource::choose(plugin_abi))?;
+            let abi = new::AbiSource::choose(plugin_abi);
+            let dir = new::create(&name, &parent, kind, &abi)?;
             println!("created {}: cd there, then `dynplug dev`", dir.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -1,5 +1,7 @@
 //! `dynplug new NAME`: a plugin crate that builds and loads the first time,
-//! with a unit test of its `execute`.
+//! with a unit test of its `execute`: a native plugin (a `cdylib` against
+//! `plugin-abi`), or with `--kind exec` a program speaking goplugin's REST
+//! protocol.
 
 use std::path::{Path, PathBuf};
 
@@ -40,8 +42,23 @@ impl AbiSource {
     }
 }
 
+/// Which kind of plugin the crate builds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Kind {
+    /// A `cdylib` loaded into the host (`source.mode = "local_so"`).
+    #[default]
+    Native,
+    /// A program the host starts and calls over REST (`source.mode = "exec"`).
+    Exec,
+}
+
 /// Writes the crate `dir/NAME` and returns its directory.
-pub(crate) fn create(name: &str, parent: &Path, abi: &AbiSource) -> anyhow::Result<PathBuf> {
+pub(crate) fn create(
+    name: &str,
+    parent: &Path,
+    kind: Kind,
+    abi: &AbiSource,
+) -> anyhow::Result<PathBuf> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && name.len() <= 64
         && name
@@ -57,16 +74,10 @@ pub(crate) fn create(name: &str, parent: &Path, abi: &AbiSource) -> anyhow::Resu
         bail!("{} already exists", dir.display());
     }
     let lib = name.replace('-', "_");
-    let files = [
-        ("Cargo.toml", cargo_toml(name, abi)),
-        ("src/lib.rs", LIB_RS.replace("NAME", name)),
-        (
-            "plugin.json",
-            PLUGIN_JSON.replace("LIB", &lib).replace("NAME", name),
-        ),
-        ("README.md", README.replace("NAME", name)),
-        (".gitignore", "/target\n".to_owned()),
-    ];
+    let files = match kind {
+        Kind::Native => native_files(name, &lib, abi),
+        Kind::Exec => exec_files(name),
+    };
     std::fs::create_dir_all(dir.join("src"))
         .with_context(|| format!("creating {}", dir.display()))?;
     for (file, text) in files {
@@ -74,6 +85,29 @@ pub(crate) fn create(name: &str, parent: &Path, abi: &AbiSource) -> anyhow::Resu
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(dir)
+}
+
+fn native_files(name: &str, lib: &str, abi: &AbiSource) -> [(&'static str, String); 5] {
+    [
+        ("Cargo.toml", cargo_toml(name, abi)),
+        ("src/lib.rs", LIB_RS.replace("NAME", name)),
+        (
+            "plugin.json",
+            PLUGIN_JSON.replace("LIB", lib).replace("NAME", name),
+        ),
+        ("README.md", README.replace("NAME", name)),
+        (".gitignore", "/target\n".to_owned()),
+    ]
+}
+
+fn exec_files(name: &str) -> [(&'static str, String); 5] {
+    [
+        ("Cargo.toml", EXEC_CARGO_TOML.replace("NAME", name)),
+        ("src/main.rs", EXEC_MAIN_RS.replace("NAME", name)),
+        ("plugin.json", EXEC_PLUGIN_JSON.replace("NAME", name)),
+        ("README.md", README.replace("NAME", name)),
+        (".gitignore", "/target\n".to_owned()),
+    ]
 }
 
 fn cargo_toml(name: &str, abi: &AbiSource) -> String {
@@ -169,4 +203,175 @@ dynplug dev                     # build, serve, rebuild and hot-upgrade on save
 curl http://127.0.0.1:8080/api/NAME/Ada
 dynplug pack                    # NAME-0.1.0.plg, ready to drop into a plugins directory
 ```
+"#;
+
+const EXEC_CARGO_TOML: &str = r#"[package]
+name = "NAME"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+# An exec plugin: a program the dynplug host starts and calls over
+# goplugin's REST protocol. Any language would do; this one is Rust.
+[dependencies]
+http-body-util = "0.1"
+hyper = { version = "1", features = ["server", "http1"] }
+hyper-util = { version = "0.1", features = ["tokio"] }
+serde_json = "1"
+tokio = { version = "1", features = ["rt", "net"] }
+
+# A workspace of its own, so the crate builds wherever it is created.
+[workspace]
+"#;
+
+const EXEC_PLUGIN_JSON: &str = r#"{
+  "name": "NAME",
+  "version": "0.1.0",
+  "description": "A dynplug exec plugin",
+  "source": { "mode": "exec", "path": "NAME", "protocol": "rest" },
+  "http_services": {
+    "routes": [
+      { "route": "/api/NAME/:name", "method": "GET", "label": "NAME.hello" }
+    ]
+  }
+}
+"#;
+
+const EXEC_MAIN_RS: &str = r#"//! NAME: a dynplug exec plugin over goplugin's REST protocol: `GET /ping`,
+//! and `POST /exec` with `{"command", "payload"}`, the payload being the
+//! hex of a JSON object of the call's values. It listens where the host
+//! says: `--port N` on 127.0.0.1, or `--socket PATH`.
+
+use std::convert::Infallible;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Map, Value, json};
+
+/// Runs one call: the label (`command`) says which operation, the values
+/// come in and go out as a JSON object. Over HTTP the reply is what it
+/// returns: `{"greeting": "hello, Ada"}`.
+fn execute(command: &str, values: &Map<String, Value>) -> Result<Value, String> {
+    match command {
+        "NAME.hello" => {
+            // A value set by the caller, else the route's `:name`.
+            let who = values
+                .get("name")
+                .or_else(|| values.get("params")?.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or("world");
+            Ok(json!({ "greeting": format!("hello, {who}") }))
+        }
+        other => Err(format!("unknown label {other}")),
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut port, mut socket) = (None, None);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" | "-port" => port = args.next(),
+            "--socket" => socket = args.next(),
+            _ => {}
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        if let Some(path) = socket {
+            let listener = tokio::net::UnixListener::bind(path)?;
+            loop {
+                let (stream, _) = listener.accept().await?;
+                tokio::spawn(serve(stream));
+            }
+        } else {
+            let port = port.unwrap_or_default();
+            let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
+            loop {
+                let (stream, _) = listener.accept().await?;
+                stream.set_nodelay(true)?;
+                tokio::spawn(serve(stream));
+            }
+        }
+    })
+}
+
+async fn serve<S>(stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let service = hyper::service::service_fn(handle);
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await;
+}
+
+async fn handle(request: Request<Incoming>) -> Result<Response<String>, Infallible> {
+    let (status, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/ping") => (
+            StatusCode::OK,
+            json!({"status": "success", "data": {"response": "pong"}}),
+        ),
+        (&Method::POST, "/exec") => match request.into_body().collect().await {
+            Ok(body) => exec(&body.to_bytes()),
+            Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        },
+        _ => error(StatusCode::NOT_FOUND, "not found"),
+    };
+    let mut response = Response::new(body.to_string());
+    *response.status_mut() = status;
+    Ok(response)
+}
+
+fn exec(body: &[u8]) -> (StatusCode, Value) {
+    let request: Value = serde_json::from_slice(body).unwrap_or_default();
+    let command = request["command"].as_str().unwrap_or_default();
+    let payload = unhex(request["payload"].as_str().unwrap_or_default());
+    let values: Map<String, Value> = serde_json::from_slice(&payload).unwrap_or_default();
+    match execute(command, &values) {
+        Ok(out) => (
+            StatusCode::OK,
+            json!({"status": "success", "data": {"response": hex(out.to_string().as_bytes())}}),
+        ),
+        // An application error: the host reports it, and never retries it.
+        Err(message) => error(StatusCode::BAD_REQUEST, &message),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> (StatusCode, Value) {
+    (status, json!({"status": "error", "message": message}))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len() / 2)
+        .filter_map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Map, Value, json};
+
+    use super::execute;
+
+    #[test]
+    fn says_hello() {
+        let values: Map<String, Value> = [("name".to_owned(), json!("Ada"))].into_iter().collect();
+        let out = execute("NAME.hello", &values).unwrap();
+        assert_eq!(out, json!({"greeting": "hello, Ada"}));
+    }
+
+    #[test]
+    fn refuses_unknown_labels() {
+        assert!(execute("NAME.nope", &Map::new()).is_err());
+    }
+}
 "#;

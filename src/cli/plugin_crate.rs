@@ -45,7 +45,8 @@ impl PluginCrate {
         Ok(Manifest::parse(&bytes, &path, "")?)
     }
 
-    /// `cargo build` (`--release` if asked): the cdylib it produced, or the
+    /// `cargo build` (`--release` if asked): the cdylib it produced (the
+    /// executable, for an exec plugin), or the
     /// compiler's last lines. Diagnostics are also shown on our stderr when
     /// `show` is set.
     pub(crate) fn build(&self, release: bool, show: bool) -> Result<PathBuf, BuildFailed> {
@@ -53,7 +54,7 @@ impl PluginCrate {
         let mut command = Command::new(cargo);
         command
             .current_dir(&self.dir)
-            .args(["build", "--lib", "--message-format=json-render-diagnostics"])
+            .args(["build", "--message-format=json-render-diagnostics"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -71,6 +72,14 @@ impl PluginCrate {
             return Err(BuildFailed(tail(&stderr, TAIL_LINES)));
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
+        let exec = self
+            .manifest()
+            .is_ok_and(|m| matches!(m.source, dynplug::manifest::Source::Exec { .. }));
+        if exec {
+            return executable_of(&stdout).ok_or_else(|| {
+                BuildFailed("cargo built no executable: an exec plugin crate needs a binary".into())
+            });
+        }
         cdylib_of(&stdout).ok_or_else(|| {
             BuildFailed(
                 "cargo built no cdylib: the crate needs `[lib] crate-type = [\"cdylib\"]`".into(),
@@ -88,9 +97,15 @@ impl PluginCrate {
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging)?;
         std::fs::copy(self.dir.join("plugin.json"), staging.join("plugin.json"))?;
+        // The library of `local_so`, the executable of `exec` (copied with
+        // its execute bit).
         let target = manifest
-            .library_path(&staging)
-            .context("plugin.json must say source.mode \"local_so\" for a crate")?;
+            .artifact_path(&staging)
+            .filter(|path| path.starts_with(&staging))
+            .context("plugin.json must say source.mode \"local_so\" or \"exec\" (with a relative path) for a crate")?;
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         std::fs::copy(library, &target)
             .with_context(|| format!("copying {}", library.display()))?;
         replace_dir(&staging, &dest)?;
@@ -134,6 +149,16 @@ fn cdylib_of(messages: &str) -> Option<PathBuf> {
                     .then(|| PathBuf::from(f))
             })
         })
+        .next_back()
+}
+
+/// The executable of the last `compiler-artifact` message that has one.
+fn executable_of(messages: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
         .next_back()
 }
 

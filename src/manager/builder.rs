@@ -218,10 +218,12 @@ impl Builder {
             #[cfg(feature = "exec")]
             exec: crate::exec::ExecOptions {
                 // Copies are executed from here: it must allow it (not noexec).
-                work_dir: match &self.shadow_dir {
+                // Absolute: the program starts in its plugin directory, where
+                // a relative path to its copy would not resolve.
+                work_dir: absolute(match &self.shadow_dir {
                     Some(shadow) => shadow.join("exec"),
                     None => self.base.join(".dynplug").join("exec"),
-                },
+                }),
                 max_size: self.max_library_size,
                 host_name: self.host_name.as_str().into(),
                 events: crate::event::EventSink::default(),
@@ -315,4 +317,10 @@ impl Builder {
             }),
         })
     }
+}
+
+/// `path` made absolute against the current directory (as it is).
+#[cfg(feature = "exec")]
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
 }

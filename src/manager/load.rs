@@ -184,9 +184,10 @@ impl PluginManager {
         // Checked early to avoid a useless load, and again at the swap.
         self.check_routes(slot, &manifest)?;
         let started = Instant::now();
-        // The package's unpacked copy goes when `opened` does: the version
-        // runs from its own image by then.
-        let version = Version::load(manifest, &opened.seal, opened.dir(), &self.inner.options)?;
+        let mut version = Version::load(manifest, &opened.seal, opened.dir(), &self.inner.options)?;
+        // A native version runs from its own image: the package's unpacked
+        // copy goes now. An exec version keeps it (its working directory).
+        version.keep_files(opened.into_unpacked());
         tracing::debug!(plugin = %slot.name, elapsed = ?started.elapsed(), "loaded and initialised");
         Ok(version)
     }
