@@ -63,6 +63,29 @@ pub struct Manifest {
     /// HTTP routes served by the façade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_services: Option<HttpServices>,
+    /// Resource limits of the child process (`isolation: "process"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// `limits`: resource limits set (`setrlimit`) in the child process of a
+/// plugin with `isolation: "process"`. Going over one is a crash of that
+/// process, reported with its cause; the process is restarted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Address space of the process, in MiB (`RLIMIT_AS`): virtual memory,
+    /// so leave room beyond what the plugin uses (at least 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Open file descriptors (`RLIMIT_NOFILE`; at least 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+    /// CPU time of the process, in seconds (`RLIMIT_CPU`), over its whole
+    /// life: SIGXCPU when it is used up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
 }
 
 /// `source`: where a plugin's code comes from, by `mode`.
@@ -379,6 +402,10 @@ impl Manifest {
                 }
             }
         }
+        if let Some(limits) = &self.limits {
+            validate_limits(limits, self.isolation)
+                .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
+        }
         if let Some(http) = &self.http_services {
             if let Some(driver) = http.driver.as_deref().filter(|d| *d != "axum") {
                 return fail(
@@ -505,6 +532,36 @@ const MAX_FLAG: usize = 64;
 /// Longest duration an exec plugin's manifest may ask for, in milliseconds
 /// (an hour: longer would be a typo, and would not fit some clocks' math).
 const MAX_EXEC_MS: u64 = 3_600_000;
+
+/// `limits`: only for process isolation, each within its bounds.
+fn validate_limits(
+    limits: &Limits,
+    isolation: Isolation,
+) -> std::result::Result<(), (String, String)> {
+    if isolation != Isolation::Process {
+        return Err((
+            "limits".into(),
+            format!(
+                "limits apply to isolation \"process\" only, not \"{}\"",
+                isolation.as_str()
+            ),
+        ));
+    }
+    let fields = [
+        ("limits.memory_mb", limits.memory_mb, 64, 1 << 30),
+        ("limits.open_files", limits.open_files, 16, 1 << 30),
+        ("limits.cpu_seconds", limits.cpu_seconds, 1, 1 << 40),
+    ];
+    for (field, value, min, max) in fields {
+        if let Some(value) = value.filter(|v| !(min..=max).contains(v)) {
+            return Err((
+                field.into(),
+                format!("expected {min} to {max}, found {value}"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// `source` of an `exec` plugin: every field named on error.
 fn validate_exec(source: &Source) -> std::result::Result<(), (String, String)> {

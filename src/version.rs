@@ -20,6 +20,8 @@ use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecVersion};
 use crate::manifest::{Isolation, Manifest, Source};
 use crate::native::{NativeOptions, NativeVersion};
+#[cfg(feature = "exec")]
+use crate::process::{ProcessOptions, ProcessVersion};
 use crate::slot::{PluginState, ProcessInfo};
 
 /// What a plugin's entry reported.
@@ -46,6 +48,9 @@ pub(crate) enum Backend {
     Native(NativeVersion),
     #[cfg(feature = "exec")]
     Exec(ExecVersion),
+    /// A native plugin in a child process (`isolation: "process"`).
+    #[cfg(feature = "exec")]
+    Process(ProcessVersion),
 }
 
 pub(crate) struct Version {
@@ -59,6 +64,8 @@ pub(crate) struct LoadOptions {
     pub(crate) native: NativeOptions,
     #[cfg(feature = "exec")]
     pub(crate) exec: ExecOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) process: ProcessOptions,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
@@ -67,6 +74,8 @@ enum Kind {
     Native,
     #[cfg(feature = "exec")]
     Exec,
+    #[cfg(feature = "exec")]
+    Process,
 }
 
 impl Kind {
@@ -77,9 +86,13 @@ impl Kind {
             what,
         };
         match (&manifest.source, manifest.isolation) {
-            (Source::LocalSo { .. }, Isolation::Process) => {
-                Err(unsupported("isolation \"process\"".into()))
-            }
+            #[cfg(feature = "exec")]
+            (Source::LocalSo { .. }, Isolation::Process) => Ok(Kind::Process),
+            #[cfg(not(feature = "exec"))]
+            (Source::LocalSo { .. }, Isolation::Process) => Err(unsupported(
+                "isolation \"process\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
             (Source::LocalSo { .. }, _) => Ok(Kind::Native),
             #[cfg(feature = "exec")]
             (Source::Exec { .. }, _) => Ok(Kind::Exec),
@@ -101,6 +114,14 @@ impl Version {
             Kind::Native => Backend::Native(NativeVersion::load(&manifest, dir, &options.native)?),
             #[cfg(feature = "exec")]
             Kind::Exec => Backend::Exec(ExecVersion::load(&manifest, dir, &options.exec)?),
+            #[cfg(feature = "exec")]
+            Kind::Process => Backend::Process(ProcessVersion::load(
+                &manifest,
+                dir,
+                &options.native,
+                &options.exec,
+                &options.process,
+            )?),
         };
         Ok(Version {
             manifest: Arc::new(manifest),
@@ -112,6 +133,20 @@ impl Version {
     /// [`crate::verify`]); says what was checked.
     pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<String> {
         match Kind::of(manifest, dir)? {
+            #[cfg(feature = "exec")]
+            Kind::Process => {
+                crate::native::verify(manifest, dir, &options.native)?;
+                let runner = crate::process::runner_path(options.process.runner.as_deref())
+                    .map_or_else(
+                        |why| format!("none found: {why}"),
+                        |p| p.display().to_string(),
+                    );
+                Ok(format!(
+                    "compatible with this host's plugin ABI {}.{}; runs in a child process (runner: {runner})",
+                    crate::ABI_VERSION.0,
+                    crate::ABI_VERSION.1
+                ))
+            }
             Kind::Native => {
                 crate::native::verify(manifest, dir, &options.native)?;
                 Ok(format!(
@@ -132,7 +167,7 @@ impl Version {
         match &self.backend {
             Backend::Native(native) => native.is_inline(),
             #[cfg(feature = "exec")]
-            Backend::Exec(_) => false,
+            Backend::Exec(_) | Backend::Process(_) => false,
         }
     }
 
@@ -147,6 +182,8 @@ impl Version {
             Backend::Native(native) => native.execute(ctx)?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.execute(ctx)?,
         };
         self.settle(ctx, outcome)
     }
@@ -158,6 +195,8 @@ impl Version {
             Backend::Native(native) => native.execute_async(ctx).await?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.execute_async(ctx).await?,
         };
         self.settle(ctx, outcome)
     }
@@ -217,6 +256,8 @@ impl Version {
             Backend::Native(native) => native.unload(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.unload(),
         }
     }
 
@@ -227,6 +268,8 @@ impl Version {
             Backend::Native(native) => native.busy(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.busy(),
         }
     }
 
@@ -237,6 +280,8 @@ impl Version {
             Backend::Native(native) => native.artifact(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.artifact(),
         }
     }
 
@@ -246,6 +291,8 @@ impl Version {
             Backend::Native(_) => None,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => Some(exec.process()),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => Some(process.process()),
         }
     }
 
@@ -256,6 +303,8 @@ impl Version {
             Backend::Native(_) => None,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.down_state(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.down_state(),
         }
     }
 }

@@ -65,8 +65,36 @@ impl NativeVersion {
         dir: &Path,
         options: &NativeOptions,
     ) -> Result<NativeVersion> {
+        let opened = open_checked(manifest, dir, options)?;
+        Self::start(manifest, dir, options, opened)
+    }
+
+    /// Loads a library from `bytes` already read (by the host, for a
+    /// `process` plugin's runner): the same checks, image, `dlopen`, layout
+    /// check and `init` as [`load`](Self::load), on exactly those bytes.
+    #[cfg(feature = "exec")]
+    pub(crate) fn load_bytes(
+        manifest: &Manifest,
+        dir: &Path,
+        options: &NativeOptions,
+        bytes: Vec<u8>,
+    ) -> Result<NativeVersion> {
+        let path = manifest
+            .library_path(dir)
+            .expect("local_so always has a library path");
+        let checked = check_bytes(manifest, &path, &bytes)?;
+        let opened = open_image(manifest, &path, dir, options, bytes, &checked)?;
+        Self::start(manifest, dir, options, opened)
+    }
+
+    /// Starts the workers of an opened library and runs `init`.
+    fn start(
+        manifest: &Manifest,
+        dir: &Path,
+        options: &NativeOptions,
+        (library, image): (Library, Image),
+    ) -> Result<NativeVersion> {
         let plugin = manifest.name.clone();
-        let (library, image) = open_checked(manifest, dir, options)?;
         let library = Arc::new(library);
         let runner = match manifest.isolation {
             Isolation::Inline => Runner::Inline,
@@ -476,11 +504,34 @@ fn open_checked(
     dir: &Path,
     options: &NativeOptions,
 ) -> Result<(Library, Image)> {
+    let (path, real_dir, bytes) = read_library(manifest, dir, options)?;
+    let checked = check_bytes(manifest, &path, &bytes)?;
+    open_image(manifest, &path, &real_dir, options, bytes, &checked)
+}
+
+/// Everything [`open_checked`] does before the image and `dlopen`: the
+/// library's bytes, read once, checksum and header checked. What a
+/// `process` plugin's host does before handing the bytes to its runner.
+#[cfg(feature = "exec")]
+pub(crate) fn read_checked(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+) -> Result<(PathBuf, Vec<u8>)> {
+    let (path, _, bytes) = read_library(manifest, dir, options)?;
+    check_bytes(manifest, &path, &bytes)?;
+    Ok((path, bytes))
+}
+
+/// Reads the library a `local_so` manifest names, once: the path as the
+/// manifest names it, the real plugin directory, and the bytes.
+fn read_library(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+) -> Result<(PathBuf, PathBuf, Vec<u8>)> {
     let plugin = manifest.name.clone();
     let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
-    let Source::LocalSo { sha256, .. } = &manifest.source else {
-        unreachable!("Version::load sends only local_so manifests here");
-    };
     let path = manifest
         .library_path(dir)
         .expect("local_so always has a library path");
@@ -519,8 +570,18 @@ fn open_checked(
     // exactly them, so what is checked is what is loaded.
     let bytes = crate::untrusted::read_file(&real, options.max_library_size)
         .map_err(|e| io("reading", e))?;
+    Ok((path, real_dir, bytes))
+}
+
+/// The checksum and the header check, on the bytes that will be loaded.
+fn check_bytes(manifest: &Manifest, path: &Path, bytes: &[u8]) -> Result<header::HeaderInfo> {
+    let plugin = manifest.name.clone();
+    let path = path.to_owned();
+    let Source::LocalSo { sha256, .. } = &manifest.source else {
+        unreachable!("Version::load sends only local_so manifests here");
+    };
     if let Some(expected) = sha256 {
-        let found = crate::digest::sha256_hex(&bytes);
+        let found = crate::digest::sha256_hex(bytes);
         if !crate::digest::digests_equal(expected, &found) {
             return Err(Error::Checksum {
                 plugin,
@@ -531,7 +592,7 @@ fn open_checked(
             });
         }
     }
-    let checked = header::inspect(&bytes).map_err(|refusal| match refusal {
+    header::inspect(bytes).map_err(|refusal| match refusal {
         Refusal::NotALibrary(message) => Error::BadLibrary {
             plugin: plugin.clone(),
             path: path.clone(),
@@ -554,11 +615,29 @@ fn open_checked(
             found: info.describe(),
             expected: ffi::expected_abi(),
         },
+    })
+}
+
+/// Puts checked bytes in an image and opens it.
+fn open_image(
+    manifest: &Manifest,
+    path: &Path,
+    real_dir: &Path,
+    options: &NativeOptions,
+    bytes: Vec<u8>,
+    checked: &header::HeaderInfo,
+) -> Result<(Library, Image)> {
+    let plugin = manifest.name.as_str();
+    let image = Image::create(&bytes, plugin, real_dir, &options.shadow_dir).map_err(|source| {
+        Error::Io {
+            plugin: plugin.to_owned(),
+            action: "preparing an image of",
+            path: path.to_owned(),
+            source,
+        }
     })?;
-    let image = Image::create(&bytes, &plugin, &real_dir, &options.shadow_dir)
-        .map_err(|e| io("preparing an image of", e))?;
     drop(bytes);
-    let opened = Library::open(image.path(), &checked);
+    let opened = Library::open(image.path(), checked);
     image.opened();
     let library = match opened {
         Ok(library) => library,
@@ -567,7 +646,7 @@ fn open_checked(
             // its `/proc/self/fd/N` name must then stay unique.
             let mapped = image.is_mapped();
             image.release(mapped);
-            return Err(open_error(e, &plugin, &path));
+            return Err(open_error(e, plugin, path));
         }
     };
     Ok((library, image))
