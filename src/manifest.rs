@@ -924,6 +924,31 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_for_process_isolation_and_bounded() {
+        let with = |isolation: &str, limits: &str| {
+            format!(
+                r#"{{"name":"p","version":"1.0.0","isolation":"{isolation}","source":{{"mode":"local_so","path":"a"}},"limits":{limits}}}"#
+            )
+        };
+        let m = parse(&with(
+            "process",
+            r#"{"memory_mb":256,"open_files":64,"cpu_seconds":5}"#,
+        ))
+        .unwrap();
+        let limits = m.limits.unwrap();
+        assert_eq!(limits.memory_mb, Some(256));
+        assert_eq!((limits.open_files, limits.cpu_seconds), (Some(64), Some(5)));
+        let (field, message) = field_of(&with("pooled", r#"{"memory_mb":256}"#));
+        assert_eq!(field, "limits");
+        assert!(message.contains("isolation \"process\" only"), "{message}");
+        let (field, message) = field_of(&with("process", r#"{"memory_mb":1}"#));
+        assert_eq!(field, "limits.memory_mb");
+        assert!(message.contains("expected 64 to"), "{message}");
+        let (field, _) = field_of(&with("process", r#"{"memroy_mb":100}"#));
+        assert!(field.starts_with("limits"), "{field}");
+    }
+
+    #[test]
     fn every_mode_parses() {
         for source in [
             r#"{"mode":"remote_git","path":"https://example.com/x.git","rev":"v1","package":"x"}"#,

@@ -200,6 +200,25 @@ fn functional_checks(manager: &PluginManager, isolation: &str, marker: &Path) {
         other => panic!("{isolation}: {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(5));
+    // A cancel token: the plugin sees it and stops; the caller gets
+    // Cancelled (without a deadline, so nothing is killed).
+    let started = marker.with_extension("started");
+    let token = dynplug::CancelToken::new();
+    let canceller = {
+        let (token, started) = (token.clone(), started.clone());
+        std::thread::spawn(move || {
+            eventually("the slow call to start", || started.exists());
+            token.cancel();
+        })
+    };
+    let mut ctx = Context::new("spin")
+        .with("started_file", started.to_str().unwrap())
+        .with_cancel_token(token);
+    match call("slow", &mut ctx) {
+        Err(Error::Cancelled { .. }) => {}
+        other => panic!("{isolation}: {other:?}"),
+    }
+    canceller.join().unwrap();
     // Async, from a runtime.
     let (_, hello) = manager.get_plugin(&name("hello")).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -639,4 +658,107 @@ fn hot_upgrade_of_a_process_plugin_under_load_fails_no_call() {
     drop(watcher);
     manager.unload_all();
     assert!(runners_under(base).is_empty());
+}
+
+/// One HTTP/1.1 GET, the whole response as text.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// `dynplug serve` over a process plugin: its route, the management API
+/// (pid, RSS, isolation), the metrics, `dynplug list`; then the host is
+/// killed with SIGKILL and its runners are gone within a second.
+#[test]
+fn served_by_the_dynplug_binary_and_gone_within_a_second_when_it_is_killed() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = support::private_tempdir();
+    let base = dir.path();
+    install(
+        base,
+        "hello",
+        "hello",
+        "process",
+        r#""http_services": {"routes": [{"route": "/api/hello/:name", "method": "GET", "label": "hello.get"}]}"#,
+    );
+    install(base, "counter", "counter", "process", "");
+    let list = Command::new(support::runner())
+        .args(["list", "--plugins"])
+        .arg(base)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("hello") && l.contains("process") && l.contains("loaded")),
+        "{table}"
+    );
+    let mut host = support::ChildGuard(
+        Command::new(support::runner())
+            .args(["serve", "--http", "127.0.0.1:0", "--plugins"])
+            .arg(base)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = std::io::BufReader::new(host.0.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    let response = http_get(&addr, "/api/hello/Ada");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.ends_with(r#"{"greeting":"hello, Ada"}"#),
+        "{response}"
+    );
+    let response = http_get(&addr, "/_dynplug/plugins");
+    let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+    let plugins: serde_json::Value = serde_json::from_str(body).unwrap();
+    let plugins = plugins.as_array().unwrap();
+    assert_eq!(plugins.len(), 2, "{plugins:?}");
+    let mut pids = Vec::new();
+    for p in plugins {
+        assert_eq!(p["isolation"], "process", "{p}");
+        assert_eq!(p["process"]["protocol"], "dynplug", "{p}");
+        assert!(p["process"]["rss_bytes"].as_u64().unwrap() > 0, "{p}");
+        pids.push(p["process"]["pid"].as_u64().unwrap() as u32);
+    }
+    let metrics = http_get(&addr, "/metrics");
+    for part in [
+        r#"isolation="process""#,
+        r#"dynplug_process_up{plugin="hello"} 1"#,
+        r#"dynplug_process_restarts_total{plugin="counter"} 0"#,
+        r#"dynplug_process_pid{plugin="hello"} "#,
+        r#"dynplug_process_resident_bytes{plugin="counter"} "#,
+    ] {
+        assert!(metrics.contains(part), "{part} not in {metrics}");
+    }
+    for pid in &pids {
+        assert!(alive(*pid));
+    }
+    kill(host.0.id(), 9);
+    let killed = Instant::now();
+    let _ = host.0.wait();
+    while pids.iter().any(|pid| alive(*pid)) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "runners outlived their host by a second: {:?}",
+            pids.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -17,6 +17,7 @@ use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,9 @@ const EXIT_WAIT: Duration = Duration::from_secs(1);
 const STDERR_WAIT: Duration = Duration::from_millis(100);
 /// Lines of a dying process's stderr searched for its cause.
 const CAUSE_LINES: usize = 40;
+/// How often a blocking call whose context has a cancel token looks at it
+/// (the token is a flag, with nothing to wake a waiting thread).
+const CANCEL_POLL: Duration = Duration::from_millis(5);
 /// A receive buffer larger than this is not kept for the next call.
 const KEEP_BUFFER: usize = 1024 * 1024;
 
@@ -63,6 +67,8 @@ pub(crate) struct Conns {
     logs: Arc<Logs>,
     idle: Mutex<Vec<Conn>>,
     idle_async: Mutex<Vec<AsyncConn>>,
+    /// The id of the next call.
+    next_id: AtomicU64,
 }
 
 /// A frame being received, kept across reads (and across a hand-over to a
@@ -155,6 +161,7 @@ impl Conns {
             logs,
             idle: Mutex::default(),
             idle_async: Mutex::default(),
+            next_id: AtomicU64::new(0),
         }
     }
 
@@ -203,16 +210,22 @@ impl Conns {
                 timeout: None,
             },
         };
-        conn.out = wire::call(std::mem::take(&mut conn.out), ctx, left.map(nanos));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        conn.out = wire::call(std::mem::take(&mut conn.out), id, ctx, left.map(nanos));
         if let Err(e) = conn.stream.write_all(&conn.out) {
             return Err(self.lost_blocking(e));
         }
+        let token = ctx.existing_cancel_token().cloned();
+        let mut cancelled = false;
         loop {
             // A zero timeout is refused by the socket: 1 µs is as good.
-            let timeout = deadline.map(|d| {
+            let mut timeout = deadline.map(|d| {
                 d.saturating_duration_since(Instant::now())
                     .max(Duration::from_micros(1))
             });
+            if token.is_some() && !cancelled {
+                timeout = Some(timeout.map_or(CANCEL_POLL, |t| t.min(CANCEL_POLL)));
+            }
             if timeout != conn.timeout {
                 if let Err(e) = conn.stream.set_read_timeout(timeout) {
                     return Err(self.lost_blocking(e));
@@ -230,6 +243,12 @@ impl Conns {
                     if let Some(deadline) = deadline.filter(|d| Instant::now() >= *d) {
                         self.watch(conn.stream, conn.inbox, ctx.label(), deadline, grace);
                         return Err(Failed::Deadline);
+                    }
+                    // Cancelled: the plugin is told, and its answer awaited
+                    // as for a `pooled` call.
+                    if !cancelled && token.as_ref().is_some_and(|t| t.is_cancelled()) {
+                        cancelled = true;
+                        self.cancel(id);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -274,16 +293,18 @@ impl Conns {
                 out: Vec::new(),
             },
         };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut pending = Pending {
             conns: self,
             conn: Some(conn),
+            id,
             sent: false,
             label: ctx.label_compact().clone(),
             deadline,
             grace,
         };
         let conn = pending.conn.as_mut().expect("set above");
-        conn.out = wire::call(std::mem::take(&mut conn.out), ctx, left.map(nanos));
+        conn.out = wire::call(std::mem::take(&mut conn.out), id, ctx, left.map(nanos));
         if let Err(e) = conn.stream.write_all(&conn.out).await {
             pending.conn = None;
             return Err(self.lost(e).await);
@@ -360,6 +381,17 @@ impl Conns {
         });
     }
 
+    /// Tells the runner that call `id` is cancelled, on a connection of
+    /// its own (the call's is busy), from the exec runtime.
+    fn cancel(&self, id: u64) {
+        let path = self.path.clone();
+        runtime::handle().spawn(async move {
+            if let Ok(mut stream) = tokio::net::UnixStream::connect(&path).await {
+                let _ = stream.write_all(&wire::cancel(id)).await;
+            }
+        });
+    }
+
     fn lost_blocking(&self, error: io::Error) -> Failed {
         let child = self.child.clone();
         let logs = Arc::clone(&self.logs);
@@ -425,6 +457,7 @@ fn cause(lines: &[String]) -> Option<String> {
 struct Pending<'a> {
     conns: &'a Conns,
     conn: Option<AsyncConn>,
+    id: u64,
     sent: bool,
     label: compact_str::CompactString,
     deadline: Option<Instant>,
@@ -438,6 +471,8 @@ impl Drop for Pending<'_> {
             // Cut in the middle of the request: the connection is useless.
             return;
         }
+        // The plugin sees `is_cancelled()`.
+        self.conns.cancel(self.id);
         let Ok(stream) = conn.stream.into_std() else {
             return;
         };

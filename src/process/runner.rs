@@ -15,20 +15,21 @@
 //! Exit statuses the host reads: 2 (not started by a matching host), 3 (the
 //! load failed), 4 (`init` failed); the message is the last line on stderr.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use super::spec::{self, Spec};
 use super::wire::{self, Fields, Frame};
-use crate::Context;
 use crate::manifest::Isolation;
 use crate::native::{NativeOptions, NativeVersion};
 use crate::version::Outcome;
+use crate::{CancelToken, Context};
 
 /// The first argument that makes the `dynplug` binary (or a host that
 /// calls [`run_if_asked`]) a runner.
@@ -42,6 +43,8 @@ pub(crate) const EXIT_LOAD: u8 = 3;
 pub(crate) const EXIT_INIT: u8 = 4;
 
 type Loaded = Arc<RwLock<NativeVersion>>;
+/// The cancel tokens of the calls running, by id.
+type Running = Mutex<HashMap<u64, CancelToken>>;
 
 /// Runs this process as a `process` plugin's runner if its first argument
 /// is [`ARG`] (the host starts runners that way), and returns its exit
@@ -120,13 +123,15 @@ fn run(socket: &Path) -> Result<(), (u8, String)> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)
         .map_err(|e| (EXIT_LOAD, format!("binding {}: {e}", socket.display())))?;
+    let running: Arc<Running> = Arc::default();
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let version = Arc::clone(&version);
+        let running = Arc::clone(&running);
         let spawned = std::thread::Builder::new()
             .name("dynplug-runner-call".into())
             .spawn(move || {
-                let _ = serve(stream, &version);
+                let _ = serve(stream, &version, &running);
             });
         if let Err(e) = spawned {
             eprintln!("dynplug runner: cannot start a thread for a connection: {e}");
@@ -192,7 +197,11 @@ fn on_terminate(loaded: Arc<OnceLock<Loaded>>) -> io::Result<()> {
 }
 
 /// Serves one connection: one request at a time, answered on this thread.
-fn serve(mut stream: UnixStream, version: &RwLock<NativeVersion>) -> io::Result<()> {
+fn serve(
+    mut stream: UnixStream,
+    version: &RwLock<NativeVersion>,
+    running: &Running,
+) -> io::Result<()> {
     let invalid = |e: wire::Malformed| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
     let mut input = Vec::new();
     let mut output = Vec::new();
@@ -207,14 +216,26 @@ fn serve(mut stream: UnixStream, version: &RwLock<NativeVersion>) -> io::Result<
         output = match kind {
             wire::PING => pong(output),
             wire::CALL => {
-                let mut ctx = wire::read_call(&mut fields).map_err(invalid)?;
+                let (id, ctx) = wire::read_call(&mut fields).map_err(invalid)?;
+                let token = CancelToken::new();
+                let mut ctx = ctx.with_cancel_token(token.clone());
+                lock(running).insert(id, token);
                 keys.clear();
                 keys.extend(ctx.values.keys().cloned());
                 let outcome = {
                     let version = version.read().unwrap_or_else(|e| e.into_inner());
                     version.execute(&mut ctx)
                 };
+                lock(running).remove(&id);
                 reply(output, &ctx, &keys, outcome)
+            }
+            wire::CANCEL => {
+                let id = fields.varint().map_err(invalid)?;
+                if let Some(token) = lock(running).get(&id) {
+                    token.cancel();
+                }
+                // Not answered.
+                continue;
             }
             other => {
                 return Err(io::Error::new(
@@ -225,6 +246,10 @@ fn serve(mut stream: UnixStream, version: &RwLock<NativeVersion>) -> io::Result<
         };
         wire::write_frame(&mut stream, &output)?;
     }
+}
+
+fn lock(running: &Running) -> std::sync::MutexGuard<'_, HashMap<u64, CancelToken>> {
+    running.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn pong(buf: Vec<u8>) -> Vec<u8> {

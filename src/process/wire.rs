@@ -10,8 +10,12 @@
 //!
 //! * `PING` (no fields) → `PONG`: protocol version, ABI major and minor,
 //!   the runner's pid.
-//! * `CALL`: deadline (nanoseconds left, `-1` for none), label, count,
-//!   then key/value pairs: every value of the context.
+//! * `CALL`: the call's id (unique per process), deadline (nanoseconds
+//!   left, `-1` for none), label, count, then key/value pairs: every value
+//!   of the context.
+//! * `CANCEL`: the id of a call whose caller cancelled it or stopped
+//!   waiting; sent on another connection (the call's own is busy), never
+//!   answered. The plugin sees `is_cancelled()`.
 //! * `REPLY`: status (`0` ok, `1` error, `2` panic), message, the keys the
 //!   plugin removed, then the key/value pairs it set, in the order it first
 //!   set them: the host applies exactly that, so a context comes back as
@@ -39,6 +43,7 @@ pub(crate) const PING: u8 = 1;
 pub(crate) const PONG: u8 = 2;
 pub(crate) const CALL: u8 = 3;
 pub(crate) const REPLY: u8 = 4;
+pub(crate) const CANCEL: u8 = 5;
 
 /// What a plugin's entry reported, on the wire.
 pub(crate) mod status {
@@ -259,8 +264,9 @@ impl<'a> Fields<'a> {
 }
 
 /// A `CALL` frame for `ctx`, whose deadline (if any) is `left_nanos` away.
-pub(crate) fn call(buf: Vec<u8>, ctx: &Context, left_nanos: Option<u64>) -> Vec<u8> {
+pub(crate) fn call(buf: Vec<u8>, id: u64, ctx: &Context, left_nanos: Option<u64>) -> Vec<u8> {
     let mut frame = Frame::start(buf, CALL);
+    frame.varint(id);
     frame.int(left_nanos.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)));
     frame.str(ctx.label());
     frame.varint(ctx.values.len() as u64);
@@ -271,9 +277,18 @@ pub(crate) fn call(buf: Vec<u8>, ctx: &Context, left_nanos: Option<u64>) -> Vec<
     frame.finish()
 }
 
-/// A `CALL` frame's fields, as the runner reads them: the context to call
-/// the plugin with (its deadline set from the nanoseconds left).
-pub(crate) fn read_call(fields: &mut Fields<'_>) -> Parsed<Context> {
+/// A `CANCEL` frame for call `id`.
+pub(crate) fn cancel(id: u64) -> Vec<u8> {
+    let mut frame = Frame::start(Vec::new(), CANCEL);
+    frame.varint(id);
+    frame.finish()
+}
+
+/// A `CALL` frame's fields, as the runner reads them: the call's id and
+/// the context to call the plugin with (its deadline set from the
+/// nanoseconds left).
+pub(crate) fn read_call(fields: &mut Fields<'_>) -> Parsed<(u64, Context)> {
+    let id = fields.varint()?;
     let left = fields.int()?;
     let mut ctx = Context::new(fields.str()?);
     if let Ok(left) = u64::try_from(left) {
@@ -286,7 +301,7 @@ pub(crate) fn read_call(fields: &mut Fields<'_>) -> Parsed<Context> {
         let value = fields.value()?;
         ctx.values.insert(key, value);
     }
-    Ok(ctx)
+    Ok((id, ctx))
 }
 
 /// Applies a `REPLY` frame's fields to the caller's context; returns the
@@ -366,9 +381,10 @@ mod tests {
     #[test]
     fn a_call_and_its_reply_round_trip() {
         let ctx = Context::new("label").with("a", sample()).with("gone", 1);
-        let bytes = call(Vec::new(), &ctx, Some(5_000_000));
+        let bytes = call(Vec::new(), 7, &ctx, Some(5_000_000));
         assert_eq!(bytes[4], CALL);
-        let mut got = read_call(&mut Fields::new(&bytes[5..])).unwrap();
+        let (id, mut got) = read_call(&mut Fields::new(&bytes[5..])).unwrap();
+        assert_eq!(id, 7);
         assert_eq!(got.label(), "label");
         assert_eq!(got.get("a"), Some(&sample()));
         assert!(got.deadline().is_some());
