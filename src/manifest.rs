@@ -403,7 +403,7 @@ impl Manifest {
             }
         }
         if let Some(limits) = &self.limits {
-            validate_limits(limits, self.isolation)
+            validate_limits(limits, self.isolation, &self.source)
                 .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
         }
         if let Some(http) = &self.http_services {
@@ -537,7 +537,17 @@ const MAX_EXEC_MS: u64 = 3_600_000;
 fn validate_limits(
     limits: &Limits,
     isolation: Isolation,
+    source: &Source,
 ) -> std::result::Result<(), (String, String)> {
+    if !matches!(source, Source::LocalSo { .. }) {
+        return Err((
+            "limits".into(),
+            format!(
+                "limits apply to native plugins (source.mode \"local_so\") with isolation \"process\", not to source.mode \"{}\"",
+                source.mode()
+            ),
+        ));
+    }
     if isolation != Isolation::Process {
         return Err((
             "limits".into(),

@@ -163,6 +163,9 @@ impl ProcessVersion {
     }
 
     pub(crate) fn execute(&self, ctx: &mut Context) -> Result<Outcome> {
+        if let Some(not_started) = not_started(ctx) {
+            return Ok(not_started);
+        }
         let mut retried = false;
         loop {
             let (link, conns) = self.conns()?;
@@ -174,6 +177,9 @@ impl ProcessVersion {
     }
 
     pub(crate) async fn execute_async(&self, ctx: &mut Context) -> Result<Outcome> {
+        if let Some(not_started) = not_started(ctx) {
+            return Ok(not_started);
+        }
         if tokio::runtime::Handle::try_current().is_err() {
             // Another executor: the exec runtime carries the call, and
             // dropping this future aborts it (the watchdog takes over).
@@ -275,6 +281,14 @@ impl ProcessVersion {
     pub(crate) fn unload(&mut self) -> Ending {
         self.core.unload()
     }
+}
+
+/// A call cancelled before it began is not sent, as a `pooled` worker does
+/// not start one (the caller gets `Cancelled`).
+fn not_started(ctx: &Context) -> Option<Outcome> {
+    ctx.existing_cancel_token()
+        .is_some_and(crate::CancelToken::is_cancelled)
+        .then(|| Outcome::Error("not started: the call was cancelled".into()))
 }
 
 /// A failed start, in the words of the step that failed: the runner's
