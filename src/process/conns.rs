@@ -33,13 +33,6 @@ use crate::exec::runtime;
 /// Idle connections kept per pool (beyond them, connections are closed
 /// after their call).
 const MAX_IDLE: usize = 64;
-/// How long a call that lost its connection waits for the process's exit,
-/// to say how it ended.
-const EXIT_WAIT: Duration = Duration::from_secs(1);
-/// How long it then waits for the process's last line on stderr.
-const STDERR_WAIT: Duration = Duration::from_millis(100);
-/// Lines of a dying process's stderr searched for its cause.
-const CAUSE_LINES: usize = 40;
 /// How often a blocking call whose context has a cancel token looks at it
 /// (the token is a flag, with nothing to wake a waiting thread).
 const CANCEL_POLL: Duration = Duration::from_millis(5);
@@ -395,60 +388,11 @@ impl Conns {
     fn lost_blocking(&self, error: io::Error) -> Failed {
         let child = self.child.clone();
         let logs = Arc::clone(&self.logs);
-        runtime::block(async move { lost(&child, &logs, error).await })
+        runtime::block(async move { super::crash::lost(&child, &logs, error).await })
     }
 
     async fn lost(&self, error: io::Error) -> Failed {
-        lost(&self.child, &self.logs, error).await
-    }
-}
-
-/// Why a connection was lost: how the process ended (waiting a moment for
-/// its exit), and its last line on stderr.
-async fn lost(child: &Handle, logs: &Logs, error: io::Error) -> Failed {
-    let Some(status) = child.exit_within(EXIT_WAIT).await else {
-        return Failed::Lost {
-            how: format!("lost the connection to its process ({error})"),
-            stderr: None,
-        };
-    };
-    let how = child.explain(status);
-    let waited = Instant::now();
-    let stderr = loop {
-        let lines = logs.stderr_of(child.pid, CAUSE_LINES);
-        if !lines.is_empty() || waited.elapsed() >= STDERR_WAIT {
-            break cause(&lines);
-        }
-        futures_timer::Delay::new(Duration::from_millis(5)).await;
-    };
-    Failed::Lost {
-        how: format!("its process {how}"),
-        stderr,
-    }
-}
-
-/// The line of a dying process's stderr that says why: Rust's own last
-/// words (a panic and its message, a failed allocation, a stack overflow)
-/// come before a backtrace when `RUST_BACKTRACE` is set, so they are looked
-/// for first; else the last line.
-fn cause(lines: &[String]) -> Option<String> {
-    const CAUSES: [&str; 4] = [
-        "memory allocation of",
-        "stack overflow",
-        "fatal runtime error",
-        "panicked at",
-    ];
-    let found = lines
-        .iter()
-        .rposition(|l| CAUSES.iter().any(|c| l.contains(c)));
-    match found {
-        // A panic's message is on the next line.
-        Some(at) if lines[at].contains("panicked at") => Some(match lines.get(at + 1) {
-            Some(message) => format!("{} {message}", lines[at]),
-            None => lines[at].clone(),
-        }),
-        Some(at) => Some(lines[at].clone()),
-        None => lines.last().cloned(),
+        super::crash::lost(&self.child, &self.logs, error).await
     }
 }
 

@@ -13,9 +13,10 @@
 //! image, `dlopen`, layout, `init`) and binds its socket → the host's Ping
 //! gets a Pong → serve. Supervision (restarts, backoff, crash loop, stop)
 //! is the exec kind's (`exec/supervisor.rs`); calls go through `conns.rs`,
-//! whose frames `wire.rs` defines.
+//! whose frames `wire.rs` defines; `crash.rs` says how a process died.
 
 mod conns;
+mod crash;
 mod limits;
 pub(crate) mod runner;
 mod spec;
