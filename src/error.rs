@@ -195,6 +195,21 @@ pub enum Error {
         message: String,
     },
 
+    /// The process of a plugin with `isolation: "process"` died during the
+    /// call (a segfault, an abort, a limit, or killed for running past its
+    /// deadline): the call failed, the host lives, and the process is
+    /// being restarted.
+    #[error("{plugin}: {label}: the plugin's process crashed during the call: {reason}")]
+    Crashed {
+        /// The plugin.
+        plugin: String,
+        /// The label called.
+        label: String,
+        /// How the process ended, e.g. `its process killed by SIGSEGV`,
+        /// with its last line on stderr and the limit it hit, if any.
+        reason: String,
+    },
+
     /// The new version is lower than the one serving and downgrades are not allowed.
     #[error(
         "{plugin}: {path}: version {found} is lower than the serving {serving}; downgrades are not allowed"
@@ -346,6 +361,7 @@ impl Error {
             | Error::Init { plugin, .. }
             | Error::Start { plugin, .. }
             | Error::BadReply { plugin, .. }
+            | Error::Crashed { plugin, .. }
             | Error::Downgrade { plugin, .. }
             | Error::RouteConflict { plugin, .. }
             | Error::Forbidden { plugin, .. }

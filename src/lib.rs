@@ -48,6 +48,9 @@
 //!   goes through `manager/retire.rs` (`drain.rs`, then `unload`);
 //! * **the request path**: `executor.rs` → `version.rs` → the kind's
 //!   `execute`; the façades enter through `serve/` (see its module docs).
+//! * `isolation: "process"` (feature `exec`) runs a native plugin, the same
+//!   `cdylib`, in a child process: a crash kills only that process, which
+//!   is restarted; see `docs/embedding.md`.
 //! * Exec plugins (`source.mode = "exec"`, feature `exec`) are programs in
 //!   any language that speak goplugin's REST or gRPC protocol; dynplug
 //!   starts, supervises and restarts them. See `docs/exec-plugins.md`.
@@ -81,6 +84,8 @@ mod origin;
 pub mod package;
 mod private_dir;
 #[cfg(feature = "exec")]
+mod process;
+#[cfg(feature = "exec")]
 mod proto;
 // Public for the fuzz targets, the property tests and the binary, not API.
 #[doc(hidden)]
@@ -102,8 +107,12 @@ pub use event::{Event, Events, EventsError};
 pub use exec::REPLY_KEY;
 pub use executor::Executor;
 pub use manager::{Builder, LoadReport, PluginManager, Verified, verify, verify_report};
-pub use manifest::{Isolation, Manifest};
+pub use manifest::{Isolation, Limits, Manifest};
 pub use plugin_abi::{Value, ValueError};
+#[cfg(feature = "exec")]
+pub use process::RUNNER_ENV;
+#[cfg(feature = "exec")]
+pub use process::runner::run_if_runner;
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;

@@ -63,6 +63,29 @@ pub struct Manifest {
     /// HTTP routes served by the façade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_services: Option<HttpServices>,
+    /// Resource limits of the child process (`isolation: "process"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// `limits`: resource limits set (`setrlimit`) in the child process of a
+/// plugin with `isolation: "process"`. Going over one is a crash of that
+/// process, reported with its cause; the process is restarted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Address space of the process, in MiB (`RLIMIT_AS`): virtual memory,
+    /// so leave room beyond what the plugin uses (at least 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Open file descriptors (`RLIMIT_NOFILE`; at least 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+    /// CPU time of the process, in seconds (`RLIMIT_CPU`), over its whole
+    /// life: SIGXCPU when it is used up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
 }
 
 /// `source`: where a plugin's code comes from, by `mode`.
@@ -384,6 +407,10 @@ impl Manifest {
                 }
             }
         }
+        if let Some(limits) = &self.limits {
+            validate_limits(limits, self.isolation, &self.source)
+                .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
+        }
         if let Some(http) = &self.http_services {
             if let Some(driver) = http.driver.as_deref().filter(|d| *d != "axum") {
                 return fail(
@@ -510,6 +537,46 @@ const MAX_FLAG: usize = 64;
 /// Longest duration an exec plugin's manifest may ask for, in milliseconds
 /// (an hour: longer would be a typo, and would not fit some clocks' math).
 const MAX_EXEC_MS: u64 = 3_600_000;
+
+/// `limits`: only for process isolation, each within its bounds.
+fn validate_limits(
+    limits: &Limits,
+    isolation: Isolation,
+    source: &Source,
+) -> std::result::Result<(), (String, String)> {
+    if !matches!(source, Source::LocalSo { .. }) {
+        return Err((
+            "limits".into(),
+            format!(
+                "limits apply to native plugins (source.mode \"local_so\") with isolation \"process\", not to source.mode \"{}\"",
+                source.mode()
+            ),
+        ));
+    }
+    if isolation != Isolation::Process {
+        return Err((
+            "limits".into(),
+            format!(
+                "limits apply to isolation \"process\" only, not \"{}\"",
+                isolation.as_str()
+            ),
+        ));
+    }
+    let fields = [
+        ("limits.memory_mb", limits.memory_mb, 64, 1 << 30),
+        ("limits.open_files", limits.open_files, 16, 1 << 30),
+        ("limits.cpu_seconds", limits.cpu_seconds, 1, 1 << 40),
+    ];
+    for (field, value, min, max) in fields {
+        if let Some(value) = value.filter(|v| !(min..=max).contains(v)) {
+            return Err((
+                field.into(),
+                format!("expected {min} to {max}, found {value}"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// `source` of an `exec` plugin: every field named on error.
 fn validate_exec(source: &Source) -> std::result::Result<(), (String, String)> {
@@ -869,6 +936,31 @@ mod tests {
         let (field, message) = field_of(&exec(r#","restart":true"#));
         assert_eq!(field, "source");
         assert!(message.contains("unknown field `restart`"), "{message}");
+    }
+
+    #[test]
+    fn limits_are_for_process_isolation_and_bounded() {
+        let with = |isolation: &str, limits: &str| {
+            format!(
+                r#"{{"name":"p","version":"1.0.0","isolation":"{isolation}","source":{{"mode":"local_so","path":"a"}},"limits":{limits}}}"#
+            )
+        };
+        let m = parse(&with(
+            "process",
+            r#"{"memory_mb":256,"open_files":64,"cpu_seconds":5}"#,
+        ))
+        .unwrap();
+        let limits = m.limits.unwrap();
+        assert_eq!(limits.memory_mb, Some(256));
+        assert_eq!((limits.open_files, limits.cpu_seconds), (Some(64), Some(5)));
+        let (field, message) = field_of(&with("pooled", r#"{"memory_mb":256}"#));
+        assert_eq!(field, "limits");
+        assert!(message.contains("isolation \"process\" only"), "{message}");
+        let (field, message) = field_of(&with("process", r#"{"memory_mb":1}"#));
+        assert_eq!(field, "limits.memory_mb");
+        assert!(message.contains("expected 64 to"), "{message}");
+        let (field, _) = field_of(&with("process", r#"{"memroy_mb":100}"#));
+        assert!(field.starts_with("limits"), "{field}");
     }
 
     #[test]

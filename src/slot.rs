@@ -94,7 +94,8 @@ pub struct PluginInfo {
     /// Versions taken out of service whose code stays mapped: `inline`
     /// versions (retained on purpose) and leaked ones, oldest first.
     pub retired: Vec<RetiredVersion>,
-    /// For plugins that run as a process (`exec`): that process.
+    /// For plugins that run as a process (`exec`, or `isolation:
+    /// "process"`): that process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessInfo>,
 }
@@ -107,8 +108,12 @@ pub struct ProcessInfo {
     pub pid: Option<u32>,
     /// Where it listens: `127.0.0.1:PORT` or `unix:PATH`.
     pub address: String,
-    /// `rest` or `grpc`.
+    /// `rest` or `grpc`; `dynplug` for a native plugin's runner
+    /// (`isolation: "process"`).
     pub protocol: String,
+    /// Its resident memory, in bytes, when it runs (Linux).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
     /// Times the process was started again after going down.
     pub restarts: u64,
     /// Crashes in a row (0 once a process runs long enough).

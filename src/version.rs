@@ -20,6 +20,8 @@ use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecVersion};
 use crate::manifest::{Isolation, Manifest, Source};
 use crate::native::{NativeOptions, NativeVersion};
+#[cfg(feature = "exec")]
+use crate::process::{ProcessOptions, ProcessVersion};
 use crate::signing::{Seal, Trust};
 use crate::slot::{PluginState, ProcessInfo};
 
@@ -47,6 +49,9 @@ pub(crate) enum Backend {
     Native(NativeVersion),
     #[cfg(feature = "exec")]
     Exec(ExecVersion),
+    /// A native plugin in a child process (`isolation: "process"`).
+    #[cfg(feature = "exec")]
+    Process(ProcessVersion),
 }
 
 pub(crate) struct Version {
@@ -68,6 +73,8 @@ pub(crate) struct LoadOptions {
     pub(crate) trust: Arc<Trust>,
     /// Where `remote_git` plugins are built.
     pub(crate) build: crate::build::BuildOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) process: ProcessOptions,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
@@ -78,6 +85,8 @@ enum Kind {
     Exec,
     /// Built from a git repository, then run as `Native`.
     RemoteGit,
+    #[cfg(feature = "exec")]
+    Process,
 }
 
 impl Kind {
@@ -88,9 +97,13 @@ impl Kind {
             what,
         };
         match (&manifest.source, manifest.isolation) {
-            (Source::LocalSo { .. }, Isolation::Process) => {
-                Err(unsupported("isolation \"process\"".into()))
-            }
+            #[cfg(feature = "exec")]
+            (Source::LocalSo { .. }, Isolation::Process) => Ok(Kind::Process),
+            #[cfg(not(feature = "exec"))]
+            (Source::LocalSo { .. }, Isolation::Process) => Err(unsupported(
+                "isolation \"process\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
             (Source::LocalSo { .. }, _) => Ok(Kind::Native),
             (Source::RemoteGit { .. }, Isolation::Process) => {
                 Err(unsupported("isolation \"process\"".into()))
@@ -159,6 +172,15 @@ impl Version {
                     None,
                 )?)
             }
+            #[cfg(feature = "exec")]
+            Kind::Process => Backend::Process(ProcessVersion::load(
+                &manifest,
+                dir,
+                &options.native,
+                &options.exec,
+                &options.process,
+                check,
+            )?),
         };
         Ok(Version {
             manifest: Arc::new(manifest),
@@ -174,8 +196,10 @@ impl Version {
     pub(crate) fn keep_files(&mut self, unpacked: Option<crate::package::Unpacked>) {
         match &self.backend {
             Backend::Native(_) => drop(unpacked),
+            // A child process may run in the plugin's directory, also after
+            // a restart.
             #[cfg(feature = "exec")]
-            Backend::Exec(_) => self._files = unpacked,
+            Backend::Exec(_) | Backend::Process(_) => self._files = unpacked,
         }
     }
 
@@ -183,6 +207,20 @@ impl Version {
     /// [`crate::verify`]); says what was checked.
     pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<String> {
         match Kind::of(manifest, dir)? {
+            #[cfg(feature = "exec")]
+            Kind::Process => {
+                crate::native::verify(manifest, dir, &options.native)?;
+                let runner = crate::process::runner_path(options.process.runner.as_deref())
+                    .map_or_else(
+                        |why| format!("none found: {why}"),
+                        |p| p.display().to_string(),
+                    );
+                Ok(format!(
+                    "compatible with this host's plugin ABI {}.{}; runs in a child process (runner: {runner})",
+                    crate::ABI_VERSION.0,
+                    crate::ABI_VERSION.1
+                ))
+            }
             Kind::Native => {
                 crate::native::verify(manifest, dir, &options.native)?;
                 Ok(compatible())
@@ -204,7 +242,7 @@ impl Version {
         match &self.backend {
             Backend::Native(native) => native.is_inline(),
             #[cfg(feature = "exec")]
-            Backend::Exec(_) => false,
+            Backend::Exec(_) | Backend::Process(_) => false,
         }
     }
 
@@ -219,6 +257,8 @@ impl Version {
             Backend::Native(native) => native.execute(ctx)?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.execute(ctx)?,
         };
         self.settle(ctx, outcome)
     }
@@ -230,6 +270,8 @@ impl Version {
             Backend::Native(native) => native.execute_async(ctx).await?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.execute_async(ctx).await?,
         };
         self.settle(ctx, outcome)
     }
@@ -289,6 +331,8 @@ impl Version {
             Backend::Native(native) => native.unload(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.unload(),
         }
     }
 
@@ -299,6 +343,8 @@ impl Version {
             Backend::Native(native) => native.busy(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.busy(),
         }
     }
 
@@ -309,6 +355,8 @@ impl Version {
             Backend::Native(native) => native.artifact(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.artifact(),
         }
     }
 
@@ -318,6 +366,8 @@ impl Version {
             Backend::Native(_) => None,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => Some(exec.process()),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => Some(process.process()),
         }
     }
 
@@ -328,6 +378,8 @@ impl Version {
             Backend::Native(_) => None,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.down_state(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.down_state(),
         }
     }
 }

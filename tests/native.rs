@@ -276,10 +276,12 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     let manager = PluginManager::new(base).unwrap();
     let mut events = manager.subscribe();
     let report = manager.load_plugins().unwrap();
-    assert_eq!(report.loaded, ["hello"]);
+    // `process` runs in the `dynplug` binary cargo built beside the tests
+    // (a runner is looked for in the directory above the program).
+    assert_eq!(report.loaded, ["hello", "process"]);
     let failed: std::collections::BTreeMap<_, _> =
         report.failed.iter().map(|(n, e)| (n.as_str(), e)).collect();
-    assert_eq!(failed.len(), 9, "{failed:#?}");
+    assert_eq!(failed.len(), 8, "{failed:#?}");
 
     let text = |name: &str| failed[name].to_string();
     assert!(matches!(failed["failing-init"], Error::Init { .. }));
@@ -320,25 +322,24 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
         "{}",
         text("not-yet")
     );
-    assert!(
-        text("process").contains("isolation \"process\" is not supported yet"),
-        "{}",
-        text("process")
-    );
     assert!(matches!(failed["bad-sum"], Error::Checksum { .. }));
 
     // list() shows every plugin with its state and error; hello still serves.
     let list = manager.list();
     assert_eq!(list.len(), 10);
     for info in &list {
-        let expected = if info.name == "hello" {
+        let loaded = ["hello", "process"].contains(&info.name.as_str());
+        let expected = if loaded {
             PluginState::Loaded
         } else {
             PluginState::Failed
         };
         assert_eq!(info.state, expected, "{info:?}");
-        assert_eq!(info.error.is_some(), info.name != "hello", "{info:?}");
+        assert_eq!(info.error.is_some(), !loaded, "{info:?}");
     }
+    let mut ctx = Context::new("hello.get");
+    call(&manager, "process", &mut ctx).unwrap();
+    assert_eq!(ctx.get_str("greeting"), Some("hello, world"));
     let mut ctx = Context::new("hello.get");
     call(&manager, "hello", &mut ctx).unwrap();
     let err = call(&manager, "wrong-abi", &mut Context::new("x")).unwrap_err();
@@ -354,7 +355,8 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
             failed_events += 1;
         }
     }
-    assert_eq!(failed_events, 9);
+    assert_eq!(failed_events, 8);
+    manager.unload_all();
 }
 
 #[test]

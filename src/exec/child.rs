@@ -13,6 +13,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
@@ -35,6 +36,10 @@ pub(crate) struct Launch {
     pub(crate) args: Vec<OsString>,
     /// The plugin directory.
     pub(crate) dir: PathBuf,
+    /// Its standard input (a `process` plugin's load); none: `/dev/null`.
+    pub(crate) stdin: Option<Arc<OwnedFd>>,
+    /// Environment variables set for it, beyond the host's.
+    pub(crate) env: Vec<(OsString, OsString)>,
 }
 
 /// A running (or exited, not yet observed) process.
@@ -45,6 +50,57 @@ pub(crate) struct Child {
     reaped: Arc<Mutex<bool>>,
     exit: watch::Receiver<Option<ExitStatus>>,
     stderr: Option<tokio::task::JoinHandle<()>>,
+    /// Why the host killed it, when it did (said with its exit).
+    note: Arc<Mutex<Option<String>>>,
+}
+
+/// What calls keep of a running process: its pid, its exit, and the
+/// right to kill it (saying why) while it is not reaped.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    pub(crate) pid: u32,
+    reaped: Arc<Mutex<bool>>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    note: Arc<Mutex<Option<String>>>,
+}
+
+impl Handle {
+    /// SIGKILL to the process group, unless it was reaped; `why` is said
+    /// with its exit.
+    pub(crate) fn kill(&self, why: String) {
+        let reaped = self.reaped.lock().unwrap_or_else(|e| e.into_inner());
+        if *reaped {
+            return;
+        }
+        self.note
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+        if let Some(pid) = Pid::from_raw(self.pid as i32) {
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+        }
+    }
+
+    /// Its exit, once it exited (and was reaped), waiting at most `limit`.
+    pub(crate) async fn exit_within(&self, limit: Duration) -> Option<ExitStatus> {
+        let mut exit = self.exit.clone();
+        let mut timer = futures_timer::Delay::new(limit);
+        let wait = exit.wait_for(Option::is_some);
+        let mut wait = std::pin::pin!(wait);
+        std::future::poll_fn(|cx| {
+            use std::future::Future;
+            if let std::task::Poll::Ready(status) = wait.as_mut().poll(cx) {
+                return std::task::Poll::Ready(status.ok().and_then(|s| *s));
+            }
+            std::pin::Pin::new(&mut timer).poll(cx).map(|()| None)
+        })
+        .await
+    }
+
+    /// How it ended, as [`Child::explain`] says it.
+    pub(crate) fn explain(&self, status: ExitStatus) -> String {
+        explain(status, &self.note)
+    }
 }
 
 /// A spawn refused with ETXTBSY is retried this many times: another
@@ -101,7 +157,23 @@ impl Child {
             reaped,
             exit,
             stderr,
+            note: Arc::default(),
         })
+    }
+
+    /// A handle for calls: the pid, the exit, and killing.
+    pub(crate) fn handle(&self) -> Handle {
+        Handle {
+            pid: self.pid,
+            reaped: Arc::clone(&self.reaped),
+            exit: self.exit.clone(),
+            note: Arc::clone(&self.note),
+        }
+    }
+
+    /// How it ended, with why the host killed it if it did.
+    pub(crate) fn explain(&self, status: ExitStatus) -> String {
+        explain(status, &self.note)
     }
 
     /// Sends `signal` to the process group, unless the process was reaped.
@@ -172,7 +244,11 @@ fn spawn_retrying(launch: &Launch) -> io::Result<std::process::Child> {
         .arg0(&launch.arg0)
         .args(&launch.args)
         .current_dir(&launch.dir)
-        .stdin(Stdio::null())
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(match &launch.stdin {
+            Some(fd) => Stdio::from(fd.try_clone()?),
+            None => Stdio::null(),
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own group: stop signals reach what it starts, and a
@@ -213,6 +289,14 @@ fn wait(child: &mut std::process::Child, reaped: &Mutex<bool>) -> ExitStatus {
         .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL))
 }
 
+fn explain(status: ExitStatus, note: &Mutex<Option<String>>) -> String {
+    let described = describe(status);
+    match note.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+        Some(why) => format!("{described} ({why})"),
+        None => described,
+    }
+}
+
 /// How an exit reads in messages: `exit status 3`, `killed by SIGKILL`.
 pub(crate) fn describe(status: ExitStatus) -> String {
     if let Some(code) = status.code() {
@@ -237,6 +321,10 @@ fn signal_name(signal: i32) -> String {
         libc::SIGSEGV => "SIGSEGV",
         libc::SIGPIPE => "SIGPIPE",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
         _ => return format!("signal {signal}"),
     };
     name.to_owned()

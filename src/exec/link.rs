@@ -159,16 +159,38 @@ pub(crate) struct Link {
 enum Client {
     Rest(Rest),
     Grpc(Grpc),
+    /// A native plugin's runner (`isolation: "process"`).
+    Process(Arc<crate::process::Conns>),
 }
 
 impl Link {
-    /// `host` is what the goplugin `X-Host` header says.
-    pub(crate) fn new(wire: Wire, address: Address, host: &Arc<str>) -> Link {
+    /// `host` is what the goplugin `X-Host` header says; `child` is the
+    /// process the link leads to.
+    pub(crate) fn new(
+        wire: Wire,
+        address: Address,
+        host: &Arc<str>,
+        child: &super::child::Child,
+        logs: &Arc<super::logs::Logs>,
+    ) -> Link {
         let client = match wire {
             Wire::Rest => Client::Rest(Rest::new(address, host)),
             Wire::Grpc => Client::Grpc(Grpc::new(address, host)),
+            Wire::Process => Client::Process(Arc::new(crate::process::Conns::new(
+                address,
+                child.handle(),
+                Arc::clone(logs),
+            ))),
         };
         Link { client }
+    }
+
+    /// The connections to a native plugin's runner.
+    pub(crate) fn process(&self) -> Option<&Arc<crate::process::Conns>> {
+        match &self.client {
+            Client::Process(conns) => Some(conns),
+            _ => None,
+        }
     }
 
     /// Ping: `Ok` when the plugin answers it successfully within `timeout`.
@@ -178,6 +200,7 @@ impl Link {
             match &self.client {
                 Client::Rest(rest) => rest.ping().await,
                 Client::Grpc(grpc) => grpc.ping(timeout).await,
+                Client::Process(conns) => conns.ping().await,
             }
         };
         match tokio::time::timeout(timeout, ping).await {
@@ -197,6 +220,10 @@ impl Link {
         match &self.client {
             Client::Rest(rest) => rest.exec(command, payload, timeout).await,
             Client::Grpc(grpc) => grpc.exec(command, payload, timeout).await,
+            // Runners are called through `process()`, with the context.
+            Client::Process(_) => Err(CallError::BadReply(
+                "a runner is not called with a payload".into(),
+            )),
         }
     }
 }

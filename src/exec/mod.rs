@@ -12,26 +12,25 @@
 //! grace period, SIGKILL, reaped, copy and socket removed.
 
 mod artifact;
-mod child;
+pub(crate) mod child;
 mod grpc;
-mod link;
-mod logs;
+pub(crate) mod link;
+pub(crate) mod logs;
 mod parent_death;
 mod payload;
 mod rest;
-mod runtime;
-mod settings;
-mod supervisor;
+pub(crate) mod runtime;
+pub(crate) mod settings;
+pub(crate) mod supervisor;
 
 use std::ffi::OsString;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -44,7 +43,7 @@ use artifact::Executable;
 use link::{Address, CallError};
 pub use payload::REPLY_KEY;
 use settings::Settings;
-use supervisor::{Phase, Shared, Status};
+use supervisor::{Phase, Shared};
 
 /// Settings the manager passes to every exec load.
 #[derive(Debug, Clone)]
@@ -100,36 +99,37 @@ impl ExecVersion {
             arg0: executable.original.clone(),
             args,
             dir: dir.to_owned(),
+            stdin: None,
+            env: Vec::new(),
         };
-        let shared = Arc::new(Shared {
-            plugin: Arc::clone(&plugin),
-            version: manifest.version.to_string(),
+        let shared = Arc::new(Shared::new(
+            Arc::clone(&plugin),
+            manifest.version.to_string(),
             settings,
             launch,
             address,
-            host: Arc::clone(&options.host_name),
-            link: ArcSwapOption::empty(),
-            logs: Arc::default(),
-            status: Mutex::new(Status {
-                phase: Phase::Restarting,
-                pid: None,
-                restarts: 0,
-                crashes_in_row: 0,
-                last_exit: None,
-                next_attempt: None,
-            }),
-            events: options.events.clone(),
-        });
+            Arc::clone(&options.host_name),
+            options.events.clone(),
+        ));
+        let original = executable.original.clone();
+        ExecVersion::supervised(shared, Some(executable)).map_err(|failure| Error::Start {
+            plugin: plugin.to_string(),
+            path: original,
+            reason: failure.reason,
+            stderr: failure.stderr,
+        })
+    }
+
+    /// Starts the first process of `shared` (ready: it answered Ping) and
+    /// the task that supervises it. The exec kind and the `process`
+    /// isolation of native plugins both start this way.
+    pub(crate) fn supervised(
+        shared: Arc<Shared>,
+        executable: Option<Executable>,
+    ) -> std::result::Result<ExecVersion, supervisor::Failure> {
         let starting = Arc::clone(&shared);
-        let first = runtime::block(async move { starting.start().await }).map_err(|failure| {
-            Error::Start {
-                plugin: plugin.to_string(),
-                path: executable.original.clone(),
-                reason: failure.reason,
-                stderr: failure.stderr,
-            }
-        })?;
-        tracing::debug!(plugin = %plugin, pid = first.0.pid, address = %shared.address, "ready");
+        let first = runtime::block(async move { starting.start().await })?;
+        tracing::debug!(plugin = %shared.plugin, pid = first.0.pid, address = %shared.address, "ready");
         shared.serve(&first.0, &first.1);
         let (stop, stopped) = watch::channel(false);
         let supervisor =
@@ -138,9 +138,14 @@ impl ExecVersion {
             shared,
             stop,
             supervisor: Some(supervisor),
-            executable: Some(executable),
+            executable,
             ending: None,
         })
+    }
+
+    /// What the version's calls and its supervisor share.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     pub(crate) fn execute(&self, ctx: &mut Context) -> Result<Outcome> {
@@ -217,11 +222,8 @@ impl ExecVersion {
         ProcessInfo {
             pid: status.pid,
             address: self.shared.address.to_string(),
-            protocol: match self.shared.settings.wire {
-                settings::Wire::Rest => "rest",
-                settings::Wire::Grpc => "grpc",
-            }
-            .to_owned(),
+            protocol: self.shared.settings.wire.as_str().to_owned(),
+            rss_bytes: status.pid.and_then(resident_bytes),
             restarts: status.restarts,
             crashes_in_row: status.crashes_in_row,
             last_exit: status.last_exit.clone(),
@@ -299,8 +301,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The resident memory of process `pid` (`/proc/<pid>/statm`).
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
+}
+
 /// The address of a version's processes, and the flag's argument.
-fn address(
+pub(crate) fn address(
     plugin: &str,
     settings: &Settings,
     work_dir: &Path,

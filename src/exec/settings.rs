@@ -17,11 +17,24 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// go-plugin's own grace between the polite and the final signal.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
-/// The two protocols an exec plugin may speak.
+/// The two protocols an exec plugin may speak, and the framed protocol of
+/// a native plugin's runner (`isolation: "process"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wire {
     Rest,
     Grpc,
+    Process,
+}
+
+impl Wire {
+    /// The name listings show.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Wire::Rest => "rest",
+            Wire::Grpc => "grpc",
+            Wire::Process => "dynplug",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +101,30 @@ impl Settings {
             backoff_max,
             stop_grace: ms(stop_grace_ms, STOP_GRACE),
         })
+    }
+
+    /// The settings of a native plugin's runner: a Unix socket, readiness
+    /// bounded by `start_timeout` (which includes the plugin's `init`),
+    /// the same health pings and backoff as exec plugins, and `stop_grace`
+    /// for its `shutdown`.
+    pub(crate) fn process(
+        start_timeout: Duration,
+        stop_grace: Duration,
+        (backoff_first, backoff_max): (Duration, Duration),
+    ) -> Settings {
+        Settings {
+            wire: Wire::Process,
+            listen: Listen::Unix,
+            flag: "--socket".into(),
+            args: Vec::new(),
+            start_timeout,
+            health_interval: Some(HEALTH_INTERVAL),
+            health_timeout: HEALTH_TIMEOUT,
+            health_misses: HEALTH_MISSES,
+            backoff_first,
+            backoff_max,
+            stop_grace,
+        }
     }
 
     /// The delay before restart number `crashes` of a row of crashes

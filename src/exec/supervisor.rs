@@ -68,6 +68,37 @@ pub(crate) struct Failure {
 }
 
 impl Shared {
+    /// A version's shared state, before its first process starts.
+    pub(crate) fn new(
+        plugin: Arc<str>,
+        version: String,
+        settings: Settings,
+        launch: Launch,
+        address: Address,
+        host: Arc<str>,
+        events: EventSink,
+    ) -> Shared {
+        Shared {
+            plugin,
+            version,
+            settings,
+            launch,
+            address,
+            host,
+            link: ArcSwapOption::empty(),
+            logs: Arc::default(),
+            status: Mutex::new(Status {
+                phase: Phase::Restarting,
+                pid: None,
+                restarts: 0,
+                crashes_in_row: 0,
+                last_exit: None,
+                next_attempt: None,
+            }),
+            events,
+        }
+    }
+
     pub(crate) fn status(&self) -> std::sync::MutexGuard<'_, Status> {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -115,6 +146,8 @@ impl Shared {
             self.settings.wire,
             self.address.clone(),
             &self.host,
+            &child,
+            &self.logs,
         ));
         let timeout = self.settings.start_timeout;
         let deadline = Instant::now() + timeout;
@@ -274,7 +307,7 @@ pub(crate) async fn supervise(
     loop {
         shared.serve(&child, &link);
         let down = tokio::select! {
-            status = child.exited() => child::describe(status),
+            status = child.exited() => child.explain(status),
             why = shared.unhealthy(&link) => {
                 let status = child.stop(shared.settings.stop_grace).await;
                 format!("{why}; stopped: {}", child::describe(status))

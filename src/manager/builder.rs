@@ -33,6 +33,9 @@ pub struct Builder {
     build_cache: Option<PathBuf>,
     build_timeout: Duration,
     host_name: String,
+    process_runner: Option<PathBuf>,
+    process_grace: Duration,
+    process_backoff: (Duration, Duration),
 }
 
 impl Builder {
@@ -55,6 +58,9 @@ impl Builder {
             build_cache: None,
             build_timeout: Duration::from_secs(600),
             host_name: "dynplug".into(),
+            process_runner: None,
+            process_grace: Duration::from_secs(1),
+            process_backoff: (Duration::from_millis(100), Duration::from_secs(30)),
         }
     }
 
@@ -203,6 +209,39 @@ impl Builder {
         self
     }
 
+    /// The program that runs plugins with `isolation: "process"`: a
+    /// `dynplug` binary of this version (it has the hidden runner command),
+    /// or a host program that calls [`run_if_runner`](crate::run_if_runner)
+    /// first in `main`. Default: the environment variable `DYNPLUG_RUNNER`,
+    /// else a `dynplug` beside the running program or in the directory
+    /// above it. Without one, such plugins fail to load with
+    /// [`Error::Start`], saying where it was looked for.
+    #[must_use]
+    pub fn process_runner(mut self, program: impl Into<PathBuf>) -> Self {
+        self.process_runner = Some(program.into());
+        self
+    }
+
+    /// How long a call of an `isolation: "process"` plugin may go on past
+    /// its deadline before its process is killed and restarted (default
+    /// 1 s). The caller gets [`Error::DeadlineExceeded`] at the deadline
+    /// either way.
+    #[must_use]
+    pub fn process_grace(mut self, grace: Duration) -> Self {
+        self.process_grace = grace;
+        self
+    }
+
+    /// The restart delays of `isolation: "process"` plugins' processes:
+    /// the first restart after a crash is immediate, the next ones in a
+    /// row wait `first`, doubling up to `max` (default 100 ms and 30 s,
+    /// as exec plugins).
+    #[must_use]
+    pub fn process_restart_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.process_backoff = (first.min(max), max);
+        self
+    }
+
     /// What every load of the manager needs.
     pub(crate) fn load_options(&self) -> LoadOptions {
         LoadOptions {
@@ -227,6 +266,12 @@ impl Builder {
                 max_size: self.max_library_size,
                 host_name: self.host_name.as_str().into(),
                 events: crate::event::EventSink::default(),
+            },
+            #[cfg(feature = "exec")]
+            process: crate::process::ProcessOptions {
+                runner: self.process_runner.clone(),
+                grace: self.process_grace,
+                backoff: self.process_backoff,
             },
         }
     }

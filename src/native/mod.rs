@@ -66,8 +66,37 @@ impl NativeVersion {
         options: &NativeOptions,
         check: Option<&ArtifactCheck<'_>>,
     ) -> Result<NativeVersion> {
+        let opened = open_checked(manifest, dir, options, check)?;
+        Self::start(manifest, dir, options, opened)
+    }
+
+    /// Loads a library from `bytes` already read (by the host, for a
+    /// `process` plugin's runner): the same checks, image, `dlopen`, layout
+    /// check and `init` as [`load`](Self::load), on exactly those bytes.
+    #[cfg(feature = "exec")]
+    pub(crate) fn load_bytes(
+        manifest: &Manifest,
+        dir: &Path,
+        options: &NativeOptions,
+        bytes: Vec<u8>,
+    ) -> Result<NativeVersion> {
+        let path = manifest
+            .library_path(dir)
+            .expect("local_so always has a library path");
+        // The signature, if any, was checked by the host on these bytes.
+        let checked = check_bytes(manifest, &path, &bytes, None)?;
+        let opened = open_image(manifest, &path, dir, options, bytes, &checked)?;
+        Self::start(manifest, dir, options, opened)
+    }
+
+    /// Starts the workers of an opened library and runs `init`.
+    fn start(
+        manifest: &Manifest,
+        dir: &Path,
+        options: &NativeOptions,
+        (library, image): (Library, Image),
+    ) -> Result<NativeVersion> {
         let plugin = manifest.name.clone();
-        let (library, image) = open_checked(manifest, dir, options, check)?;
         let library = Arc::new(library);
         let runner = match manifest.isolation {
             Isolation::Inline => Runner::Inline,
@@ -469,24 +498,44 @@ pub(crate) fn inspect(bytes: &[u8]) -> std::result::Result<(), String> {
         .map_err(|refusal| format!("{refusal:?}"))
 }
 
-/// A check of the artifact by the caller (its signature), given the hex
-/// SHA-256 of the bytes read, before anything else looks at them.
-pub(crate) type ArtifactCheck<'a> = dyn Fn(&str) -> Result<()> + 'a;
-
 /// Checks everything about a native plugin that can be checked without
-/// running it (manifest mode, artifact, the caller's `check`, checksum,
-/// header) and loads it from an image of exactly the checked bytes.
+/// running it (manifest mode, artifact, checksum, header) and loads it from
+/// an image of exactly the checked bytes.
 fn open_checked(
     manifest: &Manifest,
     dir: &Path,
     options: &NativeOptions,
     check: Option<&ArtifactCheck<'_>>,
 ) -> Result<(Library, Image)> {
+    let (path, real_dir, bytes) = read_library(manifest, dir, options)?;
+    let checked = check_bytes(manifest, &path, &bytes, check)?;
+    open_image(manifest, &path, &real_dir, options, bytes, &checked)
+}
+
+/// Everything [`open_checked`] does before the image and `dlopen`: the
+/// library's bytes, read once, checksum and header checked. What a
+/// `process` plugin's host does before handing the bytes to its runner.
+#[cfg(feature = "exec")]
+pub(crate) fn read_checked(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+    check: Option<&ArtifactCheck<'_>>,
+) -> Result<(PathBuf, Vec<u8>)> {
+    let (path, _, bytes) = read_library(manifest, dir, options)?;
+    check_bytes(manifest, &path, &bytes, check)?;
+    Ok((path, bytes))
+}
+
+/// Reads the library a `local_so` manifest names, once: the path as the
+/// manifest names it, the real plugin directory, and the bytes.
+fn read_library(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+) -> Result<(PathBuf, PathBuf, Vec<u8>)> {
     let plugin = manifest.name.clone();
     let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
-    let Source::LocalSo { sha256, .. } = &manifest.source else {
-        unreachable!("Version::load sends only local_so manifests here");
-    };
     let path = manifest
         .library_path(dir)
         .expect("local_so always has a library path");
@@ -525,7 +574,28 @@ fn open_checked(
     // exactly them, so what is checked is what is loaded.
     let bytes = crate::untrusted::read_file(&real, options.max_library_size)
         .map_err(|e| io("reading", e))?;
-    let digest = (sha256.is_some() || check.is_some()).then(|| crate::digest::sha256_hex(&bytes));
+    Ok((path, real_dir, bytes))
+}
+
+/// A check of the artifact by the caller (its signature), given the hex
+/// SHA-256 of the bytes read, before anything else looks at them.
+pub(crate) type ArtifactCheck<'a> = dyn Fn(&str) -> Result<()> + 'a;
+
+/// The caller's check (a signature), the checksum and the header check, on
+/// the bytes that will be loaded.
+fn check_bytes(
+    manifest: &Manifest,
+    path: &Path,
+    bytes: &[u8],
+    check: Option<&ArtifactCheck<'_>>,
+) -> Result<header::HeaderInfo> {
+    let plugin = manifest.name.clone();
+    let path = path.to_owned();
+    let Source::LocalSo { sha256, .. } = &manifest.source else {
+        unreachable!("Version::load sends only local_so manifests here");
+    };
+    // One digest for the signature and the checksum.
+    let digest = (sha256.is_some() || check.is_some()).then(|| crate::digest::sha256_hex(bytes));
     if let (Some(check), Some(digest)) = (check, &digest) {
         check(digest)?;
     }
@@ -540,7 +610,7 @@ fn open_checked(
             found,
         });
     }
-    let checked = header::inspect(&bytes).map_err(|refusal| match refusal {
+    header::inspect(bytes).map_err(|refusal| match refusal {
         Refusal::NotALibrary(message) => Error::BadLibrary {
             plugin: plugin.clone(),
             path: path.clone(),
@@ -563,11 +633,29 @@ fn open_checked(
             found: info.describe(),
             expected: ffi::expected_abi(),
         },
+    })
+}
+
+/// Puts checked bytes in an image and opens it.
+fn open_image(
+    manifest: &Manifest,
+    path: &Path,
+    real_dir: &Path,
+    options: &NativeOptions,
+    bytes: Vec<u8>,
+    checked: &header::HeaderInfo,
+) -> Result<(Library, Image)> {
+    let plugin = manifest.name.as_str();
+    let image = Image::create(&bytes, plugin, real_dir, &options.shadow_dir).map_err(|source| {
+        Error::Io {
+            plugin: plugin.to_owned(),
+            action: "preparing an image of",
+            path: path.to_owned(),
+            source,
+        }
     })?;
-    let image = Image::create(&bytes, &plugin, &real_dir, &options.shadow_dir)
-        .map_err(|e| io("preparing an image of", e))?;
     drop(bytes);
-    let opened = Library::open(image.path(), &checked);
+    let opened = Library::open(image.path(), checked);
     image.opened();
     let library = match opened {
         Ok(library) => library,
@@ -576,7 +664,7 @@ fn open_checked(
             // its `/proc/self/fd/N` name must then stay unique.
             let mapped = image.is_mapped();
             image.release(mapped);
-            return Err(open_error(e, &plugin, &path));
+            return Err(open_error(e, plugin, path));
         }
     };
     Ok((library, image))

@@ -207,7 +207,7 @@ impl Metrics {
                 (plugin(&p.name), leaked.to_string())
             }),
         );
-        // Plugins that run as a process (exec) only.
+        // Plugins that run as a process (exec, isolation "process") only.
         let processes: [PerProcess; 3] = [
             (
                 "dynplug_process_up",
@@ -236,6 +236,28 @@ impl Metrics {
                 &mut plugins
                     .iter()
                     .filter_map(|p| Some((plugin(&p.name), get(p.process.as_ref()?).to_string()))),
+            );
+        }
+        let gauges: [MaybePerProcess; 2] = [
+            (
+                "dynplug_process_pid",
+                "The pid of the plugin's running process.",
+                |p| p.pid.map(u64::from),
+            ),
+            (
+                "dynplug_process_resident_bytes",
+                "Resident memory of the plugin's running process, in bytes.",
+                |p| p.rss_bytes,
+            ),
+        ];
+        for (name, help, get) in gauges {
+            family(
+                name,
+                "gauge",
+                help,
+                &mut plugins
+                    .iter()
+                    .filter_map(|p| Some((plugin(&p.name), get(p.process.as_ref()?)?.to_string()))),
             );
         }
         family(
@@ -302,6 +324,14 @@ type PerPlugin = (
     &'static str,
     &'static str,
     fn(&crate::PluginInfo) -> u64,
+);
+
+/// A per-process gauge that not every process has: name, help, and how
+/// to read it.
+type MaybePerProcess = (
+    &'static str,
+    &'static str,
+    fn(&crate::ProcessInfo) -> Option<u64>,
 );
 
 /// A per-process metric: name, type, help, and how to read it.

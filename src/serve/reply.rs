@@ -21,6 +21,8 @@ impl Error {
             Error::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             // An exec plugin answered, but not in its protocol.
             Error::BadReply { .. } => StatusCode::BAD_GATEWAY,
+            // A process plugin's process died during the call.
+            Error::Crashed { .. } => StatusCode::BAD_GATEWAY,
             // 499 is nginx's "client closed request": the caller cancelled.
             Error::Cancelled { .. } => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)

@@ -50,6 +50,7 @@ pub const SAMPLES: &[&str] = &[
     "slow",
     "wrong-abi",
     "pinned",
+    "crashing",
 ];
 
 /// The exec plugin samples (programs, not libraries).
@@ -83,6 +84,39 @@ pub fn built() -> &'static Path {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map_or_else(|| root().join("target"), PathBuf::from);
         target.join(if release { "release" } else { "debug" })
+    })
+}
+
+/// The `dynplug` binary: the runner of plugins with `isolation: "process"`.
+pub fn runner() -> PathBuf {
+    // Cargo sets it for tests and benches, not for examples, which find
+    // the binary where cargo puts it.
+    option_env!("CARGO_BIN_EXE_dynplug").map_or_else(|| built().join("dynplug"), PathBuf::from)
+}
+
+/// The `panic-abort` fixture (`tests/fixtures/panic-abort`, a workspace of
+/// its own: built with `panic = "abort"`), built once per test binary.
+pub fn panic_abort_library() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let release = !cfg!(debug_assertions);
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root().join("target"), PathBuf::from)
+            .join("panic-abort");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root().join("tests/fixtures/panic-abort"))
+            .args(["build", "--quiet", "--offline", "--target-dir"])
+            .arg(&target);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for panic-abort");
+        assert!(status.success(), "building the panic-abort fixture failed");
+        let file = format!("libpanic_abort.{}", std::env::consts::DLL_EXTENSION);
+        target
+            .join(if release { "release" } else { "debug" })
+            .join(file)
     })
 }
 
