@@ -1,6 +1,8 @@
 //! Compiles `proto/*.proto` with protox (pure Rust: no system `protoc`
-//! needed), for the `server` feature; and has this package's executables
-//! (the `dynplug` binary, tests, examples, benchmarks) export dynplug's
+//! needed): the goplugin `plugin.Plugin` service for the `exec` feature
+//! (its client calls exec plugins), and with `server` its server side and
+//! the `dynplug.v1` service. It also has this package's executables (the
+//! `dynplug` binary, tests, examples, benchmarks) export dynplug's
 //! definitions of the C functions plugin code registers per-thread state
 //! with, so plugins bind to them (see `src/native/ffi/interpose.rs`).
 
@@ -19,12 +21,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=__cxa_thread_atexit_impl,--export-dynamic-symbol=pthread_key_create,--export-dynamic-symbol=pthread_key_delete,--export-dynamic-symbol=pthread_setspecific"
         );
     }
-    #[cfg(feature = "server")]
+    #[cfg(feature = "exec")]
     {
-        let fds = protox::compile(PROTOS, ["proto"])?;
+        let protos: &[&str] = if cfg!(feature = "server") {
+            PROTOS
+        } else {
+            &["proto/plugin.proto"]
+        };
+        let fds = protox::compile(protos, ["proto"])?;
         tonic_prost_build::configure()
             .build_client(true)
-            .build_server(true)
+            .build_server(cfg!(feature = "server"))
             .compile_fds(fds)?;
     }
     Ok(())

@@ -222,6 +222,7 @@ impl Context {
     }
 
     /// Takes out the values the last call set (see [`written`](Self::written)).
+    #[cfg(feature = "server")]
     pub(crate) fn into_written(mut self) -> impl Iterator<Item = (CompactString, Value)> {
         let written = std::mem::take(&mut self.written);
         written

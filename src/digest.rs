@@ -7,6 +7,13 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
+/// Lower-case hex MD5 of `bytes`: goplugin manifests carry MD5 sums. Only
+/// ever compared with a manifest's, never trusted alone for security.
+#[cfg(feature = "exec")]
+pub(crate) fn md5_hex(bytes: &[u8]) -> String {
+    hex(&md5::Md5::digest(bytes))
+}
+
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);

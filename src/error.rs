@@ -44,17 +44,56 @@ pub enum Error {
         what: String,
     },
 
-    /// The artifact's SHA-256 differs from the manifest's `sha256`.
-    #[error("{plugin}: {path}: sha256 mismatch: manifest says {expected}, file has {found}")]
+    /// The artifact's checksum differs from the manifest's (`sha256`, or
+    /// `md5` for exec plugins).
+    #[error("{plugin}: {path}: {algorithm} mismatch: manifest says {expected}, file has {found}")]
     Checksum {
         /// The plugin.
         plugin: String,
         /// The artifact.
         path: PathBuf,
+        /// `sha256` or `md5`.
+        algorithm: &'static str,
         /// From the manifest.
         expected: String,
         /// Of the bytes read.
         found: String,
+    },
+
+    /// A `.plg` package breaks a rule (a link, a path leaving the package,
+    /// too many entries, too large unpacked) or is misnamed.
+    #[error("{}{}: {message}", prefix(.plugin), .path.display())]
+    Package {
+        /// The plugin, once its manifest was read (else empty).
+        plugin: String,
+        /// The package file.
+        path: PathBuf,
+        /// Which rule, and for which entry.
+        message: String,
+    },
+
+    /// The host checks signatures and this plugin's is missing, does not
+    /// match what is loaded, or is by a key it does not trust.
+    #[error("{plugin}: {path}: {reason}")]
+    Signature {
+        /// The plugin.
+        plugin: String,
+        /// The signature file (`plugin.sig`), present or not.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Building a plugin from source (`source.mode = "remote_git"`) failed:
+    /// fetching, checking out or compiling.
+    #[error("{plugin}: building from {source_path}: {message}")]
+    Build {
+        /// The plugin.
+        plugin: String,
+        /// The repository (`source.path`).
+        source_path: String,
+        /// What failed, with the last lines of git's or cargo's output.
+        message: String,
     },
 
     /// `dlopen` refused the artifact (a missing dependency, an unresolved
@@ -127,6 +166,48 @@ pub enum Error {
         plugin: String,
         /// The plugin's message (or panic message).
         message: String,
+    },
+
+    /// An exec plugin's process could not be started, or did not become
+    /// ready: not executable, exited at once, or never answered Ping within
+    /// its start timeout.
+    #[error("{plugin}: {path}: cannot start: {reason}{}", stderr_tail(.stderr))]
+    Start {
+        /// The plugin.
+        plugin: String,
+        /// The executable, as the manifest names it.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+        /// The last lines the process wrote to stderr, oldest first.
+        stderr: Vec<String>,
+    },
+
+    /// An exec plugin's reply could not be understood (not its protocol,
+    /// not hex, over the size limit).
+    #[error("{plugin}: {label}: bad reply: {message}")]
+    BadReply {
+        /// The plugin.
+        plugin: String,
+        /// The label called.
+        label: String,
+        /// What is wrong with the reply.
+        message: String,
+    },
+
+    /// The process of a plugin with `isolation: "process"` died during the
+    /// call (a segfault, an abort, a limit, or killed for running past its
+    /// deadline): the call failed, the host lives, and the process is
+    /// being restarted.
+    #[error("{plugin}: {label}: the plugin's process crashed during the call: {reason}")]
+    Crashed {
+        /// The plugin.
+        plugin: String,
+        /// The label called.
+        label: String,
+        /// How the process ended, e.g. `its process killed by SIGSEGV`,
+        /// with its last line on stderr and the limit it hit, if any.
+        reason: String,
     },
 
     /// The new version is lower than the one serving and downgrades are not allowed.
@@ -269,12 +350,18 @@ impl Error {
             | Error::Manifest { plugin, .. }
             | Error::Unsupported { plugin, .. }
             | Error::Checksum { plugin, .. }
+            | Error::Package { plugin, .. }
+            | Error::Signature { plugin, .. }
+            | Error::Build { plugin, .. }
             | Error::Open { plugin, .. }
             | Error::Insecure { plugin, .. }
             | Error::BadLibrary { plugin, .. }
             | Error::MissingRoot { plugin, .. }
             | Error::AbiMismatch { plugin, .. }
             | Error::Init { plugin, .. }
+            | Error::Start { plugin, .. }
+            | Error::BadReply { plugin, .. }
+            | Error::Crashed { plugin, .. }
             | Error::Downgrade { plugin, .. }
             | Error::RouteConflict { plugin, .. }
             | Error::Forbidden { plugin, .. }
@@ -302,8 +389,19 @@ impl Error {
                 | Error::BadLibrary { .. }
                 | Error::MissingRoot { .. }
                 | Error::Checksum { .. }
+                | Error::Package { .. }
+                | Error::Signature { .. }
         )
     }
+}
+
+/// `; stderr: «a» «b»`, or nothing.
+fn stderr_tail(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let quoted: Vec<String> = lines.iter().map(|l| format!("«{l}»")).collect();
+    format!("; last lines on stderr: {}", quoted.join(" "))
 }
 
 fn prefix(plugin: &str) -> String {

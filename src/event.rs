@@ -74,6 +74,45 @@ pub enum Event {
         /// Which threads hold it.
         reason: String,
     },
+    /// A plugin's process went down (it exited, was killed, or stopped
+    /// answering health pings), or a restart of it failed; calls fail with
+    /// `Unavailable` until it is back.
+    Crashed {
+        /// The plugin.
+        plugin: String,
+        /// The version whose process it was.
+        version: String,
+        /// The process, if one was running.
+        pid: Option<u32>,
+        /// How it went down, e.g. `killed by SIGKILL`.
+        reason: String,
+        /// When the next start is tried.
+        restart_in_ms: u64,
+    },
+    /// A plugin's process was started again and answers Ping.
+    Restarted {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// The new process.
+        pid: u32,
+        /// Restarts of this version so far.
+        restarts: u64,
+    },
+    /// A plugin's process crashed several times in a row, each soon after
+    /// its start: it is restarted with a growing delay (see
+    /// [`PluginState::CrashLoop`](crate::PluginState::CrashLoop)).
+    CrashLoop {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// Crashes in a row.
+        crashes: u32,
+        /// When the next start is tried.
+        restart_in_ms: u64,
+    },
     /// The process is running out of pthread keys (glibc has 1024; plugin
     /// code calling `std::thread::current()` takes one per loaded copy and
     /// never gives it back). At 1024 the process aborts.
@@ -96,7 +135,10 @@ impl Event {
             | Event::Unloaded { plugin, .. }
             | Event::Retained { plugin, .. }
             | Event::Leaked { plugin, .. }
-            | Event::Pinned { plugin, .. } => Some(plugin),
+            | Event::Pinned { plugin, .. }
+            | Event::Crashed { plugin, .. }
+            | Event::Restarted { plugin, .. }
+            | Event::CrashLoop { plugin, .. } => Some(plugin),
             Event::TlsKeysLow { .. } => None,
         }
     }
@@ -174,5 +216,25 @@ impl Events {
     #[cfg(feature = "server")]
     pub(crate) fn into_inner(self) -> tokio::sync::broadcast::Receiver<Event> {
         self.inner
+    }
+}
+
+/// Where a plugin kind reports what happens to a version after its load
+/// (crashes, restarts): the manager's event channel, or nowhere.
+#[cfg(feature = "exec")]
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EventSink(Option<tokio::sync::broadcast::Sender<Event>>);
+
+#[cfg(feature = "exec")]
+impl EventSink {
+    pub(crate) fn new(sender: tokio::sync::broadcast::Sender<Event>) -> EventSink {
+        EventSink(Some(sender))
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        if let Some(sender) = &self.0 {
+            // No subscriber is not an error.
+            let _ = sender.send(event);
+        }
     }
 }

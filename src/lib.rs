@@ -26,6 +26,13 @@
 //! * [`PluginManager`]: scanning, loading, unloading, events ([`Event`]).
 //! * [`Executor`]: calls one plugin, blocking or async.
 //! * [`Context`]: the host side of a call; plugins see `plugin_abi::Context`.
+//! * [`package`]: `.plg` packages (pack, unpack under hostile-input rules,
+//!   install); the plugins directory holds them beside plugin directories
+//!   (the `origin` module says which entry holds which plugin).
+//! * [`signing`]: ed25519 keys and signatures, checked over the bytes
+//!   loaded when the manager has trusted keys ([`Builder::trusted_keys`]).
+//! * `source.mode = "remote_git"` plugins are built per commit into a cache
+//!   (the `build` module), then loaded as native ones.
 //! * Native plugins (`source.mode = "local_so"`) are checked from their
 //!   bytes, loaded from an image nobody else can write, and called `inline`
 //!   or on their own worker pool (`pooled`), which is what lets them be truly
@@ -41,6 +48,12 @@
 //!   goes through `manager/retire.rs` (`drain.rs`, then `unload`);
 //! * **the request path**: `executor.rs` → `version.rs` → the kind's
 //!   `execute`; the façades enter through `serve/` (see its module docs).
+//! * `isolation: "process"` (feature `exec`) runs a native plugin, the same
+//!   `cdylib`, in a child process: a crash kills only that process, which
+//!   is restarted; see `docs/embedding.md`.
+//! * Exec plugins (`source.mode = "exec"`, feature `exec`) are programs in
+//!   any language that speak goplugin's REST or gRPC protocol; dynplug
+//!   starts, supervises and restarts them. See `docs/exec-plugins.md`.
 //!
 //! # Safety model
 //!
@@ -51,25 +64,35 @@
 //! bytes before any of its code runs; a panic is caught inside the plugin and
 //! returned as [`Error::Panic`]; a hanging `init` holds up only its own
 //! plugin; and nothing a plugin allocates outlives a call, so unloading
-//! leaves nothing dangling. All `unsafe` code lives in one module
-//! (`native::ffi`). `docs/safety.md` says precisely what runs when.
+//! leaves nothing dangling. The `unsafe` code lives in `native::ffi`, and in
+//! `exec::parent_death` (the few lines a child runs between `fork` and
+//! `exec`). `docs/safety.md` says precisely what runs when.
 
+mod build;
 mod context;
 mod digest;
 mod drain;
 mod error;
 mod event;
+#[cfg(feature = "exec")]
+mod exec;
 mod executor;
 mod manager;
 pub mod manifest;
 mod native;
 mod origin;
+pub mod package;
 mod private_dir;
+#[cfg(feature = "exec")]
+mod process;
+#[cfg(feature = "exec")]
+mod proto;
 // Public for the fuzz targets, the property tests and the binary, not API.
 #[doc(hidden)]
 pub mod route;
 #[cfg(feature = "server")]
 pub mod serve;
+pub mod signing;
 mod slot;
 #[doc(hidden)]
 pub mod text;
@@ -80,10 +103,16 @@ mod watch;
 pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
 pub use event::{Event, Events, EventsError};
+#[cfg(feature = "exec")]
+pub use exec::REPLY_KEY;
 pub use executor::Executor;
-pub use manager::{Builder, LoadReport, PluginManager, verify};
-pub use manifest::{Isolation, Manifest};
+pub use manager::{Builder, LoadReport, PluginManager, Verified, verify, verify_report};
+pub use manifest::{Isolation, Limits, Manifest};
 pub use plugin_abi::{Value, ValueError};
+#[cfg(feature = "exec")]
+pub use process::RUNNER_ENV;
+#[cfg(feature = "exec")]
+pub use process::runner::run_if_runner;
 
 /// What a host binary's linker must be told so that dynplug sees what
 /// plugin code leaves on threads (thread-locals with destructors, pthread
@@ -102,7 +131,7 @@ pub const THREAD_TRACKING_LINK_ARG: &str = "-Wl,--export-dynamic-symbol=__cxa_th
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
-pub use slot::{CallCounts, PluginInfo, PluginState, RetiredVersion};
+pub use slot::{CallCounts, PluginInfo, PluginState, ProcessInfo, RetiredVersion};
 
 /// Entry points for the fuzz targets (`fuzz/`) and property tests: not API.
 #[doc(hidden)]

@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // A child started by a host to run a plugin with isolation "process".
+    if let Some(code) = dynplug::run_if_runner() {
+        return code;
+    }
     let args = cli::Args::parse();
     cli::init_logging(&args);
     match cli::run(args) {

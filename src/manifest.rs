@@ -63,6 +63,29 @@ pub struct Manifest {
     /// HTTP routes served by the façade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_services: Option<HttpServices>,
+    /// Resource limits of the child process (`isolation: "process"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// `limits`: resource limits set (`setrlimit`) in the child process of a
+/// plugin with `isolation: "process"`. Going over one is a crash of that
+/// process, reported with its cause; the process is restarted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Address space of the process, in MiB (`RLIMIT_AS`): virtual memory,
+    /// so leave room beyond what the plugin uses (at least 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Open file descriptors (`RLIMIT_NOFILE`; at least 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+    /// CPU time of the process, in seconds (`RLIMIT_CPU`), over its whole
+    /// life: SIGXCPU when it is used up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<u64>,
 }
 
 /// `source`: where a plugin's code comes from, by `mode`.
@@ -89,21 +112,53 @@ pub enum Source {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         package: Option<String>,
     },
-    /// A subprocess speaking REST or gRPC.
+    /// A subprocess speaking REST or gRPC, started and supervised by the
+    /// host (see `docs/exec-plugins.md`). Durations are in milliseconds;
+    /// unset ones take the defaults documented there.
     Exec {
-        /// The executable, relative to the plugin directory or absolute.
+        /// The executable (a binary or a `#!` script), relative to the
+        /// plugin directory (without `..`) or absolute.
         path: String,
-        /// Arguments before `--port N`.
+        /// Arguments, before the address flag.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         args: Vec<String>,
-        /// The wire protocol.
+        /// The wire protocol: `rest` or `grpc`.
         protocol: Protocol,
-        /// Hex SHA-256 of the executable.
+        /// Hex SHA-256 of the executable, verified over the bytes executed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sha256: Option<String>,
-        /// Hex MD5 of the executable (goplugin compatibility).
+        /// Hex MD5 of the executable (goplugin compatibility), verified likewise.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         md5: Option<String>,
+        /// Where the plugin listens: `tcp` (default) or `unix`.
+        #[serde(default)]
+        listen: Listen,
+        /// The flag that passes the address: default `--port` (then the
+        /// port number) for `tcp`, `--socket` (then the path) for `unix`.
+        /// goplugin plugins take `-port`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen_flag: Option<String>,
+        /// How long the plugin may take to answer its first Ping (default 10,000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        start_timeout_ms: Option<u64>,
+        /// Time between health pings (default 2,000; 0 turns them off).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health_interval_ms: Option<u64>,
+        /// How long a health ping may take (default 1,000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health_timeout_ms: Option<u64>,
+        /// Health pings missed in a row before the process is restarted (default 3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health_misses: Option<u32>,
+        /// The first delay between restarts after the immediate one (default 100).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restart_backoff_ms: Option<u64>,
+        /// The longest delay between restarts (default 30,000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        restart_backoff_max_ms: Option<u64>,
+        /// Time between SIGTERM and SIGKILL when the process is stopped (default 2,000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_grace_ms: Option<u64>,
     },
     /// An already running server.
     Socket {
@@ -147,6 +202,28 @@ pub enum Protocol {
     Rest,
     /// JSON-RPC 2.0 over HTTP.
     Jsonrpc,
+}
+
+/// Where an exec plugin listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Listen {
+    /// `127.0.0.1` on a free port, passed as `--port N`.
+    #[default]
+    Tcp,
+    /// A Unix socket in a private directory, passed as `--socket PATH`.
+    Unix,
+}
+
+impl Listen {
+    /// The name as written in the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listen::Tcp => "tcp",
+            Listen::Unix => "unix",
+        }
+    }
 }
 
 /// Where a native plugin's calls run.
@@ -231,6 +308,11 @@ impl Manifest {
     /// [`Error::Io`] if the file cannot be read, [`Error::Manifest`] naming the
     /// field if it is malformed or invalid.
     pub fn from_dir(dir: &Path) -> Result<Manifest> {
+        Manifest::read_dir(dir).map(|(manifest, _)| manifest)
+    }
+
+    /// [`Manifest::from_dir`], with the bytes parsed (what a signature covers).
+    pub(crate) fn read_dir(dir: &Path) -> Result<(Manifest, Vec<u8>)> {
         let path = dir.join(MANIFEST_FILE);
         // `dynplug verify .` names the directory by its real name.
         let real = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
@@ -257,7 +339,7 @@ impl Manifest {
                 ),
             ));
         }
-        Ok(manifest)
+        Ok((manifest, bytes))
     }
 
     /// Parses and validates manifest bytes; `path` and `plugin` only label errors.
@@ -324,36 +406,19 @@ impl Manifest {
                     );
                 }
             }
-            Source::Exec {
-                path: p,
-                sha256,
-                md5,
-                ..
-            } => {
-                if p.is_empty() {
-                    return fail(
-                        "source.path",
-                        "expected an executable path, found an empty string".into(),
-                    );
-                }
-                if let Some(h) = sha256.as_deref().filter(|h| !is_hex(h, 64)) {
-                    return fail(
-                        "source.sha256",
-                        format!("expected 64 hex digits, found `{}`", quote(h)),
-                    );
-                }
-                if let Some(h) = md5.as_deref().filter(|h| !is_hex(h, 32)) {
-                    return fail(
-                        "source.md5",
-                        format!("expected 32 hex digits, found `{}`", quote(h)),
-                    );
-                }
+            Source::Exec { .. } => {
+                validate_exec(&self.source)
+                    .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
             }
             Source::RemoteGit { path: p, .. } | Source::Socket { path: p, .. } => {
                 if p.is_empty() {
                     return fail("source.path", "expected a non-empty path".into());
                 }
             }
+        }
+        if let Some(limits) = &self.limits {
+            validate_limits(limits, self.isolation, &self.source)
+                .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
         }
         if let Some(http) = &self.http_services {
             if let Some(driver) = http.driver.as_deref().filter(|d| *d != "axum") {
@@ -474,6 +539,153 @@ impl Manifest {
             _ => None,
         }
     }
+}
+
+/// Longest `source.listen_flag`, in bytes.
+const MAX_FLAG: usize = 64;
+/// Longest duration an exec plugin's manifest may ask for, in milliseconds
+/// (an hour: longer would be a typo, and would not fit some clocks' math).
+const MAX_EXEC_MS: u64 = 3_600_000;
+
+/// `limits`: only for process isolation, each within its bounds.
+fn validate_limits(
+    limits: &Limits,
+    isolation: Isolation,
+    source: &Source,
+) -> std::result::Result<(), (String, String)> {
+    if !matches!(source, Source::LocalSo { .. }) {
+        return Err((
+            "limits".into(),
+            format!(
+                "limits apply to native plugins (source.mode \"local_so\") with isolation \"process\", not to source.mode \"{}\"",
+                source.mode()
+            ),
+        ));
+    }
+    if isolation != Isolation::Process {
+        return Err((
+            "limits".into(),
+            format!(
+                "limits apply to isolation \"process\" only, not \"{}\"",
+                isolation.as_str()
+            ),
+        ));
+    }
+    let fields = [
+        ("limits.memory_mb", limits.memory_mb, 64, 1 << 30),
+        ("limits.open_files", limits.open_files, 16, 1 << 30),
+        ("limits.cpu_seconds", limits.cpu_seconds, 1, 1 << 40),
+    ];
+    for (field, value, min, max) in fields {
+        if let Some(value) = value.filter(|v| !(min..=max).contains(v)) {
+            return Err((
+                field.into(),
+                format!("expected {min} to {max}, found {value}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `source` of an `exec` plugin: every field named on error.
+fn validate_exec(source: &Source) -> std::result::Result<(), (String, String)> {
+    let Source::Exec {
+        path,
+        protocol,
+        sha256,
+        md5,
+        listen_flag,
+        start_timeout_ms,
+        health_interval_ms,
+        health_timeout_ms,
+        health_misses,
+        restart_backoff_ms,
+        restart_backoff_max_ms,
+        stop_grace_ms,
+        ..
+    } = source
+    else {
+        return Ok(());
+    };
+    let fail = |field: &str, message: String| Err((format!("source.{field}"), message));
+    if path.is_empty() {
+        return fail(
+            "path",
+            "expected an executable path, found an empty string".into(),
+        );
+    }
+    if !Path::new(path).is_absolute()
+        && let Err(why) = check_relative(path)
+    {
+        return fail("path", format!("{why} (or an absolute path)"));
+    }
+    if *protocol == Protocol::Jsonrpc {
+        return fail(
+            "protocol",
+            "exec plugins speak \"rest\" or \"grpc\" (goplugin's protocols); \"jsonrpc\" is for source.mode \"socket\"".into(),
+        );
+    }
+    if let Some(h) = sha256.as_deref().filter(|h| !is_hex(h, 64)) {
+        return fail(
+            "sha256",
+            format!("expected 64 hex digits, found `{}`", quote(h)),
+        );
+    }
+    if let Some(h) = md5.as_deref().filter(|h| !is_hex(h, 32)) {
+        return fail(
+            "md5",
+            format!("expected 32 hex digits, found `{}`", quote(h)),
+        );
+    }
+    if let Some(flag) = listen_flag {
+        let valid = flag.len() <= MAX_FLAG
+            && flag.len() > 1
+            && flag.starts_with('-')
+            && !flag.contains(|c: char| c == '=' || c.is_whitespace() || c.is_control());
+        if !valid {
+            return fail(
+                "listen_flag",
+                format!(
+                    "expected a flag such as `--port` or `-port` (a `-`, then at most {MAX_FLAG} bytes without `=`, spaces or control characters), found `{}`",
+                    quote(flag)
+                ),
+            );
+        }
+    }
+    for (field, value, min) in [
+        ("start_timeout_ms", start_timeout_ms, 1),
+        ("health_interval_ms", health_interval_ms, 0),
+        ("health_timeout_ms", health_timeout_ms, 1),
+        ("restart_backoff_ms", restart_backoff_ms, 0),
+        ("restart_backoff_max_ms", restart_backoff_max_ms, 0),
+        ("stop_grace_ms", stop_grace_ms, 0),
+    ] {
+        if let Some(ms) = *value
+            && !(min..=MAX_EXEC_MS).contains(&ms)
+        {
+            return fail(
+                field,
+                format!("expected {min} to {MAX_EXEC_MS} milliseconds, found {ms}"),
+            );
+        }
+    }
+    if let Some(misses) = *health_misses
+        && !(1..=1000).contains(&misses)
+    {
+        return fail(
+            "health_misses",
+            format!("expected 1 to 1000 pings, found {misses}"),
+        );
+    }
+    if let (Some(first), Some(max)) = (restart_backoff_ms, restart_backoff_max_ms)
+        && first > max
+    {
+        return fail(
+            "restart_backoff_ms",
+            format!("{first} is above restart_backoff_max_ms ({max})"),
+        );
+    }
+    Ok(())
 }
 
 /// `http_services.routes`: the count first (so a huge list costs nothing
@@ -649,6 +861,115 @@ mod tests {
         let m =
             Manifest::parse(text.as_bytes(), Path::new("plugin.json.example"), "hello").unwrap();
         assert_eq!(m.routes().len(), 2);
+    }
+
+    #[test]
+    fn exec_example_manifest_is_valid() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/plugin.exec.json.example"
+        ))
+        .unwrap();
+        let m = Manifest::parse(
+            text.as_bytes(),
+            Path::new("plugin.exec.json.example"),
+            "greeter",
+        )
+        .unwrap();
+        assert!(matches!(
+            m.source,
+            Source::Exec {
+                listen: Listen::Unix,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn exec_fields_are_checked_and_named() {
+        let exec = |fields: &str| {
+            format!(
+                r#"{{"name":"p","version":"1.0.0","source":{{"mode":"exec","path":"bin/p","protocol":"rest"{fields}}}}}"#
+            )
+        };
+        parse(&exec("")).unwrap();
+        parse(&exec("").replace("bin/p", "/usr/local/bin/p")).unwrap();
+        for (fields, field, part) in [
+            (
+                r#","protocol":"jsonrpc""#,
+                "source.protocol",
+                "is for source.mode \"socket\"",
+            ),
+            (
+                r#","listen_flag":"port""#,
+                "source.listen_flag",
+                "a flag such as `--port`",
+            ),
+            (
+                r#","listen_flag":"--port=1""#,
+                "source.listen_flag",
+                "without `=`",
+            ),
+            (
+                r#","start_timeout_ms":0"#,
+                "source.start_timeout_ms",
+                "expected 1 to 3600000",
+            ),
+            (
+                r#","health_misses":0"#,
+                "source.health_misses",
+                "expected 1 to 1000",
+            ),
+            (
+                r#","restart_backoff_ms":500,"restart_backoff_max_ms":100"#,
+                "source.restart_backoff_ms",
+                "above restart_backoff_max_ms",
+            ),
+            (r#","md5":"abc""#, "source.md5", "32 hex digits"),
+        ] {
+            let json = exec(fields).replacen(
+                r#","protocol":"rest""#,
+                "",
+                usize::from(fields.contains("protocol")),
+            );
+            let (got, message) = field_of(&json);
+            assert_eq!(got, field, "{fields}: {message}");
+            assert!(message.contains(part), "{fields}: {message}");
+        }
+        let (field, message) = field_of(&exec("").replace("bin/p", "../p"));
+        assert_eq!(field, "source.path");
+        assert!(message.contains("or an absolute path"), "{message}");
+        let (field, message) = field_of(&exec(r#","listen":"udp""#));
+        assert_eq!(field, "source");
+        assert!(message.contains("unknown variant `udp`"), "{message}");
+        let (field, message) = field_of(&exec(r#","restart":true"#));
+        assert_eq!(field, "source");
+        assert!(message.contains("unknown field `restart`"), "{message}");
+    }
+
+    #[test]
+    fn limits_are_for_process_isolation_and_bounded() {
+        let with = |isolation: &str, limits: &str| {
+            format!(
+                r#"{{"name":"p","version":"1.0.0","isolation":"{isolation}","source":{{"mode":"local_so","path":"a"}},"limits":{limits}}}"#
+            )
+        };
+        let m = parse(&with(
+            "process",
+            r#"{"memory_mb":256,"open_files":64,"cpu_seconds":5}"#,
+        ))
+        .unwrap();
+        let limits = m.limits.unwrap();
+        assert_eq!(limits.memory_mb, Some(256));
+        assert_eq!((limits.open_files, limits.cpu_seconds), (Some(64), Some(5)));
+        let (field, message) = field_of(&with("pooled", r#"{"memory_mb":256}"#));
+        assert_eq!(field, "limits");
+        assert!(message.contains("isolation \"process\" only"), "{message}");
+        let (field, message) = field_of(&with("process", r#"{"memory_mb":1}"#));
+        assert_eq!(field, "limits.memory_mb");
+        assert!(message.contains("expected 64 to"), "{message}");
+        let (field, _) = field_of(&with("process", r#"{"memroy_mb":100}"#));
+        assert!(field.starts_with("limits"), "{field}");
     }
 
     #[test]

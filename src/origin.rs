@@ -1,49 +1,86 @@
 //! Where a plugin comes from, kept apart from how it runs (`version::Kind`).
 //!
-//! An origin yields a checked manifest and the directory its artifacts are
-//! relative to, and says when its content changed (the fingerprint the
-//! watcher compares). Today every plugin comes from a directory of the
-//! plugins directory; a `.plg` package, a discovered socket or a
-//! registration are further variants, and nothing above this module (the
-//! manager, the watcher) needs to know which one it has.
+//! An origin yields a checked manifest, the seal that says who signed it
+//! (`signing::Seal`), and the directory its artifacts are relative to, and
+//! says when its content changed (the fingerprint the watcher compares).
+//! Two kinds of entries of the plugins directory hold plugins:
+//!
+//! * a directory `<base>/<name>/`, named after its plugin;
+//! * a package `<base>/NAME-VERSION.plg`, unpacked into a private directory
+//!   for the load and removed after it. Several packages of one plugin may
+//!   sit side by side: the newest version wins (a directory of the same
+//!   name too, and it wins a tie).
+//!
+//! A package's plugin name comes from its manifest, so the entries and the
+//! plugins they hold are mapped by [`PackageIndex`], which reads a package's
+//! manifest once per file content and remembers it after the file is gone
+//! (to unload what it held). A package whose manifest cannot be read is a
+//! plugin of its own, named after its file, so that its error is listed.
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::package::{Limits, Unpacked, is_package_name};
+use crate::signing::Seal;
 use crate::untrusted::{MAX_MANIFEST_BYTES, read_file};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Origin {
     /// `<base>/<name>/`: `plugin.json` and the artifacts it names.
     Dir(PathBuf),
+    /// `<base>/NAME-VERSION.plg`.
+    Package(PathBuf),
+}
+
+/// An origin read for one load: the manifest, its seal, and where its files
+/// are (an unpacked package's copy lives as long as this).
+pub(crate) struct Opened {
+    pub(crate) manifest: Manifest,
+    pub(crate) seal: Seal,
+    dir: PathBuf,
+    unpacked: Option<Unpacked>,
+}
+
+impl Opened {
+    /// Where relative artifact paths of the manifest resolve.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The unpacked copy of a package, for the version to keep or drop.
+    pub(crate) fn into_unpacked(self) -> Option<Unpacked> {
+        self.unpacked
+    }
 }
 
 impl Origin {
-    /// The plugin the entry `name` of the plugins directory holds, if it
-    /// holds one. Dot entries never do (staging, the loader's own files).
-    pub(crate) fn of_entry(base: &Path, name: &str) -> Option<Origin> {
+    /// Whether the entry `name` of the plugins directory may hold a plugin:
+    /// a directory or a package. Dot entries never do (staging, the
+    /// loader's own files).
+    pub(crate) fn is_entry(base: &Path, name: &str) -> bool {
         if name.starts_with('.') {
-            return None;
+            return false;
         }
         let path = base.join(name);
         // `is_dir` follows a symlink: a plugin directory may be a link.
-        path.is_dir().then_some(Origin::Dir(path))
+        path.is_dir() || (is_package_name(name) && path.is_file())
     }
 
-    /// The entries of the plugins directory that hold plugins, sorted.
+    /// The entries of the plugins directory that may hold plugins, sorted.
     pub(crate) fn scan(base: &Path) -> std::io::Result<Vec<String>> {
         let mut names: Vec<String> = std::fs::read_dir(base)?
             .flatten()
             .filter_map(|entry| {
                 let name = entry.file_name().to_str()?.to_owned();
-                match Origin::of_entry(base, &name) {
-                    Some(_) => Some(name),
-                    None => {
-                        tracing::debug!(entry = %name, "skipping: not a plugin");
-                        None
-                    }
+                if Origin::is_entry(base, &name) {
+                    Some(name)
+                } else {
+                    tracing::debug!(entry = %name, "skipping: not a plugin");
+                    None
                 }
             })
             .collect();
@@ -51,53 +88,212 @@ impl Origin {
         Ok(names)
     }
 
-    /// What the listing shows as the plugin's location.
-    pub(crate) fn path(&self) -> &Path {
-        match self {
-            Origin::Dir(dir) => dir,
+    /// Where the plugin named `name` comes from now: its directory, or its
+    /// newest package, whichever has the higher version (the directory on
+    /// a tie); `None` when neither exists.
+    pub(crate) fn locate(base: &Path, name: &str, index: &PackageIndex) -> Option<Origin> {
+        let dir = base.join(name);
+        let packages = index.packages_of(base, name);
+        if is_package_name(name) && dir.is_file() && packages.is_empty() {
+            // A package whose manifest could not be read: listed by file name.
+            return index.is_unreadable(name).then_some(Origin::Package(dir));
+        }
+        let newest = packages.into_iter().max_by(|a, b| a.0.cmp(&b.0));
+        if !dir.is_dir() {
+            return newest.map(|(_, path)| Origin::Package(path));
+        }
+        if newest.is_none() {
+            return Some(Origin::Dir(dir));
+        }
+        let dir_version = Manifest::from_dir(&dir).ok().map(|m| m.version);
+        match (newest, dir_version) {
+            (Some((version, path)), Some(dir_version)) if version > dir_version => {
+                Some(Origin::Package(path))
+            }
+            _ => Some(Origin::Dir(dir)),
         }
     }
 
-    /// Where relative artifact paths of the manifest resolve.
-    pub(crate) fn dir(&self) -> &Path {
+    /// What the listing shows as the plugin's location.
+    pub(crate) fn path(&self) -> &Path {
         match self {
-            Origin::Dir(dir) => dir,
+            Origin::Dir(path) | Origin::Package(path) => path,
         }
     }
 
     /// The manifest file, as errors name it.
     pub(crate) fn manifest_path(&self) -> PathBuf {
-        self.dir().join(MANIFEST_FILE)
+        self.path().join(MANIFEST_FILE)
     }
 
-    /// Reads and checks the manifest.
-    pub(crate) fn manifest(&self) -> Result<Manifest> {
+    /// Reads and checks the manifest (bytes read once, their seal taken
+    /// from the same bytes), unpacking a package under `unpack_root`.
+    pub(crate) fn open(&self, unpack_root: &Path, limits: Limits) -> Result<Opened> {
         match self {
-            Origin::Dir(dir) => Manifest::from_dir(dir),
+            Origin::Dir(dir) => {
+                let (manifest, bytes) = Manifest::read_dir(dir)?;
+                Ok(Opened {
+                    seal: Seal::read(dir, &bytes),
+                    manifest,
+                    dir: dir.clone(),
+                    unpacked: None,
+                })
+            }
+            Origin::Package(path) => {
+                let unpacked = Unpacked::new(path, unpack_root, limits)?;
+                let manifest_path = path.join(MANIFEST_FILE);
+                let bytes = read_file(&unpacked.dir().join(MANIFEST_FILE), MAX_MANIFEST_BYTES)
+                    .map_err(|source| Error::Io {
+                        plugin: String::new(),
+                        action: "reading",
+                        path: manifest_path.clone(),
+                        source,
+                    })?;
+                let manifest = Manifest::parse(&bytes, &manifest_path, "")?;
+                crate::package::check_file_name(&manifest, path)?;
+                Ok(Opened {
+                    seal: Seal::read(unpacked.dir(), &bytes)
+                        .shown_as(path.join(crate::signing::SIGNATURE_FILE)),
+                    manifest,
+                    dir: unpacked.dir().to_owned(),
+                    unpacked: Some(unpacked),
+                })
+            }
         }
     }
 
-    /// Identifies the content: the manifest's bytes and the artifact's size,
-    /// modification time and inode (a rename-in is a new inode).
+    /// Identifies the content. A directory: the manifest's bytes and the
+    /// artifact's size, modification time and inode (a rename-in is a new
+    /// inode). A package: its file's size, time and inode.
     pub(crate) fn fingerprint(&self) -> u64 {
         let mut hasher = DefaultHasher::new();
-        let manifest_path = self.manifest_path();
+        let dir = match self {
+            Origin::Package(path) => {
+                path.hash(&mut hasher);
+                stamp(path).hash(&mut hasher);
+                return hasher.finish();
+            }
+            Origin::Dir(dir) => dir,
+        };
+        let manifest_path = dir.join(MANIFEST_FILE);
         let bytes = read_file(&manifest_path, MAX_MANIFEST_BYTES).unwrap_or_default();
         bytes.hash(&mut hasher);
-        let name = self
-            .dir()
+        let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let artifact = Manifest::parse(&bytes, &manifest_path, &name)
             .ok()
-            .and_then(|m| m.artifact_path(self.dir()));
-        if let Some(meta) = artifact.and_then(|p| std::fs::metadata(p).ok()) {
-            meta.len().hash(&mut hasher);
-            meta.modified().ok().hash(&mut hasher);
-            #[cfg(unix)]
-            std::os::unix::fs::MetadataExt::ino(&meta).hash(&mut hasher);
+            .and_then(|m| m.artifact_path(dir));
+        if let Some(path) = artifact {
+            stamp(&path).hash(&mut hasher);
         }
+        stamp(&dir.join(crate::signing::SIGNATURE_FILE)).hash(&mut hasher);
         hasher.finish()
+    }
+}
+
+/// Size, modification time and inode of a file, if it exists.
+fn stamp(path: &Path) -> Option<(u64, Option<std::time::SystemTime>, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((meta.len(), meta.modified().ok(), inode))
+}
+
+/// Which plugin each package file of the plugins directory holds.
+#[derive(Debug)]
+pub(crate) struct PackageIndex {
+    limits: Limits,
+    /// File name → what its content (by stamp) holds.
+    entries: Mutex<HashMap<String, Indexed>>,
+}
+
+#[derive(Debug, Clone)]
+struct Indexed {
+    stamp: Option<(u64, Option<std::time::SystemTime>, u64)>,
+    /// The plugin's name and version; `None` when unreadable.
+    held: Option<(String, semver::Version)>,
+}
+
+impl PackageIndex {
+    pub(crate) fn new(limits: Limits) -> PackageIndex {
+        PackageIndex {
+            limits,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The plugin the entry `name` holds (or held, if it is gone): the
+    /// entry itself for a directory, the manifest's name for a package
+    /// (its file name if unreadable). `None` for a package never seen.
+    pub(crate) fn plugin_of(&self, base: &Path, name: &str) -> Option<String> {
+        if !is_package_name(name) {
+            return Some(name.to_owned());
+        }
+        let path = base.join(name);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(now) = stamp(&path).filter(|_| path.is_file()) else {
+            let gone = entries.remove(name)?;
+            return Some(
+                gone.held
+                    .map_or_else(|| name.to_owned(), |(plugin, _)| plugin),
+            );
+        };
+        let current = entries.get(name).filter(|e| e.stamp == Some(now)).cloned();
+        let indexed = match current {
+            Some(indexed) => indexed,
+            None => {
+                let held = match crate::package::read_manifest(&path, self.limits) {
+                    Ok(manifest) => Some((manifest.name, manifest.version)),
+                    Err(e) => {
+                        tracing::debug!(entry = name, "package unreadable: {e}");
+                        None
+                    }
+                };
+                let indexed = Indexed {
+                    stamp: Some(now),
+                    held,
+                };
+                entries.insert(name.to_owned(), indexed.clone());
+                indexed
+            }
+        };
+        Some(
+            indexed
+                .held
+                .map_or_else(|| name.to_owned(), |(plugin, _)| plugin),
+        )
+    }
+
+    /// Whether the package file `name` was found unreadable.
+    fn is_unreadable(&self, name: &str) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.get(name).is_some_and(|e| e.held.is_none())
+    }
+
+    /// The packages in `base` that hold `plugin`, with their versions.
+    fn packages_of(&self, base: &Path, plugin: &str) -> Vec<(semver::Version, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(base) else {
+            return Vec::new();
+        };
+        let names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| is_package_name(n))
+            .collect();
+        let mut found = Vec::new();
+        for name in names {
+            if self.plugin_of(base, &name).as_deref() != Some(plugin) {
+                continue;
+            }
+            let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, version)) = entries.get(&name).and_then(|e| e.held.clone()) {
+                found.push((version, base.join(&name)));
+            }
+        }
+        found
     }
 }

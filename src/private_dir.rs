@@ -118,6 +118,27 @@ pub(crate) fn world_writable(_path: &Path) -> Option<String> {
     None
 }
 
+/// A warning when the group of `path` may write to it: accepted (a deploy
+/// group is a choice), but every member can run code in this process.
+#[cfg(unix)]
+pub(crate) fn group_writable(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    (meta.mode() & 0o020 != 0).then(|| {
+        format!(
+            "{} is writable by its group (gid {}): every member can run code in this process",
+            path.display(),
+            meta.gid()
+        )
+    })
+}
+
+/// Off Unix there are no modes to check.
+#[cfg(not(unix))]
+pub(crate) fn group_writable(_path: &Path) -> Option<String> {
+    None
+}
+
 fn refused(dir: &Path, why: String) -> io::Error {
     io::Error::new(
         io::ErrorKind::PermissionDenied,

@@ -36,6 +36,13 @@ pub enum PluginState {
     /// Taken out of service; closed once the threads that hold state of its
     /// code (named in the error) let go.
     Pinned,
+    /// In service, but its process is down and being started again: calls
+    /// fail with `Unavailable` meanwhile.
+    Restarting,
+    /// In service, but its process crashed several times in a row soon
+    /// after starting: it is restarted with a growing delay, and calls
+    /// fail with `Unavailable` meanwhile.
+    CrashLoop,
 }
 
 impl PluginState {
@@ -49,7 +56,18 @@ impl PluginState {
             PluginState::Retained => "retained",
             PluginState::Leaked => "leaked",
             PluginState::Pinned => "pinned",
+            PluginState::Restarting => "restarting",
+            PluginState::CrashLoop => "crash_loop",
         }
+    }
+
+    /// Whether a version is in service (routes mounted, listed as the
+    /// plugin's): loaded, or loaded with its process restarting.
+    pub fn in_service(self) -> bool {
+        matches!(
+            self,
+            PluginState::Loaded | PluginState::Restarting | PluginState::CrashLoop
+        )
     }
 }
 
@@ -69,7 +87,7 @@ pub struct PluginInfo {
     pub state: PluginState,
     /// The last error: why it failed, or why its last load or unload went wrong.
     pub error: Option<String>,
-    /// The plugin directory.
+    /// The plugin directory, or the package it was last loaded from.
     pub dir: PathBuf,
     /// Versions swapped in after the first (upgrades and reloads).
     pub upgrades: u64,
@@ -80,6 +98,34 @@ pub struct PluginInfo {
     /// Versions taken out of service whose code stays mapped: `inline`
     /// versions (retained on purpose) and leaked ones, oldest first.
     pub retired: Vec<RetiredVersion>,
+    /// For plugins that run as a process (`exec`, or `isolation:
+    /// "process"`): that process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessInfo>,
+}
+
+/// One plugin process, as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ProcessInfo {
+    /// The running process, if one is up.
+    pub pid: Option<u32>,
+    /// Where it listens: `127.0.0.1:PORT` or `unix:PATH`.
+    pub address: String,
+    /// `rest` or `grpc`; `dynplug` for a native plugin's runner
+    /// (`isolation: "process"`).
+    pub protocol: String,
+    /// Its resident memory, in bytes, when it runs (Linux).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// Times the process was started again after going down.
+    pub restarts: u64,
+    /// Crashes in a row (0 once a process runs long enough).
+    pub crashes_in_row: u32,
+    /// How the last process ended, e.g. `killed by SIGKILL`.
+    pub last_exit: Option<String>,
+    /// The last lines the processes wrote (`[pid stream] text`), oldest first.
+    pub logs: Vec<String>,
 }
 
 /// A version taken out of service that is still mapped.
@@ -111,7 +157,8 @@ pub(crate) struct Status {
 
 pub(crate) struct Slot {
     pub(crate) name: String,
-    pub(crate) origin: Origin,
+    /// Where the plugin was last loaded from (a newer package moves it).
+    origin: Mutex<Origin>,
     pub(crate) current: ArcSwapOption<Version>,
     pub(crate) stats: CallStats,
     status: Mutex<Status>,
@@ -175,7 +222,7 @@ impl Slot {
     pub(crate) fn new(name: String, origin: Origin) -> Slot {
         Slot {
             name,
-            origin,
+            origin: Mutex::new(origin),
             current: ArcSwapOption::empty(),
             stats: CallStats::default(),
             status: Mutex::new(Status {
@@ -193,6 +240,17 @@ impl Slot {
         }
     }
 
+    pub(crate) fn origin(&self) -> Origin {
+        self.origin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_origin(&self, origin: Origin) {
+        *self.origin.lock().unwrap_or_else(|e| e.into_inner()) = origin;
+    }
+
     /// Serialises loads and unloads of this plugin (see `ops`).
     pub(crate) fn ops(&self) -> MutexGuard<'_, ()> {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
@@ -204,20 +262,31 @@ impl Slot {
     }
 
     pub(crate) fn info(&self) -> PluginInfo {
+        let current = self.current.load();
         let status = self.status();
-        PluginInfo {
+        let mut info = PluginInfo {
             name: self.name.clone(),
             version: status.version.clone(),
             mode: status.mode.clone(),
             isolation: status.isolation,
             state: status.state,
             error: status.error.clone(),
-            dir: self.origin.path().to_owned(),
+            dir: self.origin().path().to_owned(),
             upgrades: status.upgrades,
             unloads: status.unloads,
             calls: self.stats.snapshot(),
             retired: status.retired.clone(),
+            process: None,
+        };
+        if let Some(version) = current.as_ref() {
+            info.process = version.process();
+            if info.state == PluginState::Loaded
+                && let Some(state) = version.down_state()
+            {
+                info.state = state;
+            }
         }
+        info
     }
 
     /// Records `version` as serving.

@@ -16,8 +16,14 @@ use std::sync::Arc;
 
 use crate::Context;
 use crate::error::{Error, Result};
+#[cfg(feature = "exec")]
+use crate::exec::{ExecOptions, ExecVersion};
 use crate::manifest::{Isolation, Manifest, Source};
 use crate::native::{self, NativeOptions, NativeVersion};
+#[cfg(feature = "exec")]
+use crate::process::{ProcessOptions, ProcessVersion};
+use crate::signing::{Seal, Trust};
+use crate::slot::{PluginState, ProcessInfo};
 
 /// What a plugin's entry reported.
 #[derive(Debug)]
@@ -49,23 +55,46 @@ pub(crate) enum InPlace<'a> {
 /// How a version's calls are carried out: one variant per plugin kind.
 pub(crate) enum Backend {
     Native(NativeVersion),
+    #[cfg(feature = "exec")]
+    Exec(ExecVersion),
+    /// A native plugin in a child process (`isolation: "process"`).
+    #[cfg(feature = "exec")]
+    Process(ProcessVersion),
 }
 
 pub(crate) struct Version {
     pub(crate) manifest: Arc<Manifest>,
     backend: Backend,
+    /// The unpacked package an exec version runs in (its program's working
+    /// directory, also at restarts); removed when the version goes.
+    #[cfg(feature = "exec")]
+    _files: Option<crate::package::Unpacked>,
 }
 
 /// What the manager needs to load any kind of plugin.
 #[derive(Debug, Clone)]
 pub(crate) struct LoadOptions {
     pub(crate) native: NativeOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) exec: ExecOptions,
+    /// Which signatures loads require and accept.
+    pub(crate) trust: Arc<Trust>,
+    /// Where `remote_git` plugins are built.
+    pub(crate) build: crate::build::BuildOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) process: ProcessOptions,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Native,
+    #[cfg(feature = "exec")]
+    Exec,
+    /// Built from a git repository, then run as `Native`.
+    RemoteGit,
+    #[cfg(feature = "exec")]
+    Process,
 }
 
 impl Kind {
@@ -76,33 +105,141 @@ impl Kind {
             what,
         };
         match (&manifest.source, manifest.isolation) {
-            (Source::LocalSo { .. }, Isolation::Process) => {
+            #[cfg(feature = "exec")]
+            (Source::LocalSo { .. }, Isolation::Process) => Ok(Kind::Process),
+            #[cfg(not(feature = "exec"))]
+            (Source::LocalSo { .. }, Isolation::Process) => Err(unsupported(
+                "isolation \"process\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
+            (Source::LocalSo { .. }, _) => Ok(Kind::Native),
+            (Source::RemoteGit { .. }, Isolation::Process) => {
                 Err(unsupported("isolation \"process\"".into()))
             }
-            (Source::LocalSo { .. }, _) => Ok(Kind::Native),
+            (Source::RemoteGit { .. }, _) => Ok(Kind::RemoteGit),
+            #[cfg(feature = "exec")]
+            (Source::Exec { .. }, _) => Ok(Kind::Exec),
+            #[cfg(not(feature = "exec"))]
+            (Source::Exec { .. }, _) => Err(unsupported(
+                "source.mode \"exec\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
             (source, _) => Err(unsupported(format!("source.mode \"{}\"", source.mode()))),
         }
     }
 }
 
+fn compatible() -> String {
+    format!(
+        "compatible with this host's plugin ABI {}.{}",
+        crate::ABI_VERSION.0,
+        crate::ABI_VERSION.1
+    )
+}
+
 impl Version {
     /// Loads what `manifest` asks for, from the plugin directory `dir`:
     /// checked, started and ready to serve.
-    pub(crate) fn load(manifest: Manifest, dir: &Path, options: &LoadOptions) -> Result<Version> {
+    /// `seal` is checked against the artifact's bytes as they are read for
+    /// the load, when the host checks signatures.
+    pub(crate) fn load(
+        manifest: Manifest,
+        seal: &Seal,
+        dir: &Path,
+        options: &LoadOptions,
+    ) -> Result<Version> {
+        let plugin = manifest.name.as_str();
+        let check = |digest: &str| {
+            let signer = options.trust.check(plugin, seal, Some(digest))?;
+            if let Some(signer) = signer {
+                tracing::info!(plugin, %signer, "signature verified");
+            }
+            Ok(())
+        };
+        let check = options
+            .trust
+            .is_on()
+            .then_some(&check as &crate::native::ArtifactCheck<'_>);
         let backend = match Kind::of(&manifest, dir)? {
-            Kind::Native => Backend::Native(NativeVersion::load(&manifest, dir, &options.native)?),
+            Kind::Native => {
+                Backend::Native(NativeVersion::load(&manifest, dir, &options.native, check)?)
+            }
+            #[cfg(feature = "exec")]
+            Kind::Exec => Backend::Exec(ExecVersion::load(&manifest, dir, &options.exec, check)?),
+            Kind::RemoteGit => {
+                // The signature covers the manifest (which pins `rev`):
+                // the library is built here, so it has no signed digest.
+                if options.trust.is_on() {
+                    options.trust.check(plugin, seal, None)?;
+                }
+                let built = crate::build::build(&manifest, dir, &options.build)?;
+                Backend::Native(NativeVersion::load(
+                    &built.manifest,
+                    &built.dir,
+                    &options.native,
+                    None,
+                )?)
+            }
+            #[cfg(feature = "exec")]
+            Kind::Process => Backend::Process(ProcessVersion::load(
+                &manifest,
+                dir,
+                &options.native,
+                &options.exec,
+                &options.process,
+                check,
+            )?),
         };
         Ok(Version {
             manifest: Arc::new(manifest),
             backend,
+            #[cfg(feature = "exec")]
+            _files: None,
         })
     }
 
+    /// Keeps the unpacked package the version was loaded from, if its kind
+    /// runs from files; a native version runs from its own image and lets
+    /// the copy go at once.
+    pub(crate) fn keep_files(&mut self, unpacked: Option<crate::package::Unpacked>) {
+        match &self.backend {
+            Backend::Native(_) => drop(unpacked),
+            // A child process may run in the plugin's directory, also after
+            // a restart.
+            #[cfg(feature = "exec")]
+            Backend::Exec(_) | Backend::Process(_) => self._files = unpacked,
+        }
+    }
+
     /// Checks a plugin as far as can be done without serving it (see
-    /// [`crate::verify`]).
-    pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<()> {
+    /// [`crate::verify`]); says what was checked.
+    pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &LoadOptions) -> Result<String> {
         match Kind::of(manifest, dir)? {
-            Kind::Native => crate::native::verify(manifest, dir, &options.native),
+            #[cfg(feature = "exec")]
+            Kind::Process => {
+                crate::native::verify(manifest, dir, &options.native)?;
+                let runner = crate::process::runner_path(options.process.runner.as_deref())
+                    .map_or_else(
+                        |why| format!("none found: {why}"),
+                        |p| p.display().to_string(),
+                    );
+                Ok(format!(
+                    "compatible with this host's plugin ABI {}.{}; runs in a child process (runner: {runner})",
+                    crate::ABI_VERSION.0,
+                    crate::ABI_VERSION.1
+                ))
+            }
+            Kind::Native => {
+                crate::native::verify(manifest, dir, &options.native)?;
+                Ok(compatible())
+            }
+            #[cfg(feature = "exec")]
+            Kind::Exec => crate::exec::verify(manifest, dir, &options.exec),
+            Kind::RemoteGit => {
+                let built = crate::build::build(manifest, dir, &options.build)?;
+                crate::native::verify(&built.manifest, &built.dir, &options.native)?;
+                Ok(format!("built from source, {}", compatible()))
+            }
         }
     }
 
@@ -112,6 +249,8 @@ impl Version {
     pub(crate) fn in_place(&self, ctx: &Context) -> Option<InPlace<'_>> {
         match &self.backend {
             Backend::Native(native) => native.in_place(ctx).map(InPlace::Native),
+            #[cfg(feature = "exec")]
+            Backend::Exec(_) | Backend::Process(_) => None,
         }
     }
 
@@ -121,6 +260,10 @@ impl Version {
         ctx.begin_call();
         let outcome = match (&self.backend, leave) {
             (Backend::Native(native), InPlace::Native(leave)) => native.run_in_place(ctx, leave)?,
+            #[cfg(feature = "exec")]
+            (Backend::Exec(_) | Backend::Process(_), _) => {
+                unreachable!("`in_place` gives no leave to exec and process versions")
+            }
         };
         self.settle(ctx, outcome)
     }
@@ -134,6 +277,10 @@ impl Version {
         ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.execute(ctx)?,
         };
         self.settle(ctx, outcome)
     }
@@ -144,6 +291,10 @@ impl Version {
         ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.execute_async(ctx).await?,
         };
         self.settle(ctx, outcome)
     }
@@ -201,6 +352,10 @@ impl Version {
     pub(crate) fn unload(&mut self) -> Ending {
         match &mut self.backend {
             Backend::Native(native) => native.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.unload(),
         }
     }
 
@@ -209,6 +364,10 @@ impl Version {
     pub(crate) fn busy(&self) -> usize {
         match &self.backend {
             Backend::Native(native) => native.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.busy(),
         }
     }
 
@@ -217,6 +376,33 @@ impl Version {
     pub(crate) fn artifact(&self) -> String {
         match &self.backend {
             Backend::Native(native) => native.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.artifact(),
+        }
+    }
+
+    /// The plugin's process, for kinds that run one.
+    pub(crate) fn process(&self) -> Option<ProcessInfo> {
+        match &self.backend {
+            Backend::Native(_) => None,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => Some(exec.process()),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => Some(process.process()),
+        }
+    }
+
+    /// The state to show instead of `Loaded` while the version's process
+    /// is down.
+    pub(crate) fn down_state(&self) -> Option<PluginState> {
+        match &self.backend {
+            Backend::Native(_) => None,
+            #[cfg(feature = "exec")]
+            Backend::Exec(exec) => exec.down_state(),
+            #[cfg(feature = "exec")]
+            Backend::Process(process) => process.down_state(),
         }
     }
 }

@@ -228,7 +228,10 @@ impl Follower {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if Origin::of_entry(&self.base, &name).is_some() && manager.slot(&name).is_none() {
+            let new = manager
+                .plugin_of_entry(&name)
+                .is_some_and(|plugin| manager.slot(&plugin).is_none());
+            if Origin::is_entry(&self.base, &name) && new {
                 self.due.insert(name, (Instant::now(), 0));
             }
         }

@@ -331,7 +331,12 @@ fn third_party_plugin_written_from_the_guide() {
         r#"path = "../dynplug/plugin-abi""#,
         &format!("path = {:?}", support::root().join("plugin-abi")),
     );
-    let lib_rs = block("rust", "export_plugin!(plugin = MyPlugin)");
+    // The guide's unit test goes in the same file, as it would in a crate.
+    let lib_rs = format!(
+        "{}\n{}",
+        block("rust", "export_plugin!(plugin = MyPlugin)"),
+        block("rust", "TestContext::new")
+    );
     let manifest = block("json", r#""name": "myplugin""#);
 
     let work = tempfile::tempdir().unwrap();
@@ -350,6 +355,14 @@ fn third_party_plugin_written_from_the_guide() {
         .status()
         .unwrap();
     assert!(status.success(), "the guide's plugin crate builds");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["test", "--quiet"])
+        .current_dir(&krate)
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the guide's unit test passes");
 
     let plugins = work.path().join("plugins");
     let dir = plugins.join("myplugin");

@@ -505,8 +505,13 @@ fn a_library_that_stays_mapped_is_reported_leaked_from_a_relative_directory() {
     };
     install(&plugins, "pinned");
     install(&plugins, "counter");
-    support::wait_for_line(&events, event("loaded", "pinned"));
-    support::wait_for_line(&events, event("loaded", "counter"));
+    // Each plugin loads on a thread of its own: in either order.
+    let (pinned, counter) = (event("loaded", "pinned"), event("loaded", "counter"));
+    let mut loaded = std::collections::HashSet::new();
+    while loaded.len() < 2 {
+        let line = support::wait_for_line(&events, |l| pinned(l) || counter(l));
+        loaded.insert(pinned(&line));
+    }
     // Removing both: counter is unmapped, pinned (-z nodelete) is not.
     std::fs::rename(plugins.join("pinned"), plugins.join(".pinned.gone")).unwrap();
     let leaked = support::wait_for_line(&events, event("leaked", "pinned"));

@@ -273,7 +273,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
         "hello",
         "not-yet",
         Some(
-            r#"{"name": "not-yet", "version": "1.0.0", "source": {"mode": "exec", "path": "x", "protocol": "grpc"}}"#,
+            r#"{"name": "not-yet", "version": "1.0.0", "source": {"mode": "socket", "path": "/run/x.sock", "protocol": "grpc"}}"#,
         ),
     );
     install_as(
@@ -302,10 +302,12 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     let manager = PluginManager::new(base).unwrap();
     let mut events = manager.subscribe();
     let report = manager.load_plugins().unwrap();
-    assert_eq!(report.loaded, ["hello"]);
+    // `process` runs in the `dynplug` binary cargo built beside the tests
+    // (a runner is looked for in the directory above the program).
+    assert_eq!(report.loaded, ["hello", "process"]);
     let failed: std::collections::BTreeMap<_, _> =
         report.failed.iter().map(|(n, e)| (n.as_str(), e)).collect();
-    assert_eq!(failed.len(), 9, "{failed:#?}");
+    assert_eq!(failed.len(), 8, "{failed:#?}");
 
     let text = |name: &str| failed[name].to_string();
     assert!(matches!(failed["failing-init"], Error::Init { .. }));
@@ -342,14 +344,9 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     assert!(matches!(failed["typo"], Error::Manifest { field, .. } if field == "isolaton"));
     assert!(matches!(failed["not-yet"], Error::Unsupported { .. }));
     assert!(
-        text("not-yet").contains("source.mode \"exec\" is not supported yet"),
+        text("not-yet").contains("source.mode \"socket\" is not supported yet"),
         "{}",
         text("not-yet")
-    );
-    assert!(
-        text("process").contains("isolation \"process\" is not supported yet"),
-        "{}",
-        text("process")
     );
     assert!(matches!(failed["bad-sum"], Error::Checksum { .. }));
 
@@ -357,14 +354,18 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     let list = manager.list();
     assert_eq!(list.len(), 10);
     for info in &list {
-        let expected = if info.name == "hello" {
+        let loaded = ["hello", "process"].contains(&info.name.as_str());
+        let expected = if loaded {
             PluginState::Loaded
         } else {
             PluginState::Failed
         };
         assert_eq!(info.state, expected, "{info:?}");
-        assert_eq!(info.error.is_some(), info.name != "hello", "{info:?}");
+        assert_eq!(info.error.is_some(), !loaded, "{info:?}");
     }
+    let mut ctx = Context::new("hello.get");
+    call(&manager, "process", &mut ctx).unwrap();
+    assert_eq!(ctx.get_str("greeting"), Some("hello, world"));
     let mut ctx = Context::new("hello.get");
     call(&manager, "hello", &mut ctx).unwrap();
     let err = call(&manager, "wrong-abi", &mut Context::new("x")).unwrap_err();
@@ -380,7 +381,8 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
             failed_events += 1;
         }
     }
-    assert_eq!(failed_events, 9);
+    assert_eq!(failed_events, 8);
+    manager.unload_all();
 }
 
 #[test]

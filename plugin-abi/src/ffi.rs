@@ -630,6 +630,121 @@ pub unsafe fn run_shutdown(sink: ErrorSink, f: fn()) -> u32 {
     })
 }
 
+// ----- a host for plugin authors' unit tests -----
+
+/// The host side of a [`TestContext`](crate::TestContext): the call's label
+/// and values in a `BTreeMap`, as the real host keeps them in its own map.
+#[derive(Debug, Default)]
+pub(crate) struct TestHost {
+    pub(crate) label: String,
+    pub(crate) values: BTreeMap<String, Value>,
+    pub(crate) cancelled: bool,
+    pub(crate) deadline: Option<std::time::Instant>,
+    pub(crate) error: Option<String>,
+}
+
+/// The functions the real host passes, over a [`TestHost`] instead.
+static TEST_HOST_VTABLE: HostVtable = HostVtable {
+    label: test_label,
+    get: test_get,
+    set: test_set,
+    remove: test_remove,
+    entries: test_entries,
+    is_cancelled: test_is_cancelled,
+    remaining_nanos: test_remaining_nanos,
+    set_error: test_set_error,
+};
+
+// Each callback below gets the `data` pointer `test_context` made from a
+// live, boxed `TestHost`, used through the `Context` borrowed from the
+// `TestContext` that owns the box: the "SAFETY: test host" of each block.
+
+unsafe extern "C" fn test_label(data: *const Opaque) -> RawStr {
+    // SAFETY: test host.
+    let host = unsafe { &*data.cast::<TestHost>() };
+    RawStr::new(&host.label)
+}
+
+unsafe extern "C" fn test_get(data: *const Opaque, key: RawStr) -> ValueView {
+    // SAFETY: test host; `key` is valid during the callback.
+    let (host, key) = unsafe { (&*data.cast::<TestHost>(), key.as_str()) };
+    host.values
+        .get(key)
+        .map_or(ValueView::Absent, ValueView::of)
+}
+
+unsafe extern "C" fn test_set(data: *mut Opaque, key: RawStr, value: ValueView) {
+    // SAFETY: test host, borrowed mutably through `&mut Context`; the key
+    // and the view are plugin memory valid during the callback.
+    unsafe {
+        let host = &mut *data.cast::<TestHost>();
+        host.values
+            .insert(key.as_str().to_owned(), value.to_value());
+    }
+}
+
+unsafe extern "C" fn test_remove(data: *mut Opaque, key: RawStr) -> bool {
+    // SAFETY: as in `test_set`.
+    let (host, key) = unsafe { (&mut *data.cast::<TestHost>(), key.as_str()) };
+    host.values.remove(key).is_some()
+}
+
+unsafe extern "C" fn test_entries(data: *const Opaque, visitor: *mut Opaque, f: VisitFn) {
+    // SAFETY: test host.
+    let host = unsafe { &*data.cast::<TestHost>() };
+    for (key, value) in &host.values {
+        // SAFETY: the plugin passed `f` and `visitor` for this walk; the
+        // views are valid during the callback.
+        unsafe { (f.func)(visitor, RawStr::new(key), ValueView::of(value)) };
+    }
+}
+
+unsafe extern "C" fn test_is_cancelled(data: *const Opaque) -> bool {
+    // SAFETY: test host.
+    let host = unsafe { &*data.cast::<TestHost>() };
+    host.cancelled
+        || host
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+}
+
+unsafe extern "C" fn test_remaining_nanos(data: *const Opaque) -> i64 {
+    // SAFETY: test host.
+    let host = unsafe { &*data.cast::<TestHost>() };
+    host.deadline.map_or(-1, |d| {
+        let left = d.saturating_duration_since(std::time::Instant::now());
+        i64::try_from(left.as_nanos()).unwrap_or(i64::MAX)
+    })
+}
+
+unsafe extern "C" fn test_set_error(data: *mut Opaque, message: RawStr) {
+    // SAFETY: as in `test_set`.
+    let (host, message) = unsafe { (&mut *data.cast::<TestHost>(), message.as_str()) };
+    host.error = Some(message.to_owned());
+}
+
+/// The `FfiContext` of a test call over `host`. The pointer stays valid as
+/// long as the box does: keep both in one owner and hand out the context
+/// only borrowed from it ([`test_context`]).
+pub(crate) fn test_ffi_context(host: &mut Box<TestHost>) -> FfiContext {
+    FfiContext {
+        data: (&mut **host as *mut TestHost).cast(),
+        host: &TEST_HOST_VTABLE,
+    }
+}
+
+/// Views `raw` as the plugin's `Context`, for as long as it is borrowed.
+pub(crate) fn test_context(raw: &mut FfiContext) -> &mut Context {
+    // SAFETY: `Context` is a `repr(transparent)` wrapper of `FfiContext`.
+    unsafe { &mut *(raw as *mut FfiContext).cast::<Context>() }
+}
+
+/// As [`test_context`], shared.
+pub(crate) fn test_context_ref(raw: &FfiContext) -> &Context {
+    // SAFETY: as in `test_context`.
+    unsafe { &*(raw as *const FfiContext).cast::<Context>() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,8 @@
 //! export_plugin!(execute);
 //! ```
 //!
+//! [`TestContext`] runs `execute` in a unit test, without a host.
+//!
 //! # Safety model
 //!
 //! * Plugin authors write no `unsafe`: [`export_plugin!`] generates the
@@ -40,11 +42,13 @@ mod error;
 mod export;
 pub mod ffi;
 mod plugin;
+mod test_context;
 mod value;
 
 pub use context::Context;
 pub use error::{PluginError, ValueError};
 pub use plugin::Plugin;
+pub use test_context::TestContext;
 pub use value::Value;
 
 #[doc(hidden)]

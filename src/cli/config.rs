@@ -9,6 +9,8 @@
 //! queue_limit = 256          # calls that may wait for a pooled version's workers
 //! drain_timeout = "30s"
 //! allow_downgrades = false
+//! trusted_keys = "keys"      # a directory of *.pub files, or one file of key lines
+//! require_signatures = false
 //!
 //! [serve]
 //! http = ["127.0.0.1:8080"]
@@ -57,6 +59,8 @@ pub(crate) struct Config {
     #[serde(default, deserialize_with = "duration")]
     pub(crate) drain_timeout: Option<Duration>,
     pub(crate) allow_downgrades: Option<bool>,
+    pub(crate) trusted_keys: Option<PathBuf>,
+    pub(crate) require_signatures: Option<bool>,
     #[serde(default)]
     pub(crate) serve: ServeConfig,
     #[serde(default)]
@@ -162,6 +166,7 @@ impl Config {
             }
         };
         config.plugins.iter_mut().for_each(resolve);
+        config.trusted_keys.iter_mut().for_each(resolve);
         config.serve.goplugin_dir.iter_mut().for_each(resolve);
         config.serve.http_unix.iter_mut().for_each(resolve);
         config.serve.grpc_unix.iter_mut().for_each(resolve);

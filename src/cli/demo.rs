@@ -1,5 +1,6 @@
 //! `dynplug demo`: the README's first command, from a source checkout:
-//! build the sample plugins, then serve them (see `serve.rs`).
+//! build the sample plugins (native and exec), then serve them (see
+//! `serve.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,7 +8,7 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 use dynplug::Manifest;
 
-const SAMPLES: &[&str] = &["hello", "counter"];
+const SAMPLES: &[&str] = &["hello", "counter", "exec-rest", "exec-grpc"];
 
 /// Builds the sample plugins in release mode and installs them as plugin
 /// directories under `target/demo-plugins`.
@@ -43,7 +44,8 @@ pub(crate) fn build_samples() -> anyhow::Result<PathBuf> {
     Ok(plugins)
 }
 
-/// Copies a sample's `plugin.json` and library into `dest`, write-then-rename
+/// Copies a sample's `plugin.json` and artifact (library or executable)
+/// into `dest`, write-then-rename
 /// so a watching host never sees half a plugin.
 fn install(crate_dir: &Path, built: &Path, dest: &Path) -> anyhow::Result<()> {
     let name = dest
@@ -56,8 +58,8 @@ fn install(crate_dir: &Path, built: &Path, dest: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", manifest_path.display()))?;
     let manifest = Manifest::parse(&bytes, &manifest_path, &name)?;
     let library = manifest
-        .library_path(built)
-        .context("sample plugins are local_so")?;
+        .artifact_path(built)
+        .context("sample plugins run from a file")?;
     let staging = dest.with_file_name(format!(".{name}.staging"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)?;

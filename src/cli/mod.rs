@@ -2,7 +2,14 @@
 
 mod config;
 mod demo;
+mod dev;
+mod install;
+mod keys;
+mod new;
+mod package;
+mod plugin_crate;
 mod serve;
+mod trust;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use dynplug::{Context, PluginInfo, PluginManager, Value};
+use trust::TrustArgs;
 
 /// Load, call and verify dynplug plugins.
 #[derive(Debug, Parser)]
@@ -47,6 +55,15 @@ struct PluginsDir {
     /// Accept a lower version over a serving one (refused by default).
     #[arg(long)]
     allow_downgrades: bool,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// Where `remote_git` plugins are cloned and built [default:
+    /// ~/.cache/dynplug/builds].
+    #[arg(long, env = "DYNPLUG_BUILD_CACHE", value_name = "DIR")]
+    build_cache: Option<PathBuf>,
+    /// How long each git or cargo step of a `remote_git` build may take [default: 10m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    build_timeout: Option<Duration>,
 }
 
 impl PluginsDir {
@@ -57,6 +74,7 @@ impl PluginsDir {
         self.queue_limit = self.queue_limit.or(config.queue_limit);
         self.drain_timeout = self.drain_timeout.or(config.drain_timeout);
         self.allow_downgrades |= config.allow_downgrades.unwrap_or(false);
+        self.trust.apply(config);
     }
 
     fn plugins(&self) -> &Path {
@@ -75,7 +93,18 @@ impl PluginsDir {
         if let Some(timeout) = self.drain_timeout {
             builder = builder.drain_timeout(timeout);
         }
-        builder.build()
+        if let Some(cache) = &self.build_cache {
+            builder = builder.build_cache(cache);
+        }
+        if let Some(timeout) = self.build_timeout {
+            builder = builder.build_timeout(timeout);
+        }
+        if let Some(keys) = &self.trust.trusted_keys {
+            builder = builder.trusted_keys_file(keys);
+        }
+        builder
+            .require_signatures(self.trust.require_signatures)
+            .build()
     }
 }
 
@@ -105,10 +134,16 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
     },
-    /// Check one plugin directory (manifest, checksum, ABI) without running the plugin.
+    /// Check one plugin directory or `.plg` without running the plugin: the
+    /// unpacking rules, the manifest, the signature, and the artifact
+    /// (native: checksum, header, ABI; exec: the executable, its checksums
+    /// and format; no process is started).
     Verify {
-        /// The plugin directory.
-        dir: PathBuf,
+        /// The plugin directory or package.
+        #[arg(value_name = "DIR|PLG")]
+        path: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
     /// Load every plugin and serve them over HTTP and gRPC until SIGINT/SIGTERM.
     Serve(Box<ServeArgs>),
@@ -116,6 +151,76 @@ enum Command {
     Watch {
         #[command(flatten)]
         dir: PluginsDir,
+    },
+    /// Create a plugin crate NAME that builds and loads as it is, with a unit test.
+    New {
+        /// The plugin's (and crate's) name.
+        name: String,
+        /// Where to create the crate directory [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        path: Option<PathBuf>,
+        /// The `plugin-abi` crate to depend on [default: this dynplug's
+        /// checkout when built from source, else its crates.io version].
+        #[arg(long, env = "DYNPLUG_PLUGIN_ABI", value_name = "DIR")]
+        plugin_abi: Option<PathBuf>,
+        /// A native plugin (a cdylib the host loads), or an exec plugin (a
+        /// program the host starts and calls over goplugin's REST protocol).
+        #[arg(long, value_enum, default_value_t = new::Kind::Native)]
+        kind: new::Kind,
+    },
+    /// Build a plugin crate, serve it, and rebuild and hot-upgrade it on every save.
+    Dev {
+        /// The plugin crate [default: the current directory].
+        #[arg(value_name = "CRATE")]
+        krate: Option<PathBuf>,
+        /// HTTP address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: std::net::SocketAddr,
+        /// gRPC address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc: std::net::SocketAddr,
+        /// Build in release mode (slower builds, faster plugin).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Pack a plugin directory, or build and pack a plugin crate, into NAME-VERSION.plg.
+    Pack {
+        /// The plugin directory or crate [default: the current directory].
+        #[arg(value_name = "DIR|CRATE")]
+        path: Option<PathBuf>,
+        /// Where to write the package [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Create an ed25519 key pair to sign plugins: FILE (secret, 0600) and FILE.pub.
+    Keygen {
+        /// The key's name, shown as the signer.
+        name: String,
+        /// The secret key file [default: NAME.key].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Sign a plugin directory (writes plugin.sig) or a `.plg` (rewritten with it).
+    Sign {
+        /// The secret key file (from `dynplug keygen`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The plugin directory or package.
+        #[arg(value_name = "DIR|PLG")]
+        path: PathBuf,
+    },
+    /// Install a plugin into the plugins directory, atomically: a plugin
+    /// directory or crate, a `.plg`, an http(s) URL of a `.plg`, or a git repository.
+    Install {
+        /// DIR, CRATE, FILE.plg, https://…/NAME-VERSION.plg, or a git URL
+        /// (`git+file:///…`, `git+https://…`, `https://….git`, `git@…`).
+        source: String,
+        /// The plugins directory [default: plugins].
+        #[arg(long, env = "DYNPLUG_PLUGINS_DIR")]
+        plugins: Option<PathBuf>,
+        /// For a git repository: the branch, tag or commit to build.
+        #[arg(long)]
+        rev: Option<String>,
     },
     /// From a source checkout: build the sample plugins and serve them (watching the directory).
     Demo {
@@ -220,7 +325,14 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 pub(crate) fn init_logging(args: &Args) {
     let quiet = matches!(
         args.command,
-        Command::List { .. } | Command::Call { .. } | Command::Verify { .. }
+        Command::List { .. }
+            | Command::Call { .. }
+            | Command::Verify { .. }
+            | Command::New { .. }
+            | Command::Pack { .. }
+            | Command::Keygen { .. }
+            | Command::Sign { .. }
+            | Command::Install { .. }
     );
     let level = match args.verbose {
         0 if quiet => tracing::Level::WARN,
@@ -292,7 +404,11 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 dir.apply(&config)
             }
             Command::Serve(serve) => serve.apply(&config),
-            Command::Verify { .. } | Command::Demo { .. } => {}
+            Command::Verify { trust, .. } => trust.apply(&config),
+            Command::Install { plugins, .. } => {
+                *plugins = plugins.take().or_else(|| config.plugins.clone());
+            }
+            _ => {}
         }
     }
     match command {
@@ -304,17 +420,56 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             values,
             timeout,
         } => call(&dir, &name, &label, &values, timeout),
-        Command::Verify { dir } => {
-            let manifest = dynplug::verify(&dir)?;
-            println!(
-                "ok: {} {} ({}, {}; compatible with this host's plugin ABI {}.{})",
-                manifest.name,
-                manifest.version,
-                manifest.source.mode(),
-                manifest.isolation.as_str(),
-                dynplug::ABI_VERSION.0,
-                dynplug::ABI_VERSION.1
-            );
+        Command::Verify { path, trust } => package::verify(&path, &trust),
+        Command::New {
+            name,
+            path,
+            plugin_abi,
+            kind,
+        } => {
+            let parent = path.unwrap_or_else(|| PathBuf::from("."));
+            let abi = new::AbiSource::choose(plugin_abi);
+            let dir = new::create(&name, &parent, kind, &abi)?;
+            println!("created {}: cd there, then `dynplug dev`", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev {
+            krate,
+            http,
+            grpc,
+            release,
+        } => {
+            let args = dev::DevArgs {
+                krate: krate.unwrap_or_else(|| PathBuf::from(".")),
+                http,
+                grpc,
+                release,
+                verbose: args.verbose > 0,
+            };
+            runtime()?.block_on(dev::run(args))
+        }
+        Command::Pack { path, out } => {
+            let path = path.unwrap_or_else(|| PathBuf::from("."));
+            let out = out.unwrap_or_else(|| PathBuf::from("."));
+            let packed = package::pack(&path, &out)?;
+            println!("{}", packed.path.display());
+            if packed.dropped_signature {
+                eprintln!(
+                    "dynplug: the directory's plugin.sig was left out (filling in sha256 changed the manifest it signed): sign the package"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { name, out } => keys::keygen(&name, out),
+        Command::Sign { key, path } => keys::sign(&key, &path),
+        Command::Install {
+            source,
+            plugins,
+            rev,
+        } => {
+            let plugins = plugins.unwrap_or_else(|| PathBuf::from("plugins"));
+            let installed = install::install(&source, rev.as_deref(), &plugins)?;
+            println!("installed {}", installed.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(serve) => {

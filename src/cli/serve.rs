@@ -28,7 +28,7 @@ macro_rules! tell {
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is
 /// called, not when it is awaited: call it before announcing the server, or a
 /// signal sent right after the announcement kills the process ungracefully.
-fn terminated() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn terminated() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     Ok(async move {

@@ -27,6 +27,15 @@ pub struct Builder {
     max_library_size: u64,
     init_timeout: Duration,
     shutdown_timeout: Duration,
+    trusted_keys: Vec<crate::signing::PublicKey>,
+    trusted_keys_file: Option<PathBuf>,
+    require_signatures: bool,
+    build_cache: Option<PathBuf>,
+    build_timeout: Duration,
+    host_name: String,
+    process_runner: Option<PathBuf>,
+    process_grace: Duration,
+    process_backoff: (Duration, Duration),
 }
 
 impl Builder {
@@ -43,6 +52,15 @@ impl Builder {
             max_library_size: crate::untrusted::DEFAULT_MAX_LIBRARY_BYTES,
             init_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            trusted_keys: Vec::new(),
+            trusted_keys_file: None,
+            require_signatures: false,
+            build_cache: None,
+            build_timeout: Duration::from_secs(600),
+            host_name: "dynplug".into(),
+            process_runner: None,
+            process_grace: Duration::from_secs(1),
+            process_backoff: (Duration::from_millis(100), Duration::from_secs(30)),
         }
     }
 
@@ -50,7 +68,9 @@ impl Builder {
     /// loaded from memory (default `<base>/.dynplug/shadow`; on Linux a
     /// sealed memfd is used and nothing is written). Created `0700`; a
     /// directory owned by another user or writable by others is refused.
-    /// Must be on a filesystem that allows executable mappings.
+    /// Must be on a filesystem that allows executable mappings. Exec
+    /// plugins' private copies (and Unix sockets) go in its `exec`
+    /// subdirectory (default `<base>/.dynplug/exec`).
     #[must_use]
     pub fn shadow_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.shadow_dir = Some(dir.into());
@@ -107,8 +127,8 @@ impl Builder {
         self
     }
 
-    /// The largest library file loaded (default 256 MiB); a larger one is
-    /// refused with [`Error::Io`] before it is read.
+    /// The largest library or exec plugin executable loaded (default 256
+    /// MiB); a larger one is refused with [`Error::Io`] before it is read.
     #[must_use]
     pub fn max_library_size(mut self, bytes: u64) -> Self {
         self.max_library_size = bytes;
@@ -133,6 +153,95 @@ impl Builder {
         self
     }
 
+    /// Trusts signatures by these keys: a signed plugin is then loaded only
+    /// if its signature verifies over the bytes loaded and its key is one
+    /// of these (see [`require_signatures`](Self::require_signatures) for
+    /// unsigned ones). Default: none, and signatures are not checked.
+    #[must_use]
+    pub fn trusted_keys(
+        mut self,
+        keys: impl IntoIterator<Item = crate::signing::PublicKey>,
+    ) -> Self {
+        self.trusted_keys.extend(keys);
+        self
+    }
+
+    /// Trusts the keys in `path` (a file of `dynplug-ed25519-public` lines,
+    /// or a directory of `*.pub` files), read by [`build`](Self::build).
+    #[must_use]
+    pub fn trusted_keys_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.trusted_keys_file = Some(path.into());
+        self
+    }
+
+    /// Refuses unsigned plugins, with [`Error::Signature`] (default `false`).
+    #[must_use]
+    pub fn require_signatures(mut self, required: bool) -> Self {
+        self.require_signatures = required;
+        self
+    }
+
+    /// Where `remote_git` plugins are cloned and built, one directory per
+    /// repository, builds kept per commit (default
+    /// `$XDG_CACHE_HOME/dynplug/builds`, else `~/.cache/dynplug/builds`).
+    /// Created `0700`. Cargo's target directory is `$CARGO_TARGET_DIR` when
+    /// set, else one per repository in here.
+    #[must_use]
+    pub fn build_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.build_cache = Some(dir.into());
+        self
+    }
+
+    /// How long each git or cargo step of a `remote_git` build may take
+    /// before it is killed (default 10 minutes).
+    #[must_use]
+    pub fn build_timeout(mut self, timeout: Duration) -> Self {
+        self.build_timeout = timeout;
+        self
+    }
+
+    /// The name exec plugins see as the caller: goplugin's `X-Host` header
+    /// (REST) and `x-host` metadata (gRPC), which goplugin plugins may check
+    /// against their list of allowed hosts (default `dynplug`).
+    #[must_use]
+    pub fn host_name(mut self, name: impl Into<String>) -> Self {
+        self.host_name = name.into();
+        self
+    }
+
+    /// The program that runs plugins with `isolation: "process"`: a
+    /// `dynplug` binary of this version (it has the hidden runner command),
+    /// or a host program that calls [`run_if_runner`](crate::run_if_runner)
+    /// first in `main`. Default: the environment variable `DYNPLUG_RUNNER`,
+    /// else a `dynplug` beside the running program or in the directory
+    /// above it. Without one, such plugins fail to load with
+    /// [`Error::Start`], saying where it was looked for.
+    #[must_use]
+    pub fn process_runner(mut self, program: impl Into<PathBuf>) -> Self {
+        self.process_runner = Some(program.into());
+        self
+    }
+
+    /// How long a call of an `isolation: "process"` plugin may go on past
+    /// its deadline before its process is killed and restarted (default
+    /// 1 s). The caller gets [`Error::DeadlineExceeded`] at the deadline
+    /// either way.
+    #[must_use]
+    pub fn process_grace(mut self, grace: Duration) -> Self {
+        self.process_grace = grace;
+        self
+    }
+
+    /// The restart delays of `isolation: "process"` plugins' processes:
+    /// the first restart after a crash is immediate, the next ones in a
+    /// row wait `first`, doubling up to `max` (default 100 ms and 30 s,
+    /// as exec plugins).
+    #[must_use]
+    pub fn process_restart_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.process_backoff = (first.min(max), max);
+        self
+    }
+
     /// What every load of the manager needs (nobody hears how a pinned
     /// version ends: for `verify`).
     pub(crate) fn load_options(&self) -> LoadOptions {
@@ -142,7 +251,49 @@ impl Builder {
     fn load_options_with(&self, late: LateEnding) -> LoadOptions {
         LoadOptions {
             native: self.native_options(late),
+            trust: Arc::new(crate::signing::Trust::default()),
+            build: crate::build::BuildOptions {
+                cache: self
+                    .build_cache
+                    .clone()
+                    .unwrap_or_else(|| crate::build::BuildOptions::default_cache(&self.base)),
+                timeout: self.build_timeout,
+            },
+            #[cfg(feature = "exec")]
+            exec: crate::exec::ExecOptions {
+                // Copies are executed from here: it must allow it (not noexec).
+                // Absolute: the program starts in its plugin directory, where
+                // a relative path to its copy would not resolve.
+                work_dir: absolute(match &self.shadow_dir {
+                    Some(shadow) => shadow.join("exec"),
+                    None => self.base.join(".dynplug").join("exec"),
+                }),
+                max_size: self.max_library_size,
+                host_name: self.host_name.as_str().into(),
+                events: crate::event::EventSink::default(),
+            },
+            #[cfg(feature = "exec")]
+            process: crate::process::ProcessOptions {
+                runner: self.process_runner.clone(),
+                grace: self.process_grace,
+                backoff: self.process_backoff,
+            },
         }
+    }
+
+    /// The trust policy, with the key file read.
+    fn trust(&self) -> Result<crate::signing::Trust> {
+        let mut keys = self.trusted_keys.clone();
+        let mut source = format!("{} key(s) given", keys.len());
+        if let Some(path) = &self.trusted_keys_file {
+            keys.extend(crate::signing::PublicKey::load_all(path)?);
+            source = path.display().to_string();
+        }
+        Ok(crate::signing::Trust::new(
+            keys,
+            self.require_signatures,
+            source,
+        ))
     }
 
     fn native_options(&self, late: LateEnding) -> NativeOptions {
@@ -164,7 +315,8 @@ impl Builder {
     ///
     /// # Errors
     /// [`Error::Io`] if the base directory is not a readable directory,
-    /// [`Error::Insecure`] if every user can write to it.
+    /// [`Error::Insecure`] if every user can write to it, [`Error::Io`] or
+    /// [`Error::Config`] if the trusted keys file cannot be read.
     pub fn build(self) -> Result<PluginManager> {
         let io = |source| Error::Io {
             plugin: String::new(),
@@ -183,7 +335,16 @@ impl Builder {
                 reason,
             });
         }
+        if let Some(warning) = crate::private_dir::group_writable(&self.base) {
+            tracing::warn!("{warning}");
+        }
         report_thread_tracking();
+        let trust = Arc::new(self.trust()?);
+        let unpack_root = self.base.join(".dynplug").join("unpacked");
+        crate::package::remove_stale(&unpack_root);
+        let packages = crate::origin::PackageIndex::new(crate::package::Limits::for_library(
+            self.max_library_size,
+        ));
         let (events, _) = broadcast::channel(self.event_capacity);
         let inner = Arc::new_cyclic(|manager: &Weak<Inner>| {
             // A version reported pinned ends later, on dynplug's reaper
@@ -194,10 +355,18 @@ impl Builder {
                     PluginManager::from_inner(inner).ended_late(plugin, version, ending);
                 }
             });
-            let options = self.load_options_with(late);
+            let mut options = self.load_options_with(late);
+            options.trust = trust;
             remove_stale(&options.native.shadow_dir);
+            #[cfg(feature = "exec")]
+            {
+                crate::exec::remove_stale(&options.exec.work_dir);
+                options.exec.events = crate::event::EventSink::new(events.clone());
+            }
             Inner {
                 base: self.base.clone(),
+                unpack_root,
+                packages,
                 options,
                 drain_timeout: self.drain_timeout,
                 allow_downgrades: self.allow_downgrades,
@@ -228,4 +397,10 @@ fn report_thread_tracking() {
             );
         }
     });
+}
+
+/// `path` made absolute against the current directory (as it is).
+#[cfg(feature = "exec")]
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
 }

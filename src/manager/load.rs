@@ -17,6 +17,9 @@ use crate::origin::Origin;
 use crate::slot::{PluginState, Slot};
 use crate::version::Version;
 
+/// How many plugins `load_plugins` loads at once.
+const LOADERS: usize = 16;
+
 /// The routes of every serving plugin, indexed by owner, kept as plugins are
 /// installed: checking a new plugin's routes against it costs about its own
 /// routes plus the index's, once, where building the index for every load
@@ -56,9 +59,10 @@ impl PluginManager {
         let names = self.scan()?;
         let next = AtomicUsize::new(0);
         let results = Mutex::new(Vec::with_capacity(names.len()));
-        let threads = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .min(names.len());
+        // More loaders than cores: a load mostly waits (on the disk, on
+        // dlopen's lock, on an `init` that may hang until `init_timeout`),
+        // and a few slow plugins must not hold up all the others.
+        let threads = LOADERS.min(names.len());
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 scope.spawn(|| {
@@ -84,24 +88,48 @@ impl PluginManager {
         Ok(report)
     }
 
-    /// The entries of the base directory that hold plugins.
+    /// The plugins the entries of the base directory hold, sorted.
     fn scan(&self) -> Result<Vec<String>> {
         let base = &self.inner.base;
-        Origin::scan(base).map_err(|source| Error::Io {
+        let entries = Origin::scan(base).map_err(|source| Error::Io {
             plugin: String::new(),
             action: "reading plugins directory",
             path: base.clone(),
             source,
-        })
+        })?;
+        let mut names: Vec<String> = entries
+            .iter()
+            .filter_map(|entry| self.plugin_of_entry(entry))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
-    /// Loads (or reloads) the plugin in `<base>/<name>`. On a reload the new
+    /// The plugin an entry of the base directory holds, or held.
+    pub(crate) fn plugin_of_entry(&self, entry: &str) -> Option<String> {
+        self.inner.packages.plugin_of(&self.inner.base, entry)
+    }
+
+    /// Whether the plugins directory holds `name` (a directory or a package).
+    #[cfg(feature = "server")]
+    pub(crate) fn holds(&self, name: &str) -> bool {
+        self.locate(name).is_some()
+    }
+
+    /// Where the plugin `name` comes from now (see [`Origin::locate`]).
+    fn locate(&self, name: &str) -> Option<Origin> {
+        Origin::locate(&self.inner.base, name, &self.inner.packages)
+    }
+
+    /// Loads (or reloads) the plugin `name`: the directory `<base>/<name>`,
+    /// or its newest package `<base>/<name>-VERSION.plg`. On a reload the new
     /// version is fully loaded and initialised before it replaces the old one,
     /// which is then drained and unloaded; if the new one fails, the old one
     /// keeps serving.
     ///
     /// # Errors
-    /// [`Error::NotFound`] if `<base>/<name>` is not a directory; otherwise why
+    /// [`Error::NotFound`] if there is no such directory or package; otherwise why
     /// the plugin could not be loaded (also emitted as [`Event::Failed`], or
     /// [`Event::UpgradeFailed`] when a version keeps serving).
     pub fn load_plugin(&self, name: &str) -> Result<Arc<Manifest>> {
@@ -113,7 +141,7 @@ impl PluginManager {
         let not_found = || Error::NotFound {
             plugin: name.to_owned(),
         };
-        let slot = match Origin::of_entry(&self.inner.base, name) {
+        let slot = match self.locate(name) {
             Some(origin) => self.slot_for(name, origin)?,
             None => self.slot(name).ok_or_else(not_found)?,
         };
@@ -143,17 +171,31 @@ impl PluginManager {
     /// Reads, checks and loads the version in the slot's directory, without
     /// touching the serving one.
     pub(crate) fn prepare(&self, slot: &Slot) -> Result<Version> {
+        let origin = self.locate(&slot.name).ok_or_else(|| Error::NotFound {
+            plugin: slot.name.clone(),
+        })?;
+        slot.set_origin(origin.clone());
         // What is tried now is not tried again by the watcher until it
         // changes, whoever tries it (a scan, `load_plugin`, the watcher).
-        slot.status().attempted = Some(slot.origin.fingerprint());
-        let manifest = slot.origin.manifest()?;
+        slot.status().attempted = Some(origin.fingerprint());
+        let limits =
+            crate::package::Limits::for_library(self.inner.options.native.max_library_size);
+        let opened = origin.open(&self.inner.unpack_root, limits)?;
+        let manifest = opened.manifest.clone();
+        if manifest.name != slot.name {
+            return Err(Error::Package {
+                plugin: slot.name.clone(),
+                path: origin.path().to_owned(),
+                message: format!("holds plugin `{}`, not `{}`", manifest.name, slot.name),
+            });
+        }
         if let Some(serving) = slot.current.load().as_ref()
             && manifest.version < serving.manifest.version
             && !self.inner.allow_downgrades
         {
             return Err(Error::Downgrade {
                 plugin: slot.name.clone(),
-                path: slot.origin.manifest_path(),
+                path: origin.manifest_path(),
                 serving: serving.manifest.version.to_string(),
                 found: manifest.version.to_string(),
             });
@@ -161,7 +203,10 @@ impl PluginManager {
         // Checked early to avoid a useless load, and again at the swap.
         self.check_routes(slot, &manifest)?;
         let started = Instant::now();
-        let version = Version::load(manifest, slot.origin.dir(), &self.inner.options)?;
+        let mut version = Version::load(manifest, &opened.seal, opened.dir(), &self.inner.options)?;
+        // A native version runs from its own image: the package's unpacked
+        // copy goes now. An exec version keeps it (its working directory).
+        version.keep_files(opened.into_unpacked());
         tracing::debug!(plugin = %slot.name, elapsed = ?started.elapsed(), "loaded and initialised");
         Ok(version)
     }
@@ -211,7 +256,7 @@ impl PluginManager {
         match overlap {
             Some((route, owner)) => Err(Error::RouteConflict {
                 plugin: slot.name.clone(),
-                path: slot.origin.manifest_path(),
+                path: slot.origin().manifest_path(),
                 route,
                 owner,
             }),
@@ -340,17 +385,32 @@ impl PluginManager {
         }
     }
 
-    /// Brings one plugin in line with its entry in the plugins directory.
-    pub(crate) fn sync_entry(&self, name: &str, attempt: u32) -> Next {
-        let Some(origin) = Origin::of_entry(self.base_dir(), name) else {
+    /// Brings the plugins an entry of the plugins directory holds (or held)
+    /// in line with it.
+    pub(crate) fn sync_entry(&self, entry: &str, attempt: u32) -> Next {
+        let Some(name) = self.plugin_of_entry(entry) else {
+            return Next::Done;
+        };
+        if name != entry {
+            // A package first seen half-written was listed under its file
+            // name; now that its manifest names the plugin, forget that.
+            self.forget_or_unload(entry);
+        }
+        self.sync_plugin(&name, attempt)
+    }
+
+    /// Loads, upgrades or unloads `name` as its directory and packages say.
+    fn sync_plugin(&self, name: &str, attempt: u32) -> Next {
+        let Some(origin) = self.locate(name) else {
             self.forget_or_unload(name);
             return Next::Done;
         };
+        let fingerprint = origin.fingerprint();
         let Ok(slot) = self.slot_for(name, origin) else {
             return Next::Done;
         };
         let _ops = slot.ops();
-        if attempt == 0 && slot.status().attempted == Some(slot.origin.fingerprint()) {
+        if attempt == 0 && slot.status().attempted == Some(fingerprint) {
             return Next::Done;
         }
         match self

@@ -44,6 +44,10 @@ pub struct PluginManager {
 
 pub(crate) struct Inner {
     base: PathBuf,
+    /// Where packages are unpacked for a load (`<base>/.dynplug/unpacked`).
+    unpack_root: PathBuf,
+    /// Which plugin each package file holds.
+    packages: crate::origin::PackageIndex,
     options: LoadOptions,
     drain_timeout: Duration,
     allow_downgrades: bool,
@@ -182,20 +186,43 @@ impl Drop for Inner {
     }
 }
 
-/// Checks a plugin directory without running the plugin: its manifest, its
-/// artifact's checksum and header, and its ABI. The library is loaded from a
-/// private image and closed again; neither `init` nor `execute` is called
-/// (the library's own constructors run once its header passed the checks).
+/// Checks a plugin directory without running the plugin: its manifest and
+/// its artifact. For a native plugin, the artifact's checksum and header and
+/// its ABI: the library is loaded from a private image and closed again;
+/// neither `init` nor `execute` is called (the library's own constructors
+/// run once its header passed the checks). For an exec plugin, the
+/// executable (a regular file with an execute bit, within the size limit),
+/// its checksums, and that it is an ELF for this machine or a `#!` script
+/// whose interpreter exists; no process is started.
 ///
 /// # Errors
 /// The first problem found, as the manager would report it at load.
 pub fn verify(dir: impl AsRef<Path>) -> Result<Manifest> {
+    verify_report(dir).map(|verified| verified.manifest)
+}
+
+/// What [`verify_report`] found.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Verified {
+    /// The manifest, checked.
+    pub manifest: Manifest,
+    /// What was checked beyond the manifest, in words (what `dynplug
+    /// verify` prints).
+    pub checked: String,
+}
+
+/// [`verify`], saying what was checked.
+///
+/// # Errors
+/// As [`verify`].
+pub fn verify_report(dir: impl AsRef<Path>) -> Result<Verified> {
     let dir = dir.as_ref();
     let manifest = Manifest::from_dir(dir)?;
     // `verify .` must put a fallback copy beside the plugin, not inside it.
     let dir = &dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
     let parent = dir.parent().unwrap_or(Path::new("."));
     let options = PluginManager::builder(parent).load_options();
-    Version::verify(&manifest, dir, &options)?;
-    Ok(manifest)
+    let checked = Version::verify(&manifest, dir, &options)?;
+    Ok(Verified { manifest, checked })
 }

@@ -147,7 +147,7 @@ fn read_word(raw: &[u8]) -> u64 {
 }
 
 /// The object format's name for this host's architecture.
-fn host_architecture() -> Option<object::Architecture> {
+pub(crate) fn host_architecture() -> Option<object::Architecture> {
     use object::Architecture as A;
     let arch = match std::env::consts::ARCH {
         "x86_64" => A::X86_64,

@@ -35,9 +35,13 @@ use std::time::Duration;
 pub(crate) use call::InPlace;
 use ffi::Library;
 pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
+#[cfg(feature = "exec")]
+pub(crate) use header::host_architecture;
 use image::Image;
 pub(crate) use image::remove_stale;
-pub(crate) use open::{inspect, verify};
+#[cfg(feature = "exec")]
+pub(crate) use open::read_checked;
+pub(crate) use open::{ArtifactCheck, inspect, verify};
 use pins::Retired;
 use placement::Placement;
 use pool::{Pool, Stuck};
@@ -129,9 +133,38 @@ impl NativeVersion {
         manifest: &Manifest,
         dir: &Path,
         options: &NativeOptions,
+        check: Option<&ArtifactCheck<'_>>,
+    ) -> Result<NativeVersion> {
+        let opened = open::open_checked(manifest, dir, options, check)?;
+        Self::start(manifest, options, opened)
+    }
+
+    /// Loads a library from `bytes` already read (by the host, for a
+    /// `process` plugin's runner): the same checks, image, `dlopen`, layout
+    /// check and `init` as [`load`](Self::load), on exactly those bytes.
+    #[cfg(feature = "exec")]
+    pub(crate) fn load_bytes(
+        manifest: &Manifest,
+        dir: &Path,
+        options: &NativeOptions,
+        bytes: Vec<u8>,
+    ) -> Result<NativeVersion> {
+        let path = manifest
+            .library_path(dir)
+            .expect("local_so always has a library path");
+        // The signature, if any, was checked by the host on these bytes.
+        let checked = open::check_bytes(manifest, &path, &bytes, None)?;
+        let opened = open::open_image(manifest, &path, dir, options, bytes, &checked)?;
+        Self::start(manifest, options, opened)
+    }
+
+    /// Starts the workers of an opened library and runs `init`.
+    fn start(
+        manifest: &Manifest,
+        options: &NativeOptions,
+        (library, image): (Library, Image),
     ) -> Result<NativeVersion> {
         let plugin = manifest.name.clone();
-        let (library, image) = open::open_checked(manifest, dir, options)?;
         let library = Arc::new(library);
         let pool = |placement| {
             Pool::new(

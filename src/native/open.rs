@@ -2,7 +2,7 @@
 //! running it (manifest mode, artifact, checksum, header), then `dlopen` of
 //! an image holding exactly the checked bytes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::ffi::{self, Library, OpenError};
 use super::header::{self, Refusal};
@@ -25,12 +25,37 @@ pub(super) fn open_checked(
     manifest: &Manifest,
     dir: &Path,
     options: &NativeOptions,
+    check: Option<&ArtifactCheck<'_>>,
 ) -> Result<(Library, Image)> {
+    let (path, real_dir, bytes) = read_library(manifest, dir, options)?;
+    let checked = check_bytes(manifest, &path, &bytes, check)?;
+    open_image(manifest, &path, &real_dir, options, bytes, &checked)
+}
+
+/// Everything [`open_checked`] does before the image and `dlopen`: the
+/// library's bytes, read once, checksum and header checked. What a
+/// `process` plugin's host does before handing the bytes to its runner.
+#[cfg(feature = "exec")]
+pub(crate) fn read_checked(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+    check: Option<&ArtifactCheck<'_>>,
+) -> Result<(PathBuf, Vec<u8>)> {
+    let (path, _, bytes) = read_library(manifest, dir, options)?;
+    check_bytes(manifest, &path, &bytes, check)?;
+    Ok((path, bytes))
+}
+
+/// Reads the library a `local_so` manifest names, once: the path as the
+/// manifest names it, the real plugin directory, and the bytes.
+fn read_library(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+) -> Result<(PathBuf, PathBuf, Vec<u8>)> {
     let plugin = manifest.name.clone();
     let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
-    let Source::LocalSo { sha256, .. } = &manifest.source else {
-        unreachable!("Version::load sends only local_so manifests here");
-    };
     let path = manifest
         .library_path(dir)
         .expect("local_so always has a library path");
@@ -69,18 +94,43 @@ pub(super) fn open_checked(
     // exactly them, so what is checked is what is loaded.
     let bytes = crate::untrusted::read_file(&real, options.max_library_size)
         .map_err(|e| io("reading", e))?;
-    if let Some(expected) = sha256 {
-        let found = crate::digest::sha256_hex(&bytes);
-        if !crate::digest::digests_equal(expected, &found) {
-            return Err(Error::Checksum {
-                plugin,
-                path,
-                expected: expected.clone(),
-                found,
-            });
-        }
+    Ok((path, real_dir, bytes))
+}
+
+/// A check of the artifact by the caller (its signature), given the hex
+/// SHA-256 of the bytes read, before anything else looks at them.
+pub(crate) type ArtifactCheck<'a> = dyn Fn(&str) -> Result<()> + 'a;
+
+/// The caller's check (a signature), the checksum and the header check, on
+/// the bytes that will be loaded.
+pub(super) fn check_bytes(
+    manifest: &Manifest,
+    path: &Path,
+    bytes: &[u8],
+    check: Option<&ArtifactCheck<'_>>,
+) -> Result<header::HeaderInfo> {
+    let plugin = manifest.name.clone();
+    let path = path.to_owned();
+    let Source::LocalSo { sha256, .. } = &manifest.source else {
+        unreachable!("Version::load sends only local_so manifests here");
+    };
+    // One digest for the signature and the checksum.
+    let digest = (sha256.is_some() || check.is_some()).then(|| crate::digest::sha256_hex(bytes));
+    if let (Some(check), Some(digest)) = (check, &digest) {
+        check(digest)?;
     }
-    let checked = header::inspect(&bytes).map_err(|refusal| match refusal {
+    if let (Some(expected), Some(found)) = (sha256, digest)
+        && !crate::digest::digests_equal(expected, &found)
+    {
+        return Err(Error::Checksum {
+            plugin,
+            path,
+            algorithm: "sha256",
+            expected: expected.clone(),
+            found,
+        });
+    }
+    header::inspect(bytes).map_err(|refusal| match refusal {
         Refusal::NotALibrary(message) => Error::BadLibrary {
             plugin: plugin.clone(),
             path: path.clone(),
@@ -103,11 +153,29 @@ pub(super) fn open_checked(
             found: info.describe(),
             expected: ffi::expected_abi(),
         },
+    })
+}
+
+/// Puts checked bytes in an image and opens it.
+pub(super) fn open_image(
+    manifest: &Manifest,
+    path: &Path,
+    real_dir: &Path,
+    options: &NativeOptions,
+    bytes: Vec<u8>,
+    checked: &header::HeaderInfo,
+) -> Result<(Library, Image)> {
+    let plugin = manifest.name.as_str();
+    let image = Image::create(&bytes, plugin, real_dir, &options.shadow_dir).map_err(|source| {
+        Error::Io {
+            plugin: plugin.to_owned(),
+            action: "preparing an image of",
+            path: path.to_owned(),
+            source,
+        }
     })?;
-    let image = Image::create(&bytes, &plugin, &real_dir, &options.shadow_dir)
-        .map_err(|e| io("preparing an image of", e))?;
     drop(bytes);
-    let opened = Library::open(image.path(), &checked);
+    let opened = Library::open(image.path(), checked);
     image.opened();
     match opened {
         Ok(library) => Ok((library, image)),
@@ -115,7 +183,7 @@ pub(super) fn open_checked(
             // A library refused after `dlopen` may stay mapped (NODELETE):
             // its `/proc/self/fd/N` name must then stay unique.
             image.release(refused.still_mapped);
-            Err(open_error(refused.error, &plugin, &path))
+            Err(open_error(refused.error, plugin, path))
         }
     }
 }
@@ -146,7 +214,7 @@ fn open_error(e: OpenError, plugin: &str, path: &Path) -> Error {
 /// checked, loaded from an image, its ABI checked, and it is closed again.
 /// The constructors of a library that passed the checks on its bytes run.
 pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<()> {
-    let (library, image) = open_checked(manifest, dir, options)?;
+    let (library, image) = open_checked(manifest, dir, options, None)?;
     Closing::new(library, Some(image)).close_now();
     Ok(())
 }

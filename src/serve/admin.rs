@@ -22,6 +22,10 @@ pub(crate) fn router() -> Router<State> {
         .route("/plugins", get(list))
         .route("/plugins/{name}", get(one).delete(unload))
         .route("/plugins/{name}/reload", post(reload))
+        .route(
+            "/packages",
+            post(upload).layer(axum::extract::DefaultBodyLimit::max(UPLOAD_LIMIT)),
+        )
         .route("/events", get(events))
 }
 
@@ -85,12 +89,12 @@ async fn one(Extract(state): Extract<State>, Path(name): Path<String>) -> Respon
     }
 }
 
-/// Loads the plugin's directory again (an upgrade if it changed); the old
+/// Loads the plugin's directory or newest package again (an upgrade if it changed); the old
 /// version keeps serving if the new one fails.
 async fn reload(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
     let manager = state.manager.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        if !manager.base_dir().join(&name).is_dir() {
+        if !manager.holds(&name) {
             return Err(Error::NotFound { plugin: name });
         }
         manager.load_plugin(&name)
@@ -104,7 +108,45 @@ async fn reload(Extract(state): Extract<State>, Path(name): Path<String>) -> Res
         }))
         .into_response(),
         Ok(Err(e)) => e.into_response(),
-        Err(e) => super::http::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+        Err(e) => super::reply::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+    }
+}
+
+/// Largest `.plg` accepted by `POST /_dynplug/packages`.
+const UPLOAD_LIMIT: usize = 256 * 1024 * 1024;
+
+/// Installs the `.plg` in the body into the plugins directory (checked,
+/// written atomically) and loads it. Uploading code is running code: only
+/// when the management API is guarded by a token or clients.
+async fn upload(Extract(state): Extract<State>, body: axum::body::Bytes) -> Response {
+    if !state.management_guarded() {
+        return Error::Forbidden {
+            plugin: String::new(),
+            reason: "uploading plugins needs a management token or management clients".into(),
+        }
+        .into_response();
+    }
+    let manager = state.manager.clone();
+    let installed = tokio::task::spawn_blocking(move || {
+        let installed = crate::package::install(
+            &body,
+            manager.base_dir(),
+            crate::package::DEFAULT_MAX_LIBRARY_SIZE,
+        )?;
+        let manifest = manager.load_plugin(&installed.manifest.name)?;
+        Ok::<_, Error>((installed, manifest))
+    })
+    .await;
+    match installed {
+        Ok(Ok((installed, manifest))) => axum::Json(serde_json::json!({
+            "plugin": manifest.name,
+            "version": manifest.version.to_string(),
+            "package": installed.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "state": "loaded",
+        }))
+        .into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => super::reply::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
     }
 }
 
@@ -118,10 +160,10 @@ async fn unload(Extract(state): Extract<State>, Path(name): Path<String>) -> Res
         }
         // Not serving: retrying will not help, so not the 503 of a call.
         Ok(Err(e @ Error::Unavailable { .. })) => {
-            super::http::error_json(StatusCode::CONFLICT, &e.to_string(), Some(&name))
+            super::reply::error_json(StatusCode::CONFLICT, &e.to_string(), Some(&name))
         }
         Ok(Err(e)) => e.into_response(),
-        Err(e) => super::http::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
+        Err(e) => super::reply::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
     }
 }
 

@@ -13,11 +13,11 @@ use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
 use super::conn::Settings;
-use super::grpc::{PLUGIN_METADATA, authorize, check_value_count, executor, timeout};
+use super::grpc_request::{PLUGIN_METADATA, authorize, check_value_count, executor, timeout};
 use super::proto::goplugin::{self, plugin_server};
 use super::server::Listening;
 use super::{Endpoint, State};
-use crate::{Context, PluginState, Value};
+use crate::{Context, Value};
 
 /// The goplugin service: for one plugin (its own socket), or for the plugin
 /// named by the request metadata.
@@ -156,7 +156,7 @@ async fn sync_sockets(
         .manager
         .list()
         .into_iter()
-        .filter(|p| p.state == PluginState::Loaded)
+        .filter(|p| p.state.in_service())
         .map(|p| p.name)
         .collect();
     let gone: Vec<String> = served

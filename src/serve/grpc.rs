@@ -4,25 +4,20 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_stream::wrappers::{BroadcastStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
-use tonic::metadata::MetadataMap;
 use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-use super::auth::{self, Known};
-use super::conn::{Limits, Peer};
+use super::State;
+use super::conn::Limits;
 use super::goplugin::GoPlugin;
+use super::grpc_request::{authorize, caller, check_value_count, executor, timeout};
 use super::proto::goplugin::plugin_server;
 use super::proto::v1::{self, plugins_server, value::Kind};
-use super::{Shared, State};
 use crate::error::Result;
-use crate::{Context, Error, Executor, PluginState, Value};
-
-/// Metadata key selecting the plugin for the goplugin service.
-pub const PLUGIN_METADATA: &str = "x-dynplug-plugin";
+use crate::{Context, Error, PluginState, Value};
 
 /// `dynplug.v1.Plugins` and the goplugin service, served by `conn` like
 /// the HTTP façade (so with the same limits, TLS and idle rule).
@@ -35,33 +30,6 @@ pub(crate) fn routes(state: &State, limits: &Limits) -> Routes {
     })
     .max_decoding_message_size(limits.grpc_max_message_size);
     Routes::new(plugins).add_service(goplugin).prepare()
-}
-
-/// Who calls, from `authorization: Bearer <token>` metadata or the
-/// connection's client certificate; `None` when no client is configured.
-pub(crate) fn caller<'a, T>(
-    state: &'a Shared,
-    request: &Request<T>,
-) -> Result<Option<&'a Known>, Status> {
-    let bearer = request
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(auth::bearer);
-    let peer = request.extensions().get::<Peer>();
-    Ok(state.clients.identify(bearer, peer)?)
-}
-
-/// Refuses a call to `plugin` by a caller who may not make it.
-pub(crate) fn authorize<T>(
-    state: &Shared,
-    request: &Request<T>,
-    plugin: &str,
-) -> Result<(), Status> {
-    if let Some(client) = caller(state, request)? {
-        client.may_call(plugin)?;
-    }
-    Ok(())
 }
 
 /// The one place errors become gRPC statuses.
@@ -81,56 +49,6 @@ impl From<Error> for Status {
             _ => Status::internal(message),
         }
     }
-}
-
-pub(crate) fn executor(state: &State, plugin: &str) -> Result<Executor, Status> {
-    Ok(state.manager.get_plugin(plugin)?.1)
-}
-
-/// The call's deadline: the request's, the client's `grpc-timeout`, or the server's.
-pub(crate) fn timeout(state: &State, metadata: &MetadataMap, timeout_ms: u64) -> Duration {
-    let asked = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
-    let header = metadata
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
-    [asked, header]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(state.timeout)
-}
-
-/// `grpc-timeout` is digits and a unit: H, M, S, m, u, n.
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    // The spec allows at most 8 digits; more is refused, not trusted.
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-/// Most values a client may put in one call: client-chosen keys go into a
-/// fast (not flood-resistant) hash map, so their number is bounded.
-const MAX_VALUES: usize = 1024;
-
-pub(crate) fn check_value_count(count: usize) -> Result<(), Status> {
-    if count > MAX_VALUES {
-        return Err(Status::invalid_argument(format!(
-            "{count} values in one call; at most {MAX_VALUES}"
-        )));
-    }
-    Ok(())
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::LifecycleEvent, Status>> + Send>>;
@@ -324,16 +242,5 @@ mod tests {
             from_proto(to_proto(&Value::Bytes(vec![0, 1]))),
             Value::Bytes(vec![0, 1])
         );
-    }
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("x"), None);
-        assert_eq!(parse_grpc_timeout("18446744073709551615S"), None);
-        assert_eq!(parse_grpc_timeout("S"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
     }
 }

@@ -15,6 +15,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 
 use super::conn::Peer;
+use super::reply::error_json;
+use super::routes::decode;
 use super::{State, admin, auth, origin};
 use crate::{Context, Error, Value};
 
@@ -370,14 +372,6 @@ fn parse_query(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Percent-decodes a path segment or cookie (`+` stays a plus); invalid
-/// UTF-8 becomes U+FFFD.
-pub(crate) fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
-}
-
 /// The plugin's answer: `response.status`, `response.headers`, `response.body`;
 /// without any of them, the values the plugin set as a JSON object (200), or
 /// 204 when it set nothing. A body without status gives 200.
@@ -457,51 +451,6 @@ fn plugin_response(plugin: &str, mut ctx: Context) -> Response {
         }
     }
     response
-}
-
-pub(crate) fn error_json(status: StatusCode, message: &str, plugin: Option<&str>) -> Response {
-    let body = serde_json::json!({ "error": message, "plugin": plugin });
-    (status, axum::Json(body)).into_response()
-}
-
-impl Error {
-    pub(crate) fn http_status(&self) -> StatusCode {
-        match self {
-            Error::NotFound { .. } => StatusCode::NOT_FOUND,
-            Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            Error::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Error::Unavailable { .. } | Error::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Error::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
-            // 499 is nginx's "client closed request": the caller cancelled.
-            Error::Cancelled { .. } => {
-                StatusCode::from_u16(499).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
-            }
-            Error::Downgrade { .. } | Error::RouteConflict { .. } => StatusCode::CONFLICT,
-            Error::Manifest { .. } | Error::Unsupported { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-}
-
-/// The one place errors become HTTP responses: JSON `{"error", "plugin"}`.
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let status = self.http_status();
-        let plugin = Some(self.plugin()).filter(|p| !p.is_empty());
-        let mut response = error_json(status, &self.to_string(), plugin);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"dynplug\""),
-            );
-        }
-        response
-    }
 }
 
 #[cfg(test)]

@@ -207,6 +207,70 @@ impl Metrics {
                 (plugin(&p.name), leaked.to_string())
             }),
         );
+        // Plugins that run as a process (exec, isolation "process") only.
+        let processes: [PerProcess; 3] = [
+            (
+                "dynplug_process_up",
+                "gauge",
+                "1 if the plugin's process is running.",
+                |p| u64::from(p.pid.is_some()),
+            ),
+            (
+                "dynplug_process_restarts_total",
+                "counter",
+                "Times the plugin's process was started again after going down.",
+                |p| p.restarts,
+            ),
+            (
+                "dynplug_process_crashes_in_row",
+                "gauge",
+                "Crashes in a row, each soon after its start (a crash loop at 5).",
+                |p| u64::from(p.crashes_in_row),
+            ),
+        ];
+        for (name, kind, help, get) in processes {
+            family(
+                name,
+                kind,
+                help,
+                &mut plugins
+                    .iter()
+                    .filter_map(|p| Some((plugin(&p.name), get(p.process.as_ref()?).to_string()))),
+            );
+        }
+        let gauges: [MaybePerProcess; 2] = [
+            (
+                "dynplug_process_pid",
+                "The pid of the plugin's running process.",
+                |p| p.pid.map(u64::from),
+            ),
+            (
+                "dynplug_process_resident_bytes",
+                "Resident memory of the plugin's running process, in bytes.",
+                |p| p.rss_bytes,
+            ),
+        ];
+        for (name, help, get) in gauges {
+            family(
+                name,
+                "gauge",
+                help,
+                &mut plugins
+                    .iter()
+                    .filter_map(|p| Some((plugin(&p.name), get(p.process.as_ref()?)?.to_string()))),
+            );
+        }
+        family(
+            "dynplug_process_crash_loop",
+            "gauge",
+            "1 while the plugin's process is in a crash loop (restarted with a growing delay).",
+            &mut plugins.iter().filter(|p| p.process.is_some()).map(|p| {
+                (
+                    plugin(&p.name),
+                    u8::from(p.state == PluginState::CrashLoop).to_string(),
+                )
+            }),
+        );
         if let Some(keys) = manager.tls_keys_in_use() {
             let _ = writeln!(
                 out,
@@ -260,6 +324,22 @@ type PerPlugin = (
     &'static str,
     &'static str,
     fn(&crate::PluginInfo) -> u64,
+);
+
+/// A per-process gauge that not every process has: name, help, and how
+/// to read it.
+type MaybePerProcess = (
+    &'static str,
+    &'static str,
+    fn(&crate::ProcessInfo) -> Option<u64>,
+);
+
+/// A per-process metric: name, type, help, and how to read it.
+type PerProcess = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::ProcessInfo) -> u64,
 );
 
 fn escape(value: &str) -> String {

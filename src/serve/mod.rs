@@ -20,8 +20,12 @@
 //! * [`Server`] (`server.rs`): the settings, `start`, and [`Running`].
 //! * The request path: `listen.rs` (accept loop, connection cap) →
 //!   `conn.rs` (TLS, HTTP/1.1 and HTTP/2 with their limits) → `http.rs`
-//!   (routes to plugins; management API to `admin.rs`) or `grpc.rs` /
-//!   `goplugin.rs` → `call` here, the one call path of every façade.
+//!   (plugin routes via `routes.rs`; the management API in `admin.rs`;
+//!   errors as responses in `reply.rs`) or `grpc.rs` (`dynplug.v1.Plugins`)
+//!   and `goplugin.rs` (goplugin's service), which share `grpc_request.rs`
+//!   (caller, plugin, deadline) → `call` here, the one call path of every
+//!   façade. Dependencies run one way: no module of the path imports one
+//!   after it.
 //! * Who may call: `auth.rs` (clients), `origin.rs` (Host and cross-site
 //!   checks), `tls.rs`; where sockets live: `unix.rs`.
 //! * `routes.rs` (the route table, rebuilt on lifecycle events) and
@@ -32,10 +36,12 @@ mod auth;
 mod conn;
 mod goplugin;
 mod grpc;
+mod grpc_request;
 mod http;
 mod listen;
 mod metrics;
 mod origin;
+mod reply;
 mod routes;
 mod server;
 mod tls;
@@ -53,7 +59,8 @@ use tokio::sync::{Semaphore, watch};
 use crate::PluginManager;
 use crate::error::{Error, Result};
 pub use auth::Client;
-pub use grpc::{PLUGIN_METADATA, from_proto, to_proto};
+pub use grpc::{from_proto, to_proto};
+pub use grpc_request::PLUGIN_METADATA;
 pub use http::HttpService;
 use metrics::{Facade, Metrics};
 use routes::RouteTable;
@@ -67,16 +74,7 @@ pub mod bench {
 
 /// Generated gRPC code (clients and servers) for `proto/*.proto`.
 pub mod proto {
-    /// `dynplug.v1`: the `Plugins` service.
-    #[allow(missing_docs, clippy::all)]
-    pub mod v1 {
-        tonic::include_proto!("dynplug.v1");
-    }
-    /// `plugin`: the goplugin `Plugin` service.
-    #[allow(missing_docs, clippy::all)]
-    pub mod goplugin {
-        tonic::include_proto!("plugin");
-    }
+    pub use crate::proto::{goplugin, v1};
 }
 
 /// Where a façade listens.
@@ -132,7 +130,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Whether the management API's data and actions need credentials.
-    fn management_guarded(&self) -> bool {
+    pub(crate) fn management_guarded(&self) -> bool {
         self.management_token.is_some() || self.clients.enabled()
     }
 }

@@ -12,7 +12,7 @@ use super::State;
 use super::metrics::{Latency, Metrics};
 use crate::manifest::Route;
 use crate::route::{Method, Router};
-use crate::{Executor, PluginManager, PluginState, Value};
+use crate::{Executor, PluginManager, Value};
 
 /// Where a matched request goes.
 #[derive(Clone)]
@@ -46,7 +46,9 @@ impl RouteTable {
     pub(crate) fn build(manager: &PluginManager, metrics: &Metrics) -> RouteTable {
         let mut table = RouteTable::default();
         for info in manager.list() {
-            if info.state != PluginState::Loaded {
+            // A plugin whose process restarts keeps its routes: they answer
+            // 503 meanwhile, not 404.
+            if !info.state.in_service() {
                 continue;
             }
             let Ok((manifest, executor)) = manager.get_plugin(&info.name) else {
@@ -99,10 +101,18 @@ impl RouteTable {
         let (target, raw) = self.router.lookup(Method::parse(method)?, path)?;
         let mut params = std::collections::BTreeMap::new();
         for (name, value) in raw.iter() {
-            params.insert(name.to_owned(), Value::String(super::http::decode(value)));
+            params.insert(name.to_owned(), Value::String(decode(value)));
         }
         Some((Arc::clone(target), Value::Map(params)))
     }
+}
+
+/// Percent-decodes a path segment or cookie (`+` stays a plus); invalid
+/// UTF-8 becomes U+FFFD.
+pub(crate) fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Rebuilds the table after every lifecycle event until shutdown.

@@ -52,7 +52,11 @@ pub const SAMPLES: &[&str] = &[
     "pinned",
     "thread-name",
     "tls-drop",
+    "crashing",
 ];
+
+/// The exec plugin samples (programs, not libraries).
+pub const EXEC_SAMPLES: &[&str] = &["exec-rest", "exec-grpc"];
 
 /// The workspace root.
 pub fn root() -> &'static Path {
@@ -72,7 +76,7 @@ pub fn built() -> &'static Path {
         if release {
             cmd.arg("--release");
         }
-        for name in SAMPLES {
+        for name in SAMPLES.iter().chain(EXEC_SAMPLES) {
             cmd.args(["-p", name]);
         }
         let status = cmd
@@ -85,6 +89,39 @@ pub fn built() -> &'static Path {
     })
 }
 
+/// The `dynplug` binary: the runner of plugins with `isolation: "process"`.
+pub fn runner() -> PathBuf {
+    // Cargo sets it for tests and benches, not for examples, which find
+    // the binary where cargo puts it.
+    option_env!("CARGO_BIN_EXE_dynplug").map_or_else(|| built().join("dynplug"), PathBuf::from)
+}
+
+/// The `panic-abort` fixture (`tests/fixtures/panic-abort`, a workspace of
+/// its own: built with `panic = "abort"`), built once per test binary.
+pub fn panic_abort_library() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let release = !cfg!(debug_assertions);
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| root().join("target"), PathBuf::from)
+            .join("panic-abort");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root().join("tests/fixtures/panic-abort"))
+            .args(["build", "--quiet", "--offline", "--target-dir"])
+            .arg(&target);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for panic-abort");
+        assert!(status.success(), "building the panic-abort fixture failed");
+        let file = format!("libpanic_abort.{}", std::env::consts::DLL_EXTENSION);
+        target
+            .join(if release { "release" } else { "debug" })
+            .join(file)
+    })
+}
+
 /// The built library of a sample, e.g. `libfailing_init.so`.
 pub fn library(sample: &str) -> PathBuf {
     let file = format!(
@@ -93,6 +130,28 @@ pub fn library(sample: &str) -> PathBuf {
         std::env::consts::DLL_EXTENSION
     );
     built().join(file)
+}
+
+/// Installs an exec sample as `<base>/<name>` with its own manifest, or
+/// `manifest` (whose `name` must be `name`); returns the plugin directory.
+pub fn install_exec(base: &Path, sample: &str, name: &str, manifest: Option<&str>) -> PathBuf {
+    let staging = base.join(format!(".{name}.staging"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::copy(built().join(sample), staging.join(sample)).unwrap();
+    let text = match manifest {
+        Some(text) => text.to_owned(),
+        None => std::fs::read_to_string(
+            root()
+                .join("sample-plugins")
+                .join(sample)
+                .join("plugin.json"),
+        )
+        .unwrap(),
+    };
+    std::fs::write(staging.join("plugin.json"), text).unwrap();
+    replace_dir(&staging, &base.join(name));
+    base.join(name)
 }
 
 /// Installs a sample as `<base>/<sample>` and returns the plugin directory.

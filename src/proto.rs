@@ -1,0 +1,16 @@
+//! Code generated from `proto/*.proto` by `build.rs`; published as
+//! `dynplug::serve::proto`.
+
+/// `plugin`: the goplugin `Plugin` service. Its client calls exec plugins
+/// that speak gRPC; with the `server` feature, dynplug also serves it.
+#[allow(missing_docs, clippy::all)]
+pub mod goplugin {
+    tonic::include_proto!("plugin");
+}
+
+/// `dynplug.v1`: the `Plugins` service.
+#[cfg(feature = "server")]
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("dynplug.v1");
+}
