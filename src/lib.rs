@@ -73,12 +73,16 @@ mod origin;
 mod private_dir;
 #[cfg(feature = "exec")]
 mod proto;
+#[cfg(feature = "exec")]
+mod remote;
 // Public for the fuzz targets, the property tests and the binary, not API.
 #[doc(hidden)]
 pub mod route;
 #[cfg(feature = "server")]
 pub mod serve;
 mod slot;
+#[cfg(feature = "exec")]
+mod socket;
 #[doc(hidden)]
 pub mod text;
 mod untrusted;
@@ -88,16 +92,18 @@ mod watch;
 pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
 pub use event::{Event, Events, EventsError};
-#[cfg(feature = "exec")]
-pub use exec::REPLY_KEY;
 pub use executor::Executor;
 pub use manager::{Builder, LoadReport, PluginManager, Verified, verify, verify_report};
 pub use manifest::{Isolation, Manifest};
 pub use plugin_abi::{Value, ValueError};
+#[cfg(feature = "exec")]
+pub use remote::{REPLY_KEY, RESULT_KEY};
+#[cfg(feature = "exec")]
+pub use socket::Discovery;
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
-pub use slot::{CallCounts, PluginInfo, PluginState, ProcessInfo, RetiredVersion};
+pub use slot::{CallCounts, PluginInfo, PluginState, ProcessInfo, RetiredVersion, SocketInfo};
 
 /// Entry points for the fuzz targets (`fuzz/`) and property tests: not API.
 #[doc(hidden)]

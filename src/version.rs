@@ -20,7 +20,9 @@ use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecVersion};
 use crate::manifest::{Isolation, Manifest, Source};
 use crate::native::{NativeOptions, NativeVersion};
-use crate::slot::{PluginState, ProcessInfo};
+use crate::slot::{PluginState, ProcessInfo, SocketInfo};
+#[cfg(feature = "exec")]
+use crate::socket::{SocketOptions, SocketVersion};
 
 /// What a plugin's entry reported.
 #[derive(Debug)]
@@ -46,6 +48,8 @@ pub(crate) enum Backend {
     Native(NativeVersion),
     #[cfg(feature = "exec")]
     Exec(ExecVersion),
+    #[cfg(feature = "exec")]
+    Socket(SocketVersion),
 }
 
 pub(crate) struct Version {
@@ -59,6 +63,8 @@ pub(crate) struct LoadOptions {
     pub(crate) native: NativeOptions,
     #[cfg(feature = "exec")]
     pub(crate) exec: ExecOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) socket: SocketOptions,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
@@ -67,6 +73,8 @@ enum Kind {
     Native,
     #[cfg(feature = "exec")]
     Exec,
+    #[cfg(feature = "exec")]
+    Socket,
 }
 
 impl Kind {
@@ -88,6 +96,13 @@ impl Kind {
                 "source.mode \"exec\" (this build of dynplug lacks its cargo feature \"exec\")"
                     .into(),
             )),
+            #[cfg(feature = "exec")]
+            (Source::Socket { .. }, _) => Ok(Kind::Socket),
+            #[cfg(not(feature = "exec"))]
+            (Source::Socket { .. }, _) => Err(unsupported(
+                "source.mode \"socket\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
             (source, _) => Err(unsupported(format!("source.mode \"{}\"", source.mode()))),
         }
     }
@@ -101,6 +116,8 @@ impl Version {
             Kind::Native => Backend::Native(NativeVersion::load(&manifest, dir, &options.native)?),
             #[cfg(feature = "exec")]
             Kind::Exec => Backend::Exec(ExecVersion::load(&manifest, dir, &options.exec)?),
+            #[cfg(feature = "exec")]
+            Kind::Socket => Backend::Socket(SocketVersion::load(&manifest, dir, &options.socket)?),
         };
         Ok(Version {
             manifest: Arc::new(manifest),
@@ -122,6 +139,8 @@ impl Version {
             }
             #[cfg(feature = "exec")]
             Kind::Exec => crate::exec::verify(manifest, dir, &options.exec),
+            #[cfg(feature = "exec")]
+            Kind::Socket => crate::socket::verify(manifest, dir),
         }
     }
 
@@ -132,7 +151,7 @@ impl Version {
         match &self.backend {
             Backend::Native(native) => native.is_inline(),
             #[cfg(feature = "exec")]
-            Backend::Exec(_) => false,
+            Backend::Exec(_) | Backend::Socket(_) => false,
         }
     }
 
@@ -147,6 +166,8 @@ impl Version {
             Backend::Native(native) => native.execute(ctx)?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.execute(ctx)?,
         };
         self.settle(ctx, outcome)
     }
@@ -158,6 +179,8 @@ impl Version {
             Backend::Native(native) => native.execute_async(ctx).await?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.execute_async(ctx).await?,
         };
         self.settle(ctx, outcome)
     }
@@ -206,6 +229,8 @@ impl Version {
                     plugin,
                     label,
                     message,
+                    code: None,
+                    data: None,
                 })
             }
         }
@@ -217,6 +242,8 @@ impl Version {
             Backend::Native(native) => native.unload(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.unload(),
         }
     }
 
@@ -227,6 +254,8 @@ impl Version {
             Backend::Native(native) => native.busy(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.busy(),
         }
     }
 
@@ -237,6 +266,8 @@ impl Version {
             Backend::Native(native) => native.artifact(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.artifact(),
         }
     }
 
@@ -246,16 +277,29 @@ impl Version {
             Backend::Native(_) => None,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => Some(exec.process()),
+            #[cfg(feature = "exec")]
+            Backend::Socket(_) => None,
         }
     }
 
+    /// The plugin's socket, for kinds served by one dynplug did not start.
+    pub(crate) fn socket(&self) -> Option<SocketInfo> {
+        #[cfg(feature = "exec")]
+        if let Backend::Socket(socket) = &self.backend {
+            return Some(socket.info());
+        }
+        None
+    }
+
     /// The state to show instead of `Loaded` while the version's process
-    /// is down.
+    /// (or socket) is down.
     pub(crate) fn down_state(&self) -> Option<PluginState> {
         match &self.backend {
             Backend::Native(_) => None,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.down_state(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.down_state(),
         }
     }
 }

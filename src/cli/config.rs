@@ -9,6 +9,7 @@
 //! queue_limit = 256          # calls that may wait for a pooled version's workers
 //! drain_timeout = "30s"
 //! allow_downgrades = false
+//! sockets = ["/run/dynplug/plugins"]  # sockets directories (JSON-RPC, Docker style)
 //!
 //! [serve]
 //! http = ["127.0.0.1:8080"]
@@ -57,6 +58,8 @@ pub(crate) struct Config {
     #[serde(default, deserialize_with = "duration")]
     pub(crate) drain_timeout: Option<Duration>,
     pub(crate) allow_downgrades: Option<bool>,
+    #[serde(default)]
+    pub(crate) sockets: Vec<PathBuf>,
     #[serde(default)]
     pub(crate) serve: ServeConfig,
     #[serde(default)]
@@ -162,6 +165,7 @@ impl Config {
             }
         };
         config.plugins.iter_mut().for_each(resolve);
+        config.sockets.iter_mut().for_each(resolve);
         config.serve.goplugin_dir.iter_mut().for_each(resolve);
         config.serve.http_unix.iter_mut().for_each(resolve);
         config.serve.grpc_unix.iter_mut().for_each(resolve);

@@ -47,6 +47,11 @@ struct PluginsDir {
     /// Accept a lower version over a serving one (refused by default).
     #[arg(long)]
     allow_downgrades: bool,
+    /// A sockets directory: each Unix socket in it is a plugin named by its
+    /// file name (`NAME.listen` holding tcp://HOST:PORT for TCP), spoken to
+    /// in JSON-RPC 2.0 or Docker's plugin protocol (repeatable).
+    #[arg(long, value_name = "DIR")]
+    sockets: Vec<PathBuf>,
 }
 
 impl PluginsDir {
@@ -57,6 +62,9 @@ impl PluginsDir {
         self.queue_limit = self.queue_limit.or(config.queue_limit);
         self.drain_timeout = self.drain_timeout.or(config.drain_timeout);
         self.allow_downgrades |= config.allow_downgrades.unwrap_or(false);
+        if self.sockets.is_empty() {
+            self.sockets.clone_from(&config.sockets);
+        }
     }
 
     fn plugins(&self) -> &Path {
@@ -77,6 +85,15 @@ impl PluginsDir {
         }
         builder.build()
     }
+
+    /// Loads the plugins of the sockets directories and follows them while
+    /// the returned guards live.
+    fn discover(&self, manager: &PluginManager) -> dynplug::Result<Vec<dynplug::Discovery>> {
+        self.sockets
+            .iter()
+            .map(|dir| manager.discover_sockets(dir))
+            .collect()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +105,13 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only plugins whose handshake says they implement this interface
+        /// (`Group`, or `Group/0.1.0`).
+        #[arg(long, value_name = "NAME")]
+        interface: Option<String>,
+        /// Only plugins offering this capability (e.g. CONNECTION).
+        #[arg(long, value_name = "NAME")]
+        capability: Option<String>,
     },
     /// Load one plugin, call it once and print the context's values as JSON.
     Call {
@@ -298,7 +322,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     match command {
-        Command::List { dir, json } => list(&dir, json),
+        Command::List {
+            dir,
+            json,
+            interface,
+            capability,
+        } => list(&dir, json, interface.as_deref(), capability.as_deref()),
         Command::Call {
             dir,
             name,
@@ -347,10 +376,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn list(dir: &PluginsDir, json: bool) -> anyhow::Result<ExitCode> {
+fn list(
+    dir: &PluginsDir,
+    json: bool,
+    interface: Option<&str>,
+    capability: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let manager = dir.manager()?;
     manager.load_plugins()?;
-    let rows = manager.list();
+    let found = dir.discover(&manager)?;
+    let rows: Vec<PluginInfo> = manager
+        .list()
+        .into_iter()
+        .filter(|row| interface.is_none_or(|i| row.implements(i)))
+        .filter(|row| capability.is_none_or(|c| row.has_capability(c)))
+        .collect();
+    drop(found);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
@@ -421,7 +462,10 @@ fn call(
         ctx = ctx.with_timeout(timeout);
     }
     let manager = dir.manager()?;
-    manager.load_plugin(name)?;
+    let _found = dir.discover(&manager)?;
+    if manager.info(name).is_none() {
+        manager.load_plugin(name)?;
+    }
     let (_, executor) = manager.get_plugin(name)?;
     executor
         .execute(&mut ctx)

@@ -8,10 +8,10 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
 use super::child::{self, Child, Launch};
-use super::link::{Address, CallError, Link};
 use super::logs::Logs;
 use super::settings::Settings;
 use crate::event::{Event, EventSink};
+use crate::remote::link::{Address, CallError, Link};
 
 /// Crashes in a row, each within `STABLE` of its start, that make a crash loop.
 const CRASH_LOOP_AFTER: u32 = 5;

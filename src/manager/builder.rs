@@ -161,6 +161,11 @@ impl Builder {
                 host_name: self.host_name.as_str().into(),
                 events: crate::event::EventSink::default(),
             },
+            #[cfg(feature = "exec")]
+            socket: crate::socket::SocketOptions {
+                host_name: self.host_name.as_str().into(),
+                events: crate::event::EventSink::default(),
+            },
         }
     }
 
@@ -212,6 +217,7 @@ impl Builder {
         {
             crate::exec::remove_stale(&options.exec.work_dir);
             options.exec.events = crate::event::EventSink::new(events.clone());
+            options.socket.events = crate::event::EventSink::new(events.clone());
         }
         Ok(PluginManager {
             inner: Arc::new(Inner {

@@ -122,7 +122,14 @@ impl PluginManager {
                 plugin: name.to_owned(),
             });
         }
-        Ok(self.slot_or_insert(name, origin))
+        let slot = self.slot_or_insert(name, origin.clone());
+        if !slot.origin.same_source(&origin) {
+            return Err(Error::NameTaken {
+                plugin: name.to_owned(),
+                by: slot.origin.describe(),
+            });
+        }
+        Ok(slot)
     }
 
     /// Reads, checks and loads the version in the slot's directory, without

@@ -68,11 +68,29 @@ async fn health(Extract(state): Extract<State>) -> Response {
     .into_response()
 }
 
-async fn list(Extract(state): Extract<State>) -> Response {
+/// `?interface=Group` keeps the plugins whose handshake says they
+/// implement it; `?capability=CONNECTION` those that offer it.
+#[derive(serde::Deserialize)]
+struct ListFilter {
+    interface: Option<String>,
+    capability: Option<String>,
+}
+
+async fn list(
+    Extract(state): Extract<State>,
+    axum::extract::Query(filter): axum::extract::Query<ListFilter>,
+) -> Response {
     let plugins: Vec<PluginView> = state
         .manager
         .list()
         .into_iter()
+        .filter(|i| filter.interface.as_deref().is_none_or(|f| i.implements(f)))
+        .filter(|i| {
+            filter
+                .capability
+                .as_deref()
+                .is_none_or(|c| i.has_capability(c))
+        })
         .map(|i| view(&state, i))
         .collect();
     axum::Json(plugins).into_response()

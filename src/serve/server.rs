@@ -40,6 +40,7 @@ pub struct Server {
     clients: Vec<Client>,
     tls: Option<tls::TlsFiles>,
     tls_client_ca: Option<PathBuf>,
+    sockets: Vec<PathBuf>,
 }
 
 impl Server {
@@ -60,7 +61,22 @@ impl Server {
             clients: Vec::new(),
             tls: None,
             tls_client_ca: None,
+            sockets: Vec::new(),
         }
+    }
+
+    /// Follows a sockets directory (see
+    /// [`PluginManager::discover_sockets`]): each Unix socket in it is a
+    /// plugin named by its file name (`<name>.listen` holding
+    /// `tcp://host:port` names a TCP one), spoken to in JSON-RPC 2.0 or
+    /// Docker's plugin protocol, and callable at `POST
+    /// /plugins/<name>/<method>` (the body its params, the reply its
+    /// result) besides gRPC `Exec`. The directory is created 0700 if
+    /// missing; an existing one must be ours and private. Repeatable.
+    #[must_use]
+    pub fn sockets(mut self, dir: impl Into<PathBuf>) -> Server {
+        self.sockets.push(dir.into());
+        self
     }
 
     /// Requires `token` for the management API's data and actions
@@ -392,6 +408,7 @@ impl Server {
             tasks: Vec::new(),
             manager: self.manager,
             http_service: app.clone(),
+            discoveries: Vec::new(),
         };
         for endpoint in &self.http {
             let (bound, task) = listening
@@ -418,6 +435,16 @@ impl Server {
                 grpc_settings,
                 self.limits.grpc_max_message_size,
             )));
+        }
+        for dir in self.sockets {
+            let manager = running.manager.clone();
+            let discovery = tokio::task::spawn_blocking(move || manager.discover_sockets(dir))
+                .await
+                .map_err(|e| Error::Config {
+                    what: "sockets directory".into(),
+                    message: e.to_string(),
+                })??;
+            running.discoveries.push(discovery);
         }
         running.tasks = tasks;
         Ok(running)
@@ -490,6 +517,7 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     manager: PluginManager,
     http_service: HttpService,
+    discoveries: Vec<crate::Discovery>,
 }
 
 impl Running {
@@ -519,6 +547,8 @@ impl Running {
     /// unloading (its event streams end at once).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        let discoveries = self.discoveries;
+        let _ = tokio::task::spawn_blocking(move || drop(discoveries)).await;
         for task in self.tasks {
             let _ = task.await;
         }

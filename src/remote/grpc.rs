@@ -74,6 +74,10 @@ impl Grpc {
         }
     }
 
+    pub(crate) fn address(&self) -> &Address {
+        &self.address
+    }
+
     /// The client of this runtime, made (lazily connecting) on first use.
     fn client(&self) -> PluginClient<Channel> {
         let runtime = Handle::current().id();
