@@ -66,6 +66,7 @@ mod event;
 #[cfg(feature = "exec")]
 mod exec;
 mod executor;
+mod fanout;
 mod manager;
 pub mod manifest;
 mod native;
@@ -93,6 +94,7 @@ pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
 pub use event::{Event, Events, EventsError};
 pub use executor::Executor;
+pub use fanout::FanOut;
 pub use manager::{Builder, LoadReport, PluginManager, Verified, verify, verify_report};
 pub use manifest::{Isolation, Manifest};
 pub use plugin_abi::{Value, ValueError};

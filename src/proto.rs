@@ -14,3 +14,10 @@ pub mod goplugin {
 pub mod v1 {
     tonic::include_proto!("dynplug.v1");
 }
+
+/// `plugins`: the `PluginRegistry` service plugins register with.
+#[cfg(feature = "server")]
+#[allow(missing_docs, clippy::all)]
+pub mod registry {
+    tonic::include_proto!("plugins");
+}

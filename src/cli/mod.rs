@@ -173,6 +173,25 @@ pub(crate) struct ServeArgs {
     /// Serve the goplugin `plugin.Plugin` service on DIR/<plugin>.sock for every loaded plugin.
     #[arg(long, value_name = "DIR")]
     goplugin_dir: Option<PathBuf>,
+    /// Serve the plugin registry (gRPC `plugins.PluginRegistry`) on this
+    /// Unix socket: plugins serving `plugin.Plugin` on a socket of their
+    /// own register there (its directory is created 0700).
+    #[arg(long, value_name = "PATH")]
+    registry_unix: Option<PathBuf>,
+    /// Where registered endpoints may be (repeatable) [default: the
+    /// registry socket's directory].
+    #[arg(long, value_name = "DIR", requires = "registry_unix")]
+    registry_endpoint_dir: Vec<PathBuf>,
+    /// Users allowed to register, by uid (repeatable) [default: this
+    /// server's user only; the list replaces it].
+    #[arg(long, value_name = "UID", requires = "registry_unix")]
+    registry_allow_uid: Vec<u32>,
+    /// Time between probes of registered plugins [default: 1s].
+    #[arg(long, value_parser = humantime::parse_duration, requires = "registry_unix")]
+    registry_probe_interval: Option<Duration>,
+    /// Missed probes in a row before a plugin is unregistered [default: 3].
+    #[arg(long, value_name = "N", requires = "registry_unix")]
+    registry_probe_misses: Option<u32>,
     /// Follow the plugins directory: load, upgrade and unload as plugins come, change and go.
     #[arg(long)]
     watch: bool,
@@ -280,6 +299,15 @@ impl ServeArgs {
             .goplugin_dir
             .take()
             .or_else(|| file.goplugin_dir.clone());
+        if self.registry_unix.is_none() {
+            self.registry_unix.clone_from(&file.registry_unix);
+            self.registry_endpoint_dir
+                .clone_from(&file.registry_endpoint_dirs);
+            self.registry_allow_uid
+                .clone_from(&file.registry_allowed_uids);
+            self.registry_probe_interval = file.registry_probe_interval;
+            self.registry_probe_misses = file.registry_probe_misses;
+        }
         self.watch |= file.watch.unwrap_or(false);
         self.timeout = self.timeout.or(file.timeout);
         self.management_token = self

@@ -119,6 +119,23 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
     for dir in &args.dir.sockets {
         server = server.sockets(dir);
     }
+    if let Some(path) = &args.registry_unix {
+        let mut registry = dynplug::serve::Registry::new(path);
+        for dir in &args.registry_endpoint_dir {
+            registry = registry.endpoint_dir(dir);
+        }
+        if !args.registry_allow_uid.is_empty() {
+            registry = registry.allowed_uids(args.registry_allow_uid.iter().copied());
+        }
+        if args.registry_probe_interval.is_some() || args.registry_probe_misses.is_some() {
+            registry = registry.probe(
+                args.registry_probe_interval
+                    .unwrap_or(Duration::from_secs(1)),
+                args.registry_probe_misses.unwrap_or(3),
+            );
+        }
+        server = server.registry(registry);
+    }
     if let Some(token) = &args.management_token {
         server = server.management_token(token);
     }
@@ -183,6 +200,12 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
         say!(
             "watching {} for plugins to load, upgrade and unload",
             args.dir.plugins().display()
+        );
+    }
+    if let Some(path) = &args.registry_unix {
+        say!(
+            "registry unix:{}  (gRPC plugins.PluginRegistry; see proto/registry.proto)",
+            path.display()
         );
     }
     for dir in &args.dir.sockets {

@@ -206,6 +206,9 @@ async fn metrics(Extract(state): Extract<State>) -> Response {
     let mut body = state.metrics.render(&state.manager);
     let open = state.max_connections - state.slots.available_permits();
     super::metrics::render_connections(&mut body, open, state.max_connections);
+    if let Some(stats) = &state.registry {
+        super::registry::render(stats, &mut body);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 use super::metrics::Metrics;
 use super::routes::RouteTable;
 use super::{
-    Client, Endpoint, HttpService, Secret, Shared, State, auth, bind_error, conn, goplugin, grpc,
-    http, listen, origin, routes, tls, unix,
+    Client, Endpoint, HttpService, Registry, Secret, Shared, State, auth, bind_error, conn,
+    goplugin, grpc, http, listen, origin, registry, routes, tls, unix,
 };
 use crate::PluginManager;
 use crate::error::{Error, Result};
@@ -41,6 +41,7 @@ pub struct Server {
     tls: Option<tls::TlsFiles>,
     tls_client_ca: Option<PathBuf>,
     sockets: Vec<PathBuf>,
+    registry: Option<Registry>,
 }
 
 impl Server {
@@ -62,7 +63,25 @@ impl Server {
             tls: None,
             tls_client_ca: None,
             sockets: Vec::new(),
+            registry: None,
         }
+    }
+
+    /// Serves the plugin registry (`plugins.PluginRegistry`, see
+    /// `proto/registry.proto`) on the Unix socket `path`, with the
+    /// defaults of [`Registry::new`]: plugins of this user register
+    /// endpoints in that socket's directory, are probed every second, and
+    /// are unregistered after 3 missed probes.
+    #[must_use]
+    pub fn registry_unix(self, path: impl Into<PathBuf>) -> Server {
+        self.registry(Registry::new(path))
+    }
+
+    /// Serves the plugin registry with these settings.
+    #[must_use]
+    pub fn registry(mut self, registry: Registry) -> Server {
+        self.registry = Some(registry);
+        self
     }
 
     /// Follows a sockets directory (see
@@ -387,6 +406,10 @@ impl Server {
             max_connections,
             shutdown: shutdown.clone(),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            registry: self
+                .registry
+                .as_ref()
+                .map(|_| Arc::new(registry::Stats::default())),
         });
         let (http_tls, grpc_tls) = match tls {
             Some(acceptors) => (Some(acceptors.http), Some(acceptors.grpc)),
@@ -431,10 +454,28 @@ impl Server {
             tasks.push(tokio::spawn(goplugin::plugin_sockets(
                 Arc::clone(&state),
                 dir,
-                listening,
-                grpc_settings,
+                listening.clone(),
+                Arc::clone(&grpc_settings),
                 self.limits.grpc_max_message_size,
             )));
+        }
+        if let Some(settings) = self.registry {
+            let endpoint = Endpoint::Unix(settings.path.clone());
+            let dir = match settings.path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => std::path::Path::new("."),
+            };
+            unix::private_dir(dir, self.socket_mode).map_err(|e| bind_error(&endpoint, e))?;
+            let stats = state.registry.clone().unwrap_or_default();
+            let service = Arc::new(registry::Service::new(Arc::clone(&state), settings, stats)?);
+            let server = super::proto::registry::plugin_registry_server::PluginRegistryServer::new(
+                Arc::clone(&service),
+            )
+            .max_decoding_message_size(64 * 1024);
+            let routes = tonic::service::Routes::new(server).prepare();
+            let (_, task) = listening.serve(&endpoint, routes, &grpc_settings).await?;
+            tasks.push(task);
+            tasks.push(tokio::spawn(registry::reap(service)));
         }
         for dir in self.sockets {
             let manager = running.manager.clone();
