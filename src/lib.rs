@@ -44,6 +44,13 @@
 //! * Exec plugins (`source.mode = "exec"`, feature `exec`) are programs in
 //!   any language that speak goplugin's REST or gRPC protocol; dynplug
 //!   starts, supervises and restarts them. See `docs/exec-plugins.md`.
+//! * Socket plugins (`source.mode = "socket"`, feature `exec`) are servers
+//!   dynplug did not start (JSON-RPC 2.0, Docker's protocol, goplugin's),
+//!   named by a manifest, found in a sockets directory
+//!   (`PluginManager::discover_sockets`) or registered with the plugin
+//!   registry (`serve::Registry`); both kinds talk through `remote/`. Plugins
+//!   offering a capability can be fanned out to ([`FanOut`]). See
+//!   `docs/socket-plugins.md`.
 //!
 //! # Safety model
 //!

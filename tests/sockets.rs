@@ -603,3 +603,114 @@ fn found_sockets_never_take_a_directory_plugins_name() {
     drop(discovery);
     manager.unload_all();
 }
+
+/// The curl lines of `docs/socket-plugins.md` for a found plugin, run as
+/// printed from a scratch directory (the test picks free ports: 8080 in
+/// the text becomes the one it got, and gRPC listens on a free port).
+#[test]
+fn docs_curl_lines_work_as_printed() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let doc = std::fs::read_to_string(support::root().join("docs/socket-plugins.md")).unwrap();
+    let block = doc
+        .split("<!-- tested:")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- end tested -->").next())
+        .expect("a tested block");
+    let lines: Vec<&str> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("```") && !l.starts_with("-->"))
+        .skip(1)
+        .collect();
+    let scratch = tempfile::tempdir().unwrap();
+    let fixtures = scratch.path().join("tests/fixtures");
+    std::fs::create_dir_all(&fixtures).unwrap();
+    std::fs::copy(fixture(), fixtures.join("socket_plugin.py")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let sh = |line: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(line.replace("127.0.0.1:8080", &address))
+            .current_dir(scratch.path())
+            .output()
+            .unwrap()
+    };
+    let mut children = Vec::new();
+    let mut expect: Option<(String, String)> = None;
+    let mut checked = 0;
+    for line in lines {
+        if let Some(expected) = line.strip_prefix("# → ") {
+            let (curl, output) = expect
+                .take()
+                .expect("an expected output follows a curl line");
+            if expected.contains('…') {
+                assert!(output.contains(r#""name":"group""#), "{curl}: {output}");
+            } else {
+                let got: serde_json::Value = serde_json::from_str(&output)
+                    .unwrap_or_else(|e| panic!("{curl}: {e}: {output}"));
+                let want: serde_json::Value = serde_json::from_str(expected).unwrap();
+                assert_eq!(got, want, "{curl}");
+            }
+            checked += 1;
+        } else if line.starts_with("curl ") {
+            let out = sh(line);
+            assert!(out.status.success(), "{line}: {out:?}");
+            expect = Some((
+                line.to_owned(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
+        } else if let Some(background) = line.strip_suffix('&') {
+            let mut words: Vec<String> = background
+                .replace("127.0.0.1:8080", &address)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            if words[0] == "dynplug" {
+                words[0] = env!("CARGO_BIN_EXE_dynplug").to_owned();
+                words.extend(["--grpc".to_owned(), "127.0.0.1:0".to_owned()]);
+            }
+            let mut child = ChildGuard(
+                Command::new(&words[0])
+                    .args(&words[1..])
+                    .current_dir(scratch.path())
+                    .stdout(Stdio::piped())
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+            if words[1] == "serve" {
+                // Its first line says it listens.
+                let lines = support::lines_of(child.0.stdout.take().unwrap());
+                support::wait_for_line(&lines, |l| l.starts_with("HTTP"));
+            }
+            children.push(child);
+        } else {
+            let out = sh(line);
+            assert!(out.status.success(), "{line}: {out:?}");
+        }
+        if line.starts_with("python3") {
+            // Found and answering before the first curl.
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                let out = sh(&format!("curl -sf http://{address}/_dynplug/plugins/group"));
+                let state = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok();
+                if state.is_some_and(|s| s["state"] == "loaded" && s["socket"]["connected"] == true)
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "group never served: {out:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    assert_eq!(checked, 5, "every curl line of the block was checked");
+    drop(children);
+}
