@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dynplug.proto",
         "proto/plugin.proto",
         "proto/registry.proto",
+        "proto/health.proto",
     ];
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
@@ -17,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let protos: &[&str] = if cfg!(feature = "server") {
             PROTOS
         } else {
-            &["proto/plugin.proto"]
+            &["proto/plugin.proto", "proto/health.proto"]
         };
         let fds = protox::compile(protos, ["proto"])?;
         tonic_prost_build::configure()

@@ -287,6 +287,16 @@ async fn refused_registrations_say_why_and_the_others_keep_serving() {
         "AlreadyExists",
         "registered with endpoint",
     );
+    // A caller of another user (root can make one: see the sample's
+    // `become_uid`; the kernel reports that user on the registry socket).
+    if rustix::process::geteuid().is_root() {
+        let nobody = host.plugin("nobody", &["--as-uid", "65534"]);
+        if nobody.line.starts_with("cannot become uid") {
+            eprintln!("another user not tested here: {}", nobody.line);
+        } else {
+            refused(&nobody, "PermissionDenied", "a caller of uid 65534 (pid ");
+        }
+    }
     // Each refusal left `a` serving, and nothing else registered.
     let mut ctx = Context::new("Name");
     support::call(&host.manager, "a", &mut ctx).unwrap();
@@ -299,6 +309,10 @@ async fn refused_registrations_say_why_and_the_others_keep_serving() {
     );
     assert!(
         host.metric(r#"dynplug_registry_refused_total{reason="endpoint"} 4"#)
+            .await
+    );
+    assert!(
+        host.metric(r#"dynplug_registry_refused_total{reason="unreachable"} 1"#)
             .await
     );
     drop(a);
@@ -432,5 +446,51 @@ async fn fan_outs_go_in_name_order_with_a_deadline_each_and_stop_early() {
     for p in [a, b, c, other, slow] {
         drop(p);
     }
+    host.stop().await;
+}
+
+/// A plugin without goplugin's Ping is probed with the standard gRPC health
+/// service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_answers_the_probe_when_ping_is_missing() {
+    use dynplug::serve::proto::health::{
+        HealthCheckRequest, HealthCheckResponse,
+        health_check_response::ServingStatus,
+        health_server::{Health, HealthServer},
+    };
+    struct Serving;
+    #[tonic::async_trait]
+    impl Health for Serving {
+        async fn check(
+            &self,
+            _: tonic::Request<HealthCheckRequest>,
+        ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+            Ok(tonic::Response::new(HealthCheckResponse {
+                status: ServingStatus::Serving as i32,
+            }))
+        }
+    }
+    let host = Host::start(|r| r).await;
+    let socket = host.path("health.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(HealthServer::new(Serving))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let mut client = host.client().await;
+    client
+        .register(PluginInfo {
+            name: "healthy".into(),
+            endpoint: socket.display().to_string(),
+            capabilities: vec![1],
+        })
+        .await
+        .unwrap();
+    let info = host.manager.info("healthy").unwrap();
+    assert_eq!(info.state, PluginState::Loaded);
+    assert_eq!(info.capabilities, ["EXEC"]);
+    assert!(info.socket.unwrap().connected);
+    server.abort();
     host.stop().await;
 }

@@ -79,7 +79,7 @@ pub mod bench {
 
 /// Generated gRPC code (clients and servers) for `proto/*.proto`.
 pub mod proto {
-    pub use crate::proto::{goplugin, registry, v1};
+    pub use crate::proto::{goplugin, health, registry, v1};
 }
 
 /// Where a façade listens.

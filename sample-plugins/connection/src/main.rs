@@ -18,8 +18,9 @@
 //! Flags for the tests: `--endpoint E` registers E instead of the socket,
 //! `--capability NAME` (repeatable; default CONNECTION; `none` for an empty
 //! list), `--fail` (UpdateConnection errs), `--invalid`, `--sleep-ms N`
-//! (each call sleeps first). It exits 2 if the registration is refused,
-//! printing the reason.
+//! (each call sleeps first), `--as-uid N` (registers as user N: see
+//! `become_uid`). It exits 2 if the registration is refused, printing the
+//! reason.
 
 use std::time::Duration;
 
@@ -102,6 +103,7 @@ struct Args {
     socket: String,
     endpoint: Option<String>,
     capabilities: Vec<i32>,
+    as_uid: Option<u32>,
     plugin: Connection,
 }
 
@@ -109,6 +111,7 @@ fn args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut registry, mut socket, mut endpoint) = (None, None, None);
     let mut capabilities = Vec::new();
+    let mut as_uid = None;
     let mut plugin = Connection::default();
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
@@ -123,6 +126,7 @@ fn args() -> Result<Args, String> {
                 "none" => capabilities.push(-1),
                 other => return Err(format!("unknown capability {other}")),
             },
+            "--as-uid" => as_uid = Some(value()?.parse().map_err(|e| format!("--as-uid: {e}"))?),
             "--fail" => plugin.fail = true,
             "--invalid" => plugin.invalid = true,
             "--sleep-ms" => {
@@ -141,8 +145,22 @@ fn args() -> Result<Args, String> {
         socket: socket.ok_or("--socket PATH is required")?,
         endpoint,
         capabilities,
+        as_uid,
         plugin,
     })
+}
+
+/// Becomes user `uid` for this thread (the runtime's only one) while
+/// keeping root's capabilities, so that it can still reach root's private
+/// registry directory and socket: the kernel then reports `uid` as the
+/// caller (`SO_PEERCRED` gives the effective uid of the thread that
+/// connects). Needs root (`CAP_SETPCAP`, `CAP_SETUID`): how the tests make
+/// a caller of another user.
+fn become_uid(uid: u32) -> std::io::Result<()> {
+    use rustix::thread::{CapabilitiesSecureBits, set_capabilities_secure_bits};
+    set_capabilities_secure_bits(CapabilitiesSecureBits::NO_SETUID_FIXUP)?;
+    rustix::thread::set_thread_res_uid(None, rustix::process::Uid::from_raw(uid), None)?;
+    Ok(())
 }
 
 async fn register(args: &Args) -> Result<(), Status> {
@@ -196,6 +214,12 @@ fn main() -> std::process::ExitCode {
             .serve_with_incoming(incoming);
         // Serving before registering: the registry dials back at once.
         let serving = tokio::spawn(server);
+        if let Some(uid) = args.as_uid
+            && let Err(e) = become_uid(uid)
+        {
+            println!("cannot become uid {uid}: {e}");
+            return std::process::ExitCode::from(3);
+        }
         if let Err(status) = register(&args).await {
             println!("refused: {:?}: {}", status.code(), status.message());
             return std::process::ExitCode::from(2);
