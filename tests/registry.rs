@@ -159,6 +159,14 @@ async fn a_plugin_registers_serves_dies_is_unregistered_and_registers_again() {
     assert_eq!(reply.json(), serde_json::json!({"status": "success"}));
     assert!(host.metric("dynplug_registry_plugins 1").await);
     assert!(host.metric("dynplug_registry_registrations_total 1").await);
+    // The same registration again: accepted, nothing reloaded.
+    let same = PluginInfo {
+        name: "a".into(),
+        endpoint: format!("unix:{}", host.path("a.sock").display()),
+        capabilities: vec![0],
+    };
+    host.client().await.register(same).await.unwrap();
+    assert_eq!(host.manager.info("a").unwrap().upgrades, 0);
 
     // Killed: unregistered after the missed probes, then unloaded.
     let pid = a.pid();

@@ -151,6 +151,7 @@ impl Refusal {
 #[derive(Debug, Clone)]
 struct Registered {
     endpoint: PathBuf,
+    capabilities: Vec<&'static str>,
 }
 
 pub(crate) struct Service {
@@ -367,6 +368,20 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
             .map_err(|s| Status::new(s.code(), format!("{}: {}", info.name, s.message())))?;
         let name = info.name;
         let mut table = self.table.lock().await;
+        let serving = || {
+            self.state
+                .manager
+                .info(&name)
+                .is_some_and(|i| i.state.in_service())
+        };
+        if let Some(known) = table.get(&name)
+            && known.endpoint == endpoint
+            && known.capabilities == capabilities
+            && serving()
+        {
+            // The same registration again: nothing to do (and no reload).
+            return Ok(Response::new(()));
+        }
         if let Some(known) = table.get(&name)
             && known.endpoint != endpoint
         {
@@ -411,15 +426,11 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
             };
             return Err(kind.status(&self.stats, error.to_string()));
         }
-        if table
-            .insert(
-                name.clone(),
-                Registered {
-                    endpoint: endpoint.clone(),
-                },
-            )
-            .is_none()
-        {
+        let registered = Registered {
+            endpoint: endpoint.clone(),
+            capabilities: capabilities.clone(),
+        };
+        if table.insert(name.clone(), registered).is_none() {
             self.stats.registered.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.registrations.fetch_add(1, Ordering::Relaxed);
@@ -428,7 +439,7 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
     }
 
     async fn unregister(&self, request: Request<PluginInfo>) -> Result<Response<()>, Status> {
-        let uid = self.check_caller(request.extensions().get::<Peer>())?;
+        self.check_caller(request.extensions().get::<Peer>())?;
         let info = request.into_inner();
         if info.name.is_empty() {
             return Err(Refusal::Invalid.status(&self.stats, "name is empty".into()));
@@ -438,7 +449,18 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
             return Err(Status::not_found(format!("{}: not registered", info.name)));
         };
         if !info.endpoint.is_empty() {
-            let endpoint = self.check_endpoint(&info.endpoint, uid)?;
+            // Compared as given (its socket may be gone already), links in
+            // its directories resolved when they can be.
+            let given = Path::new(
+                info.endpoint
+                    .strip_prefix("unix://")
+                    .or_else(|| info.endpoint.strip_prefix("unix:"))
+                    .unwrap_or(&info.endpoint),
+            );
+            let endpoint = match (given.parent().map(Path::canonicalize), given.file_name()) {
+                (Some(Ok(dir)), Some(file)) => dir.join(file),
+                _ => given.to_owned(),
+            };
             if endpoint != known.endpoint {
                 return Err(Refusal::Taken.status(
                     &self.stats,
