@@ -235,8 +235,13 @@ async fn found_plugins_are_called_over_http_and_grpc_vanish_and_come_back() {
             .ends_with("no such volume")
     );
 
-    // gRPC: label = method, values = params, the values set back.
+    // gRPC: listed with their interfaces; label = method, values = params,
+    // the values set back.
     let mut grpc = host.grpc().await;
+    let listed = grpc.list(v1::ListRequest {}).await.unwrap().into_inner();
+    let row = listed.plugins.iter().find(|p| p.name == "group").unwrap();
+    assert_eq!(row.interfaces, ["Group/0.1.0"]);
+    assert_eq!(row.mode, "socket");
     let reply = grpc
         .exec(v1::ExecRequest {
             plugin: "group".into(),

@@ -141,6 +141,8 @@ impl plugins_server::Plugins for Plugins {
                 error: p.error.unwrap_or_default(),
                 upgrades: p.upgrades,
                 unloads: p.unloads,
+                interfaces: p.socket.map(|s| s.interfaces).unwrap_or_default(),
+                capabilities: p.capabilities,
             })
             .collect();
         Ok(Response::new(v1::ListResponse { plugins }))
