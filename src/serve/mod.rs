@@ -31,7 +31,7 @@
 //! * `routes.rs` (the route table, rebuilt on lifecycle events; the
 //!   default route of found plugins) and `metrics.rs` (histograms and
 //!   `/metrics`).
-//! * `registry.rs`: the plugin registry (`plugins.PluginRegistry` on a Unix
+//! * `registry/`: the plugin registry (`plugins.PluginRegistry` on a Unix
 //!   socket), which feeds the manager as sockets directories do.
 
 mod admin;
