@@ -118,6 +118,12 @@ pub(crate) async fn call(target: &Target<'_>, ctx: &mut Context) -> Result<Outco
             target.noun
         ))),
         Err(CallError::Unavailable(why)) => Err(unavailable(why)),
+        // A server that gives up at the deadline it was sent may say
+        // "cancelled" (tonic does) a moment before our own timer fires.
+        Err(CallError::Deadline) | Err(CallError::Cancelled) if ctx.is_expired() => {
+            let (plugin, label) = names();
+            Err(Error::DeadlineExceeded { plugin, label })
+        }
         Err(CallError::Deadline) => {
             let (plugin, label) = names();
             Err(Error::DeadlineExceeded { plugin, label })

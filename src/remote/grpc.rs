@@ -192,8 +192,10 @@ fn status_error(status: Status) -> CallError {
         }
         return match status.code() {
             Code::DeadlineExceeded => CallError::Deadline,
-            Code::Cancelled => CallError::Cancelled,
-            Code::Unavailable | Code::Unknown => CallError::Lost(message),
+            // Our own cancellations drop the call and make no status: a
+            // transport's "cancelled" is a stream reset by a server that
+            // went away (seen when a plugin is killed mid-call).
+            Code::Cancelled | Code::Unavailable | Code::Unknown => CallError::Lost(message),
             _ => CallError::BadReply(message),
         };
     }
