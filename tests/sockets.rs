@@ -395,19 +395,19 @@ async fn garbage_oversized_and_late_replies_are_clear_errors() {
     // Past the deadline: the wait ends at it, and the plugin still serves.
     let started = Instant::now();
     let mut ctx = Context::new("Sleep")
-        .with("ms", 3000)
+        .with("ms", 10000)
         .with_timeout(Duration::from_millis(200));
     match group.execute_async(&mut ctx).await {
         Err(Error::DeadlineExceeded { .. }) => {}
         other => panic!("{other:?}"),
     }
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
     );
     let mut ctx = Context::new("Sleep")
-        .with("ms", 3000)
+        .with("ms", 10000)
         .with_timeout(Duration::from_millis(200));
     match group.execute(&mut ctx) {
         Err(Error::DeadlineExceeded { .. }) => {}
