@@ -162,6 +162,14 @@ async fn found_plugins_are_called_over_http_and_grpc_vanish_and_come_back() {
     assert_eq!(listed.status, 405, "the management API lists with GET");
     let stream = tokio::net::TcpStream::connect(host.http).await.unwrap();
     let listed = exchange(stream, "GET", "/_dynplug/plugins?interface=Group", &[], b"").await;
+    let stream = tokio::net::TcpStream::connect(host.http).await.unwrap();
+    let reloaded = exchange(stream, "POST", "/_dynplug/plugins/volumes/reload", &[], b"").await;
+    assert_eq!(
+        reloaded.status,
+        200,
+        "a found plugin reloads: {:?}",
+        reloaded.json()
+    );
     let names: Vec<String> = listed
         .json()
         .as_array()

@@ -104,11 +104,16 @@ async fn one(Extract(state): Extract<State>, Path(name): Path<String>) -> Respon
 }
 
 /// Loads the plugin's directory again (an upgrade if it changed); the old
-/// version keeps serving if the new one fails.
+/// version keeps serving if the new one fails. A plugin found in a sockets
+/// directory or registered is connected to again (its handshake anew).
 async fn reload(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
     let manager = state.manager.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        if !manager.base_dir().join(&name).is_dir() {
+        let found = manager
+            .info(&name)
+            .and_then(|info| info.socket)
+            .is_some_and(|socket| socket.found_by != "manifest");
+        if !found && !manager.base_dir().join(&name).is_dir() {
             return Err(Error::NotFound { plugin: name });
         }
         manager.load_plugin(&name)
