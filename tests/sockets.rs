@@ -346,6 +346,11 @@ async fn a_socket_with_nothing_listening_is_reported_and_retried() {
         i.state == PluginState::Unreachable
     })
     .await;
+    // Its route follows the lifecycle events, as every route does.
+    eventually("mute's route", || async {
+        host.post("/plugins/mute/Echo", "{}").await.status != 404
+    })
+    .await;
     let reply = host.post("/plugins/mute/Echo", "{}").await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.header("retry-after"), Some("1"));

@@ -24,6 +24,8 @@ pub(crate) struct Status {
     pub(crate) failures_in_row: u32,
     pub(crate) last_error: Option<String>,
     pub(crate) next_attempt: Option<Instant>,
+    /// Whether this outage was announced (`Event::Unreachable`).
+    pub(crate) reported: bool,
 }
 
 /// What the version, its calls and its keeper share.
@@ -95,6 +97,7 @@ impl Shared {
             }
             status.failures_in_row = 0;
             status.next_attempt = None;
+            status.reported = false;
             status.identity = Some(identity.clone());
             was_down || changed
         };
@@ -111,14 +114,17 @@ impl Shared {
     }
 
     /// Takes the server out of service (or keeps it out) after `reason`;
-    /// returns how long to wait before the next attempt.
-    pub(crate) fn down(&self, reason: String) -> Duration {
-        let was_up = self.link.swap(None).is_some();
+    /// returns how long to wait before the next attempt. The outage is
+    /// announced once, unless `quiet` (a load: its event would come before
+    /// the manager's `Loaded`; the keeper's next failure announces it).
+    pub(crate) fn down(&self, reason: String, quiet: bool) -> Duration {
+        self.link.swap(None);
         let (delay, first) = {
             let mut status = self.status();
             status.failures_in_row = status.failures_in_row.saturating_add(1);
             let delay = self.settings.backoff(status.failures_in_row);
-            let first = was_up || status.failures_in_row == 1;
+            let first = !status.reported && !quiet;
+            status.reported |= first;
             status.last_error = Some(reason.clone());
             status.next_attempt = Some(Instant::now() + delay);
             (delay, first)
@@ -158,7 +164,7 @@ pub(crate) async fn keep(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     shared.up(link, identity, true);
                 }
                 Err(e) => {
-                    shared.down(e.to_string());
+                    shared.down(e.to_string(), false);
                 }
             }
             continue;
@@ -193,7 +199,7 @@ pub(crate) async fn keep(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                         format!("missed {misses} health checks in a row (last: {e})")
                     };
                     misses = 0;
-                    shared.down(reason);
+                    shared.down(reason, false);
                 }
             }
         }

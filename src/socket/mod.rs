@@ -54,7 +54,8 @@ pub(crate) struct SocketVersion {
 impl SocketVersion {
     /// Connects (bounded by the health timeout) and starts keeping the
     /// plugin in service. A server that does not answer is not an error:
-    /// it is reported (`Event::Unreachable`) and tried again with backoff.
+    /// it is tried again with backoff, and reported (`Event::Unreachable`,
+    /// after the manager's `Loaded`) when that attempt fails too.
     pub(crate) fn load(
         manifest: &Manifest,
         dir: &Path,
@@ -76,6 +77,7 @@ impl SocketVersion {
                 failures_in_row: 0,
                 last_error: None,
                 next_attempt: None,
+                reported: false,
             }),
             nudge: Notify::new(),
             events: options.events.clone(),
@@ -87,7 +89,7 @@ impl SocketVersion {
                 shared.up(link, identity, false);
             }
             Err(e) => {
-                shared.down(e.to_string());
+                shared.down(e.to_string(), true);
             }
         }
         let (stop, stopped) = watch::channel(false);
