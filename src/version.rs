@@ -23,7 +23,9 @@ use crate::native::{NativeOptions, NativeVersion};
 #[cfg(feature = "exec")]
 use crate::process::{ProcessOptions, ProcessVersion};
 use crate::signing::{Seal, Trust};
-use crate::slot::{PluginState, ProcessInfo};
+use crate::slot::{PluginState, ProcessInfo, SocketInfo};
+#[cfg(feature = "exec")]
+use crate::socket::{SocketOptions, SocketVersion};
 
 /// What a plugin's entry reported.
 #[derive(Debug)]
@@ -52,6 +54,8 @@ pub(crate) enum Backend {
     /// A native plugin in a child process (`isolation: "process"`).
     #[cfg(feature = "exec")]
     Process(ProcessVersion),
+    #[cfg(feature = "exec")]
+    Socket(SocketVersion),
 }
 
 pub(crate) struct Version {
@@ -75,6 +79,8 @@ pub(crate) struct LoadOptions {
     pub(crate) build: crate::build::BuildOptions,
     #[cfg(feature = "exec")]
     pub(crate) process: ProcessOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) socket: SocketOptions,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
@@ -87,6 +93,8 @@ enum Kind {
     RemoteGit,
     #[cfg(feature = "exec")]
     Process,
+    #[cfg(feature = "exec")]
+    Socket,
 }
 
 impl Kind {
@@ -116,7 +124,13 @@ impl Kind {
                 "source.mode \"exec\" (this build of dynplug lacks its cargo feature \"exec\")"
                     .into(),
             )),
-            (source, _) => Err(unsupported(format!("source.mode \"{}\"", source.mode()))),
+            #[cfg(feature = "exec")]
+            (Source::Socket { .. }, _) => Ok(Kind::Socket),
+            #[cfg(not(feature = "exec"))]
+            (Source::Socket { .. }, _) => Err(unsupported(
+                "source.mode \"socket\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
         }
     }
 }
@@ -181,6 +195,8 @@ impl Version {
                 &options.process,
                 check,
             )?),
+            #[cfg(feature = "exec")]
+            Kind::Socket => Backend::Socket(SocketVersion::load(&manifest, dir, &options.socket)?),
         };
         Ok(Version {
             manifest: Arc::new(manifest),
@@ -200,6 +216,9 @@ impl Version {
             // a restart.
             #[cfg(feature = "exec")]
             Backend::Exec(_) | Backend::Process(_) => self._files = unpacked,
+            // Found plugins come from no files.
+            #[cfg(feature = "exec")]
+            Backend::Socket(_) => drop(unpacked),
         }
     }
 
@@ -232,6 +251,8 @@ impl Version {
                 crate::native::verify(&built.manifest, &built.dir, &options.native)?;
                 Ok(format!("built from source, {}", compatible()))
             }
+            #[cfg(feature = "exec")]
+            Kind::Socket => crate::socket::verify(manifest, dir),
         }
     }
 
@@ -242,7 +263,7 @@ impl Version {
         match &self.backend {
             Backend::Native(native) => native.is_inline(),
             #[cfg(feature = "exec")]
-            Backend::Exec(_) | Backend::Process(_) => false,
+            Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_) => false,
         }
     }
 
@@ -259,6 +280,8 @@ impl Version {
             Backend::Exec(exec) => exec.execute(ctx)?,
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.execute(ctx)?,
         };
         self.settle(ctx, outcome)
     }
@@ -272,6 +295,8 @@ impl Version {
             Backend::Exec(exec) => exec.execute_async(ctx).await?,
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.execute_async(ctx).await?,
         };
         self.settle(ctx, outcome)
     }
@@ -320,6 +345,8 @@ impl Version {
                     plugin,
                     label,
                     message,
+                    code: None,
+                    data: None,
                 })
             }
         }
@@ -333,6 +360,8 @@ impl Version {
             Backend::Exec(exec) => exec.unload(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.unload(),
         }
     }
 
@@ -345,6 +374,8 @@ impl Version {
             Backend::Exec(exec) => exec.busy(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.busy(),
         }
     }
 
@@ -357,6 +388,8 @@ impl Version {
             Backend::Exec(exec) => exec.artifact(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.artifact(),
         }
     }
 
@@ -368,11 +401,22 @@ impl Version {
             Backend::Exec(exec) => Some(exec.process()),
             #[cfg(feature = "exec")]
             Backend::Process(process) => Some(process.process()),
+            #[cfg(feature = "exec")]
+            Backend::Socket(_) => None,
         }
     }
 
+    /// The plugin's socket, for kinds served by one dynplug did not start.
+    pub(crate) fn socket(&self) -> Option<SocketInfo> {
+        #[cfg(feature = "exec")]
+        if let Backend::Socket(socket) = &self.backend {
+            return Some(socket.info());
+        }
+        None
+    }
+
     /// The state to show instead of `Loaded` while the version's process
-    /// is down.
+    /// (or socket) is down.
     pub(crate) fn down_state(&self) -> Option<PluginState> {
         match &self.backend {
             Backend::Native(_) => None,
@@ -380,6 +424,8 @@ impl Version {
             Backend::Exec(exec) => exec.down_state(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.down_state(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.down_state(),
         }
     }
 }

@@ -273,6 +273,11 @@ impl Builder {
                 grace: self.process_grace,
                 backoff: self.process_backoff,
             },
+            #[cfg(feature = "exec")]
+            socket: crate::socket::SocketOptions {
+                host_name: self.host_name.as_str().into(),
+                events: crate::event::EventSink::default(),
+            },
         }
     }
 
@@ -345,6 +350,7 @@ impl Builder {
         {
             crate::exec::remove_stale(&options.exec.work_dir);
             options.exec.events = crate::event::EventSink::new(events.clone());
+            options.socket.events = crate::event::EventSink::new(events.clone());
         }
         Ok(PluginManager {
             inner: Arc::new(Inner {
