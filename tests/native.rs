@@ -247,7 +247,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
         "hello",
         "not-yet",
         Some(
-            r#"{"name": "not-yet", "version": "1.0.0", "source": {"mode": "remote_git", "path": "https://example.com/x.git"}}"#,
+            r#"{"name": "not-yet", "version": "1.0.0", "isolation": "process", "source": {"mode": "remote_git", "path": "https://example.com/x.git"}}"#,
         ),
     );
     install_as(
@@ -318,7 +318,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     assert!(matches!(failed["typo"], Error::Manifest { field, .. } if field == "isolaton"));
     assert!(matches!(failed["not-yet"], Error::Unsupported { .. }));
     assert!(
-        text("not-yet").contains("source.mode \"remote_git\" is not supported yet"),
+        text("not-yet").contains("isolation \"process\" is not supported yet"),
         "{}",
         text("not-yet")
     );

@@ -188,6 +188,11 @@ fn status_error(status: Status) -> CallError {
             if let Some(failed) = error.downcast_ref::<ConnectFailed>() {
                 return CallError::Connect(failed.0.clone());
             }
+            // The client's own timer (the call's deadline, given to
+            // tonic as its timeout) can fire before the caller's.
+            if error.is::<tonic::TimeoutExpired>() {
+                return CallError::Deadline;
+            }
             source = error.source();
         }
         return match status.code() {
@@ -207,5 +212,32 @@ fn status_error(status: Status) -> CallError {
             CallError::BadReply(message)
         }
         code => CallError::Plugin(format!("{code:?}: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_own_timeout_is_the_deadline_not_a_lost_connection() {
+        let status = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert!(matches!(status_error(status), CallError::Deadline));
+    }
+
+    #[test]
+    fn a_plugins_statuses_are_its_answers() {
+        assert!(matches!(
+            status_error(Status::deadline_exceeded("late")),
+            CallError::Deadline
+        ));
+        assert!(matches!(
+            status_error(Status::unavailable("down")),
+            CallError::Unavailable(_)
+        ));
+        assert!(matches!(
+            status_error(Status::invalid_argument("no")),
+            CallError::Plugin(m) if m.contains("InvalidArgument")
+        ));
     }
 }
