@@ -1,13 +1,19 @@
 //! Compiles `proto/*.proto` with protox (pure Rust: no system `protoc`
 //! needed): the goplugin `plugin.Plugin` service for the `exec` feature
 //! (its client calls exec plugins), and with `server` its server side and
-//! the `dynplug.v1` service. It also has this package's executables (the
-//! `dynplug` binary, tests, examples, benchmarks) export dynplug's
-//! definitions of the C functions plugin code registers per-thread state
-//! with, so plugins bind to them (see `src/native/ffi/interpose.rs`).
+//! the `dynplug.v1` service and the plugin registry (`plugins.PluginRegistry`).
+//! It also has this package's executables (the `dynplug` binary, tests,
+//! examples, benchmarks) export dynplug's definitions of the C functions
+//! plugin code registers per-thread state with, so plugins bind to them
+//! (see `src/native/ffi/interpose.rs`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    const PROTOS: &[&str] = &["proto/dynplug.proto", "proto/plugin.proto"];
+    const PROTOS: &[&str] = &[
+        "proto/dynplug.proto",
+        "proto/plugin.proto",
+        "proto/registry.proto",
+        "proto/health.proto",
+    ];
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
@@ -26,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let protos: &[&str] = if cfg!(feature = "server") {
             PROTOS
         } else {
-            &["proto/plugin.proto"]
+            &["proto/plugin.proto", "proto/health.proto"]
         };
         let fds = protox::compile(protos, ["proto"])?;
         tonic_prost_build::configure()

@@ -275,6 +275,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// The name is taken by another plugin of another origin: a plugin of
+    /// the plugins directory, a socket found in a sockets directory, or a
+    /// registration.
+    #[error("{plugin}: the name is taken by {by}")]
+    NameTaken {
+        /// The name.
+        plugin: String,
+        /// Who has it.
+        by: String,
+    },
+
     /// No plugin of that name is known.
     #[error("{plugin}: no such plugin")]
     NotFound {
@@ -301,8 +312,9 @@ pub enum Error {
         limit: usize,
     },
 
-    /// The plugin's `execute` returned an error.
-    #[error("{plugin}: {label}: {message}")]
+    /// The plugin's `execute` returned an error (for a JSON-RPC plugin,
+    /// its error object: `code`, `message` and `data`).
+    #[error("{plugin}: {label}: {message}{}", fault_tail(*.code, .data.as_ref()))]
     Plugin {
         /// The plugin.
         plugin: String,
@@ -310,6 +322,12 @@ pub enum Error {
         label: String,
         /// The plugin's message.
         message: String,
+        /// The error's code, from plugins whose protocol has one (JSON-RPC:
+        /// -32601 method not found, -32602 invalid params, -32000 and below
+        /// the plugin's own).
+        code: Option<i64>,
+        /// The error's data, from plugins whose protocol has it (JSON-RPC).
+        data: Option<plugin_abi::Value>,
     },
 
     /// The plugin panicked; the host caught it and keeps running.
@@ -366,6 +384,7 @@ impl Error {
             | Error::RouteConflict { plugin, .. }
             | Error::Forbidden { plugin, .. }
             | Error::NotFound { plugin }
+            | Error::NameTaken { plugin, .. }
             | Error::Unavailable { plugin, .. }
             | Error::Overloaded { plugin, .. }
             | Error::Plugin { plugin, .. }
@@ -392,6 +411,19 @@ impl Error {
                 | Error::Package { .. }
                 | Error::Signature { .. }
         )
+    }
+}
+
+/// ` (code -32000; data: {…})`, or nothing.
+fn fault_tail(code: Option<i64>, data: Option<&plugin_abi::Value>) -> String {
+    let data = data
+        .map(|d| serde_json::to_string(d).unwrap_or_default())
+        .map(|d| format!("; data: {}", crate::text::printable(&d, 512)))
+        .unwrap_or_default();
+    match code {
+        Some(code) => format!(" (code {code}{data})"),
+        None if !data.is_empty() => format!(" ({})", &data[2..]),
+        None => String::new(),
     }
 }
 

@@ -113,6 +113,42 @@ pub enum Event {
         /// When the next start is tried.
         restart_in_ms: u64,
     },
+    /// A socket plugin stopped answering (or never answered since its
+    /// load): calls fail with `Unavailable` until it answers again;
+    /// reconnection is tried with backoff.
+    Unreachable {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// Why, e.g. `cannot connect: unix:/run/p.sock: Connection refused`.
+        reason: String,
+        /// When the next attempt is made.
+        retry_in_ms: u64,
+    },
+    /// A socket plugin answers (again), or says it implements something
+    /// else than before: what its handshake said.
+    Reachable {
+        /// The plugin.
+        plugin: String,
+        /// The version.
+        version: String,
+        /// The protocol it answered in (`jsonrpc`, `docker`, `rest`, `grpc`).
+        protocol: String,
+        /// What it implements (`Group/0.1.0`, `VolumeDriver`); empty for a
+        /// plugin that implements nothing in particular.
+        interfaces: Vec<String>,
+    },
+    /// A registered plugin left the registry: it asked to (`Unregister`),
+    /// or missed its probes. It is unloaded next.
+    Unregistered {
+        /// The plugin.
+        plugin: String,
+        /// The endpoint it had registered.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
     /// The process is running out of pthread keys (glibc has 1024; plugin
     /// code calling `std::thread::current()` takes one per loaded copy and
     /// never gives it back). At 1024 the process aborts.
@@ -138,7 +174,10 @@ impl Event {
             | Event::Pinned { plugin, .. }
             | Event::Crashed { plugin, .. }
             | Event::Restarted { plugin, .. }
-            | Event::CrashLoop { plugin, .. } => Some(plugin),
+            | Event::CrashLoop { plugin, .. }
+            | Event::Unreachable { plugin, .. }
+            | Event::Reachable { plugin, .. }
+            | Event::Unregistered { plugin, .. } => Some(plugin),
             Event::TlsKeysLow { .. } => None,
         }
     }

@@ -54,6 +54,13 @@
 //! * Exec plugins (`source.mode = "exec"`, feature `exec`) are programs in
 //!   any language that speak goplugin's REST or gRPC protocol; dynplug
 //!   starts, supervises and restarts them. See `docs/exec-plugins.md`.
+//! * Socket plugins (`source.mode = "socket"`, feature `exec`) are servers
+//!   dynplug did not start (JSON-RPC 2.0, Docker's protocol, goplugin's),
+//!   named by a manifest, found in a sockets directory
+//!   (`PluginManager::discover_sockets`) or registered with the plugin
+//!   registry (`serve::Registry`); both kinds talk through `remote/`. Plugins
+//!   offering a capability can be fanned out to ([`FanOut`]). See
+//!   `docs/socket-plugins.md`.
 //!
 //! # Safety model
 //!
@@ -77,6 +84,7 @@ mod event;
 #[cfg(feature = "exec")]
 mod exec;
 mod executor;
+mod fanout;
 mod manager;
 pub mod manifest;
 mod native;
@@ -87,6 +95,8 @@ mod private_dir;
 mod process;
 #[cfg(feature = "exec")]
 mod proto;
+#[cfg(feature = "exec")]
+mod remote;
 // Public for the fuzz targets, the property tests and the binary, not API.
 #[doc(hidden)]
 pub mod route;
@@ -94,6 +104,8 @@ pub mod route;
 pub mod serve;
 pub mod signing;
 mod slot;
+#[cfg(feature = "exec")]
+mod socket;
 #[doc(hidden)]
 pub mod text;
 mod untrusted;
@@ -103,9 +115,8 @@ mod watch;
 pub use context::{CancelToken, Context};
 pub use error::{Error, Result};
 pub use event::{Event, Events, EventsError};
-#[cfg(feature = "exec")]
-pub use exec::REPLY_KEY;
 pub use executor::Executor;
+pub use fanout::FanOut;
 pub use manager::{Builder, LoadReport, PluginManager, Verified, verify, verify_report};
 pub use manifest::{Isolation, Limits, Manifest};
 pub use plugin_abi::{Value, ValueError};
@@ -113,6 +124,10 @@ pub use plugin_abi::{Value, ValueError};
 pub use process::RUNNER_ENV;
 #[cfg(feature = "exec")]
 pub use process::runner::run_if_runner;
+#[cfg(feature = "exec")]
+pub use remote::{REPLY_KEY, RESULT_KEY};
+#[cfg(feature = "exec")]
+pub use socket::Discovery;
 
 /// What a host binary's linker must be told so that dynplug sees what
 /// plugin code leaves on threads (thread-locals with destructors, pthread
@@ -131,7 +146,7 @@ pub const THREAD_TRACKING_LINK_ARG: &str = "-Wl,--export-dynamic-symbol=__cxa_th
 
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
-pub use slot::{CallCounts, PluginInfo, PluginState, ProcessInfo, RetiredVersion};
+pub use slot::{CallCounts, PluginInfo, PluginState, ProcessInfo, RetiredVersion, SocketInfo};
 
 /// Entry points for the fuzz targets (`fuzz/`) and property tests: not API.
 #[doc(hidden)]

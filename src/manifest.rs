@@ -63,6 +63,11 @@ pub struct Manifest {
     /// HTTP routes served by the façade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_services: Option<HttpServices>,
+    /// What the plugin offers to fan-outs (`PluginManager::chain`,
+    /// `PluginManager::validate`), e.g. `CONNECTION`: upper-case names.
+    /// Registered plugins get those they registered with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
     /// Resource limits of the child process (`isolation: "process"` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
@@ -160,12 +165,30 @@ pub enum Source {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stop_grace_ms: Option<u64>,
     },
-    /// An already running server.
+    /// An already running server that dynplug connects to and watches
+    /// (see `docs/socket-plugins.md`). Durations are in milliseconds.
     Socket {
-        /// A Unix socket path or a `tcp://host:port` URL.
+        /// A Unix socket path (relative to the plugin directory, without
+        /// `..`, or absolute) or a `tcp://host:port` URL.
         path: String,
-        /// The wire protocol.
+        /// The wire protocol: `grpc`, `rest`, `jsonrpc` or `docker`.
         protocol: Protocol,
+        /// Time between health checks (default 2,000; 0 turns them off).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health_interval_ms: Option<u64>,
+        /// How long a health check may take (default 1,000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health_timeout_ms: Option<u64>,
+        /// Health checks missed in a row before the plugin is taken as
+        /// unreachable (default 3).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health_misses: Option<u32>,
+        /// The first delay between reconnection attempts (default 100).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_backoff_ms: Option<u64>,
+        /// The longest delay between reconnection attempts (default 30,000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_backoff_max_ms: Option<u64>,
     },
 }
 
@@ -200,8 +223,23 @@ pub enum Protocol {
     Grpc,
     /// The goplugin REST protocol.
     Rest,
-    /// JSON-RPC 2.0 over HTTP.
+    /// JSON-RPC 2.0 over HTTP (InfraKit's plugins).
     Jsonrpc,
+    /// Docker's plugin protocol: `POST /Plugin.Activate`, then
+    /// `POST /<Service.Method>` with JSON bodies.
+    Docker,
+}
+
+impl Protocol {
+    /// The name as written in the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Rest => "rest",
+            Protocol::Jsonrpc => "jsonrpc",
+            Protocol::Docker => "docker",
+        }
+    }
 }
 
 /// Where an exec plugin listens.
@@ -410,16 +448,22 @@ impl Manifest {
                 validate_exec(&self.source)
                     .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
             }
-            Source::RemoteGit { path: p, .. } | Source::Socket { path: p, .. } => {
+            Source::RemoteGit { path: p, .. } => {
                 if p.is_empty() {
                     return fail("source.path", "expected a non-empty path".into());
                 }
+            }
+            Source::Socket { .. } => {
+                validate_socket(&self.source)
+                    .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
             }
         }
         if let Some(limits) = &self.limits {
             validate_limits(limits, self.isolation, &self.source)
                 .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
         }
+        validate_capabilities(&self.capabilities)
+            .map_err(|(field, message)| invalid(plugin, path, &field, message))?;
         if let Some(http) = &self.http_services {
             if let Some(driver) = http.driver.as_deref().filter(|d| *d != "axum") {
                 return fail(
@@ -619,10 +663,13 @@ fn validate_exec(source: &Source) -> std::result::Result<(), (String, String)> {
     {
         return fail("path", format!("{why} (or an absolute path)"));
     }
-    if *protocol == Protocol::Jsonrpc {
+    if matches!(protocol, Protocol::Jsonrpc | Protocol::Docker) {
         return fail(
             "protocol",
-            "exec plugins speak \"rest\" or \"grpc\" (goplugin's protocols); \"jsonrpc\" is for source.mode \"socket\"".into(),
+            format!(
+                "exec plugins speak \"rest\" or \"grpc\" (goplugin's protocols); \"{}\" is for source.mode \"socket\"",
+                protocol.as_str()
+            ),
         );
     }
     if let Some(h) = sha256.as_deref().filter(|h| !is_hex(h, 64)) {
@@ -683,6 +730,148 @@ fn validate_exec(source: &Source) -> std::result::Result<(), (String, String)> {
         return fail(
             "restart_backoff_ms",
             format!("{first} is above restart_backoff_max_ms ({max})"),
+        );
+    }
+    Ok(())
+}
+
+/// Most `capabilities`, and the longest.
+const MAX_CAPABILITIES: usize = 32;
+const MAX_CAPABILITY: usize = 32;
+
+/// `capabilities`: upper-case names (`CONNECTION`), each once.
+fn validate_capabilities(capabilities: &[String]) -> std::result::Result<(), (String, String)> {
+    if capabilities.len() > MAX_CAPABILITIES {
+        return Err((
+            "capabilities".into(),
+            format!(
+                "expected at most {MAX_CAPABILITIES} entries, found {}",
+                capabilities.len()
+            ),
+        ));
+    }
+    for (i, capability) in capabilities.iter().enumerate() {
+        let mut chars = capability.chars();
+        let valid = matches!(chars.next(), Some('A'..='Z'))
+            && capability.len() <= MAX_CAPABILITY
+            && chars.all(|c| matches!(c, 'A'..='Z' | '0'..='9' | '_'));
+        if !valid {
+            return Err((
+                format!("capabilities[{i}]"),
+                format!(
+                    "expected an upper-case name such as CONNECTION (A-Z, 0-9, _; at most {MAX_CAPABILITY}), found `{}`",
+                    quote(capability)
+                ),
+            ));
+        }
+        if capabilities[..i].contains(capability) {
+            return Err((
+                format!("capabilities[{i}]"),
+                format!("`{capability}` is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where a socket plugin listens, as `source.path` says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SocketPath<'a> {
+    /// `tcp://host:port`.
+    Tcp { host: &'a str, port: u16 },
+    /// A Unix socket path, relative to the plugin directory or absolute.
+    Unix(&'a Path),
+}
+
+impl SocketPath<'_> {
+    /// Reads `source.path` of a socket plugin.
+    pub(crate) fn parse(path: &str) -> std::result::Result<SocketPath<'_>, String> {
+        if let Some(rest) = path.strip_prefix("tcp://") {
+            let rest = rest.strip_suffix('/').unwrap_or(rest);
+            let (host, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| format!("expected tcp://HOST:PORT, found `{}`", quote(path)))?;
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            let port: u16 =
+                port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                    format!("expected a port from 1 to 65535 in `{}`", quote(path))
+                })?;
+            if host.is_empty() || host.contains(['/', '@', '?', '#']) {
+                return Err(format!("expected tcp://HOST:PORT, found `{}`", quote(path)));
+            }
+            return Ok(SocketPath::Tcp { host, port });
+        }
+        let unix = path.strip_prefix("unix:").unwrap_or(path);
+        if unix.contains("://") {
+            return Err(format!(
+                "expected a Unix socket path or tcp://HOST:PORT, found `{}`",
+                quote(path)
+            ));
+        }
+        if !Path::new(unix).is_absolute() {
+            check_relative(unix).map_err(|why| format!("{why} (or an absolute path)"))?;
+        }
+        // `sun_path` holds 108 bytes with its NUL.
+        if unix.len() > 107 {
+            return Err(format!(
+                "a Unix socket path is at most 107 bytes, found {}",
+                unix.len()
+            ));
+        }
+        Ok(SocketPath::Unix(Path::new(unix)))
+    }
+}
+
+/// `source` of a `socket` plugin: every field named on error.
+fn validate_socket(source: &Source) -> std::result::Result<(), (String, String)> {
+    let Source::Socket {
+        path,
+        health_interval_ms,
+        health_timeout_ms,
+        health_misses,
+        reconnect_backoff_ms,
+        reconnect_backoff_max_ms,
+        ..
+    } = source
+    else {
+        return Ok(());
+    };
+    let fail = |field: &str, message: String| Err((format!("source.{field}"), message));
+    if let Err(why) = SocketPath::parse(path) {
+        return fail("path", why);
+    }
+    for (field, value, min) in [
+        ("health_interval_ms", health_interval_ms, 0),
+        ("health_timeout_ms", health_timeout_ms, 1),
+        ("reconnect_backoff_ms", reconnect_backoff_ms, 1),
+        ("reconnect_backoff_max_ms", reconnect_backoff_max_ms, 1),
+    ] {
+        if let Some(ms) = *value
+            && !(min..=MAX_EXEC_MS).contains(&ms)
+        {
+            return fail(
+                field,
+                format!("expected {min} to {MAX_EXEC_MS} milliseconds, found {ms}"),
+            );
+        }
+    }
+    if let Some(misses) = *health_misses
+        && !(1..=1000).contains(&misses)
+    {
+        return fail(
+            "health_misses",
+            format!("expected 1 to 1000 checks, found {misses}"),
+        );
+    }
+    if let (Some(first), Some(max)) = (reconnect_backoff_ms, reconnect_backoff_max_ms)
+        && first > max
+    {
+        return fail(
+            "reconnect_backoff_ms",
+            format!("{first} is above reconnect_backoff_max_ms ({max})"),
         );
     }
     Ok(())
@@ -978,10 +1167,67 @@ mod tests {
             r#"{"mode":"remote_git","path":"https://example.com/x.git","rev":"v1","package":"x"}"#,
             r#"{"mode":"exec","path":"bin/x","args":["-v"],"protocol":"grpc","md5":"0123456789abcdef0123456789abcdef"}"#,
             r#"{"mode":"socket","path":"/run/x.sock","protocol":"jsonrpc"}"#,
+            r#"{"mode":"socket","path":"tcp://127.0.0.1:9000","protocol":"docker","health_interval_ms":0}"#,
+            r#"{"mode":"socket","path":"run/x.sock","protocol":"grpc","reconnect_backoff_ms":5,"reconnect_backoff_max_ms":50}"#,
         ] {
             let json = format!(r#"{{"name":"p","version":"1.0.0","source":{source}}}"#);
             parse(&json).unwrap();
         }
+    }
+
+    #[test]
+    fn socket_fields_and_capabilities_are_checked_and_named() {
+        let socket = |fields: &str| {
+            field_of(&format!(
+                r#"{{"name":"p","version":"1.0.0","source":{{"mode":"socket","protocol":"jsonrpc",{fields}}}}}"#
+            ))
+        };
+        for (fields, field, why) in [
+            (r#""path":"tcp://host""#, "source.path", "tcp://HOST:PORT"),
+            (r#""path":"tcp://h:0""#, "source.path", "1 to 65535"),
+            (
+                r#""path":"http://h:1""#,
+                "source.path",
+                "Unix socket path or tcp://",
+            ),
+            (r#""path":"../x.sock""#, "source.path", "no `..`"),
+            (
+                r#""path":"x","health_timeout_ms":0"#,
+                "source.health_timeout_ms",
+                "1 to",
+            ),
+            (
+                r#""path":"x","health_misses":0"#,
+                "source.health_misses",
+                "1 to 1000",
+            ),
+            (
+                r#""path":"x","reconnect_backoff_ms":9,"reconnect_backoff_max_ms":5"#,
+                "source.reconnect_backoff_ms",
+                "above",
+            ),
+        ] {
+            let (f, m) = socket(fields);
+            assert_eq!(f, field, "{fields}: {m}");
+            assert!(m.contains(why), "{fields}: {m}");
+        }
+        let (field, message) = field_of(
+            r#"{"name":"p","version":"1.0.0","capabilities":["CONNECTION","conn"],"source":{"mode":"local_so","path":"a"}}"#,
+        );
+        assert_eq!(field, "capabilities[1]");
+        assert!(message.contains("upper-case"), "{message}");
+        let (field, _) = field_of(
+            r#"{"name":"p","version":"1.0.0","capabilities":["A","A"],"source":{"mode":"local_so","path":"a"}}"#,
+        );
+        assert_eq!(field, "capabilities[1]");
+        let (field, message) = field_of(
+            r#"{"name":"p","version":"1.0.0","source":{"mode":"exec","path":"x","protocol":"docker"}}"#,
+        );
+        assert_eq!(field, "source.protocol");
+        assert!(
+            message.contains("\"docker\" is for source.mode \"socket\""),
+            "{message}"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::manifest::{MANIFEST_FILE, Manifest};
@@ -34,6 +34,10 @@ pub(crate) enum Origin {
     Dir(PathBuf),
     /// `<base>/NAME-VERSION.plg`.
     Package(PathBuf),
+    /// A plugin found outside the plugins directory, with the manifest its
+    /// finder made for it (finders need the feature `exec`).
+    #[cfg_attr(not(feature = "exec"), allow(dead_code))]
+    Found(Arc<Found>),
 }
 
 /// An origin read for one load: the manifest, its seal, and where its files
@@ -56,6 +60,60 @@ impl Opened {
         self.unpacked
     }
 }
+
+/// A plugin found outside the plugins directory: a socket in a sockets
+/// directory, or a registration. Its finder makes its manifest (and may
+/// change it: a registration with a new endpoint).
+#[derive(Debug)]
+pub(crate) struct Found {
+    /// Who found it, as messages say: `the sockets directory /run/plugins`.
+    pub(crate) by: String,
+    /// What the listing shows: the socket, or its `.listen` file.
+    pub(crate) path: PathBuf,
+    /// Where relative paths of the manifest resolve.
+    pub(crate) dir: PathBuf,
+    manifest: Mutex<Manifest>,
+}
+
+#[cfg_attr(not(feature = "exec"), allow(dead_code))]
+impl Found {
+    pub(crate) fn new(by: String, path: PathBuf, dir: PathBuf, manifest: Manifest) -> Found {
+        Found {
+            by,
+            path,
+            dir,
+            manifest: Mutex::new(manifest),
+        }
+    }
+
+    pub(crate) fn manifest(&self) -> Manifest {
+        self.manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_manifest(&self, manifest: Manifest) {
+        *self.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .name
+            .clone()
+    }
+}
+
+/// The same plugin of the same finder.
+impl PartialEq for Found {
+    fn eq(&self, other: &Found) -> bool {
+        self.by == other.by && self.name() == other.name()
+    }
+}
+
+impl Eq for Found {}
 
 impl Origin {
     /// Whether the entry `name` of the plugins directory may hold a plugin:
@@ -118,12 +176,42 @@ impl Origin {
     pub(crate) fn path(&self) -> &Path {
         match self {
             Origin::Dir(path) | Origin::Package(path) => path,
+            Origin::Found(found) => &found.path,
         }
     }
 
     /// The manifest file, as errors name it.
     pub(crate) fn manifest_path(&self) -> PathBuf {
-        self.path().join(MANIFEST_FILE)
+        match self {
+            Origin::Found(found) => found.path.clone(),
+            _ => self.path().join(MANIFEST_FILE),
+        }
+    }
+
+    /// Whether `self` and `other` are the same source of one plugin name:
+    /// both of the plugins directory, or found by the same finder. A name
+    /// is not handed from one source to another.
+    pub(crate) fn same_source(&self, other: &Origin) -> bool {
+        match (self, other) {
+            (Origin::Found(a), Origin::Found(b)) => a == b,
+            (Origin::Found(_), _) | (_, Origin::Found(_)) => false,
+            _ => true,
+        }
+    }
+
+    /// Whether the plugins directory answers for this plugin (loads and
+    /// unloads it as its entries come and go).
+    pub(crate) fn of_plugins_dir(&self) -> bool {
+        !matches!(self, Origin::Found(_))
+    }
+
+    /// The source, as `Error::NameTaken` names it.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Origin::Dir(dir) => format!("the plugin directory {}", dir.display()),
+            Origin::Package(path) => format!("the package {}", path.display()),
+            Origin::Found(found) => format!("{} ({})", found.by, found.path.display()),
+        }
     }
 
     /// Reads and checks the manifest (bytes read once, their seal taken
@@ -159,15 +247,29 @@ impl Origin {
                     unpacked: Some(unpacked),
                 })
             }
+            // Its finder checked the socket; there is nothing to sign.
+            Origin::Found(found) => Ok(Opened {
+                manifest: found.manifest(),
+                seal: Seal::none(),
+                dir: found.dir.clone(),
+                unpacked: None,
+            }),
         }
     }
 
     /// Identifies the content. A directory: the manifest's bytes and the
     /// artifact's size, modification time and inode (a rename-in is a new
-    /// inode). A package: its file's size, time and inode.
+    /// inode). A package: its file's size, time and inode. A found plugin:
+    /// its manifest.
     pub(crate) fn fingerprint(&self) -> u64 {
         let mut hasher = DefaultHasher::new();
         let dir = match self {
+            Origin::Found(found) => {
+                serde_json::to_string(&found.manifest())
+                    .unwrap_or_default()
+                    .hash(&mut hasher);
+                return hasher.finish();
+            }
             Origin::Package(path) => {
                 path.hash(&mut hasher);
                 stamp(path).hash(&mut hasher);

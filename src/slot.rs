@@ -43,6 +43,10 @@ pub enum PluginState {
     /// after starting: it is restarted with a growing delay, and calls
     /// fail with `Unavailable` meanwhile.
     CrashLoop,
+    /// In service, but its socket does not answer (a socket plugin):
+    /// calls fail with `Unavailable` meanwhile, and reconnection is tried
+    /// with a growing delay.
+    Unreachable,
 }
 
 impl PluginState {
@@ -58,6 +62,7 @@ impl PluginState {
             PluginState::Pinned => "pinned",
             PluginState::Restarting => "restarting",
             PluginState::CrashLoop => "crash_loop",
+            PluginState::Unreachable => "unreachable",
         }
     }
 
@@ -66,7 +71,10 @@ impl PluginState {
     pub fn in_service(self) -> bool {
         matches!(
             self,
-            PluginState::Loaded | PluginState::Restarting | PluginState::CrashLoop
+            PluginState::Loaded
+                | PluginState::Restarting
+                | PluginState::CrashLoop
+                | PluginState::Unreachable
         )
     }
 }
@@ -98,10 +106,61 @@ pub struct PluginInfo {
     /// Versions taken out of service whose code stays mapped: `inline`
     /// versions (retained on purpose) and leaked ones, oldest first.
     pub retired: Vec<RetiredVersion>,
+    /// What the serving version offers to fan-outs (its manifest's
+    /// `capabilities`, or those it registered with).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
     /// For plugins that run as a process (`exec`, or `isolation:
     /// "process"`): that process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessInfo>,
+    /// For plugins served by a socket dynplug did not start (`socket`,
+    /// found in a sockets directory, or registered): that socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<SocketInfo>,
+}
+
+impl PluginInfo {
+    /// Whether the plugin's handshake said it implements `interface`:
+    /// `Group` matches `Group/0.1.0`, as does `Group/0.1.0` itself.
+    pub fn implements(&self, interface: &str) -> bool {
+        self.socket.as_ref().is_some_and(|socket| {
+            socket.interfaces.iter().any(|have| {
+                have == interface
+                    || have
+                        .split_once('/')
+                        .is_some_and(|(name, _)| name == interface)
+            })
+        })
+    }
+
+    /// Whether the plugin offers `capability` to fan-outs.
+    pub fn has_capability(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|have| have == capability)
+    }
+}
+
+/// A socket plugin's server, as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct SocketInfo {
+    /// Where it listens: `unix:PATH` or `HOST:PORT`.
+    pub address: String,
+    /// The protocol it is spoken to in: `jsonrpc`, `docker`, `rest` or `grpc`.
+    pub protocol: String,
+    /// Whether it answers now.
+    pub connected: bool,
+    /// What its handshake said it implements (`Group/0.1.0`,
+    /// `VolumeDriver`); empty when it implements nothing in particular.
+    pub interfaces: Vec<String>,
+    /// How it was found: `manifest`, `sockets directory DIR`, `registry`.
+    pub found_by: String,
+    /// Times it answered again after being unreachable.
+    pub reconnects: u64,
+    /// Failed connection attempts in a row (0 while it answers).
+    pub failures_in_row: u32,
+    /// Why it was last unreachable.
+    pub last_error: Option<String>,
 }
 
 /// One plugin process, as listings show it.
@@ -276,10 +335,17 @@ impl Slot {
             unloads: status.unloads,
             calls: self.stats.snapshot(),
             retired: status.retired.clone(),
+            capabilities: Vec::new(),
             process: None,
+            socket: None,
         };
         if let Some(version) = current.as_ref() {
+            info.capabilities.clone_from(&version.manifest.capabilities);
             info.process = version.process();
+            info.socket = version.socket();
+            if let (Some(socket), Origin::Found(found)) = (&mut info.socket, &self.origin()) {
+                socket.found_by.clone_from(&found.by);
+            }
             if info.state == PluginState::Loaded
                 && let Some(state) = version.down_state()
             {

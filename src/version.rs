@@ -23,7 +23,9 @@ use crate::native::{self, NativeOptions, NativeVersion};
 #[cfg(feature = "exec")]
 use crate::process::{ProcessOptions, ProcessVersion};
 use crate::signing::{Seal, Trust};
-use crate::slot::{PluginState, ProcessInfo};
+use crate::slot::{PluginState, ProcessInfo, SocketInfo};
+#[cfg(feature = "exec")]
+use crate::socket::{SocketOptions, SocketVersion};
 
 /// What a plugin's entry reported.
 #[derive(Debug)]
@@ -60,6 +62,8 @@ pub(crate) enum Backend {
     /// A native plugin in a child process (`isolation: "process"`).
     #[cfg(feature = "exec")]
     Process(ProcessVersion),
+    #[cfg(feature = "exec")]
+    Socket(SocketVersion),
 }
 
 pub(crate) struct Version {
@@ -83,6 +87,8 @@ pub(crate) struct LoadOptions {
     pub(crate) build: crate::build::BuildOptions,
     #[cfg(feature = "exec")]
     pub(crate) process: ProcessOptions,
+    #[cfg(feature = "exec")]
+    pub(crate) socket: SocketOptions,
 }
 
 /// The kinds this host runs; which one a manifest asks for is decided once.
@@ -95,6 +101,8 @@ enum Kind {
     RemoteGit,
     #[cfg(feature = "exec")]
     Process,
+    #[cfg(feature = "exec")]
+    Socket,
 }
 
 impl Kind {
@@ -124,7 +132,13 @@ impl Kind {
                 "source.mode \"exec\" (this build of dynplug lacks its cargo feature \"exec\")"
                     .into(),
             )),
-            (source, _) => Err(unsupported(format!("source.mode \"{}\"", source.mode()))),
+            #[cfg(feature = "exec")]
+            (Source::Socket { .. }, _) => Ok(Kind::Socket),
+            #[cfg(not(feature = "exec"))]
+            (Source::Socket { .. }, _) => Err(unsupported(
+                "source.mode \"socket\" (this build of dynplug lacks its cargo feature \"exec\")"
+                    .into(),
+            )),
         }
     }
 }
@@ -189,6 +203,8 @@ impl Version {
                 &options.process,
                 check,
             )?),
+            #[cfg(feature = "exec")]
+            Kind::Socket => Backend::Socket(SocketVersion::load(&manifest, dir, &options.socket)?),
         };
         Ok(Version {
             manifest: Arc::new(manifest),
@@ -208,6 +224,9 @@ impl Version {
             // a restart.
             #[cfg(feature = "exec")]
             Backend::Exec(_) | Backend::Process(_) => self._files = unpacked,
+            // Found plugins come from no files.
+            #[cfg(feature = "exec")]
+            Backend::Socket(_) => drop(unpacked),
         }
     }
 
@@ -240,6 +259,8 @@ impl Version {
                 crate::native::verify(&built.manifest, &built.dir, &options.native)?;
                 Ok(format!("built from source, {}", compatible()))
             }
+            #[cfg(feature = "exec")]
+            Kind::Socket => crate::socket::verify(manifest, dir),
         }
     }
 
@@ -250,7 +271,7 @@ impl Version {
         match &self.backend {
             Backend::Native(native) => native.in_place(ctx).map(InPlace::Native),
             #[cfg(feature = "exec")]
-            Backend::Exec(_) | Backend::Process(_) => None,
+            Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_) => None,
         }
     }
 
@@ -261,8 +282,8 @@ impl Version {
         let outcome = match (&self.backend, leave) {
             (Backend::Native(native), InPlace::Native(leave)) => native.run_in_place(ctx, leave)?,
             #[cfg(feature = "exec")]
-            (Backend::Exec(_) | Backend::Process(_), _) => {
-                unreachable!("`in_place` gives no leave to exec and process versions")
+            (Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_), _) => {
+                unreachable!("`in_place` gives no leave to exec, process and socket versions")
             }
         };
         self.settle(ctx, outcome)
@@ -281,6 +302,8 @@ impl Version {
             Backend::Exec(exec) => exec.execute(ctx)?,
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.execute(ctx)?,
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.execute(ctx)?,
         };
         self.settle(ctx, outcome)
     }
@@ -295,6 +318,8 @@ impl Version {
             Backend::Exec(exec) => exec.execute_async(ctx).await?,
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.execute_async(ctx).await?,
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.execute_async(ctx).await?,
         };
         self.settle(ctx, outcome)
     }
@@ -343,6 +368,8 @@ impl Version {
                     plugin,
                     label,
                     message,
+                    code: None,
+                    data: None,
                 })
             }
         }
@@ -356,6 +383,8 @@ impl Version {
             Backend::Exec(exec) => exec.unload(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.unload(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.unload(),
         }
     }
 
@@ -368,6 +397,8 @@ impl Version {
             Backend::Exec(exec) => exec.busy(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.busy(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.busy(),
         }
     }
 
@@ -380,6 +411,8 @@ impl Version {
             Backend::Exec(exec) => exec.artifact(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.artifact(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.artifact(),
         }
     }
 
@@ -391,11 +424,22 @@ impl Version {
             Backend::Exec(exec) => Some(exec.process()),
             #[cfg(feature = "exec")]
             Backend::Process(process) => Some(process.process()),
+            #[cfg(feature = "exec")]
+            Backend::Socket(_) => None,
         }
     }
 
+    /// The plugin's socket, for kinds served by one dynplug did not start.
+    pub(crate) fn socket(&self) -> Option<SocketInfo> {
+        #[cfg(feature = "exec")]
+        if let Backend::Socket(socket) = &self.backend {
+            return Some(socket.info());
+        }
+        None
+    }
+
     /// The state to show instead of `Loaded` while the version's process
-    /// is down.
+    /// (or socket) is down.
     pub(crate) fn down_state(&self) -> Option<PluginState> {
         match &self.backend {
             Backend::Native(_) => None,
@@ -403,6 +447,8 @@ impl Version {
             Backend::Exec(exec) => exec.down_state(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.down_state(),
+            #[cfg(feature = "exec")]
+            Backend::Socket(socket) => socket.down_state(),
         }
     }
 }

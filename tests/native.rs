@@ -78,7 +78,7 @@ fn typed_helpers_deserialize_and_report_bad_shapes() {
     let mut ctx = Context::new("hello.sum").with("numbers", "not a list");
     let err = call(&manager, "hello", &mut ctx).unwrap_err();
     assert!(
-        matches!(&err, Error::Plugin { plugin, label, message }
+        matches!(&err, Error::Plugin { plugin, label, message, .. }
         if plugin == "hello" && label == "hello.sum" && message.contains("value `numbers`")),
         "{err}"
     );
@@ -273,7 +273,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
         "hello",
         "not-yet",
         Some(
-            r#"{"name": "not-yet", "version": "1.0.0", "source": {"mode": "socket", "path": "/run/x.sock", "protocol": "grpc"}}"#,
+            r#"{"name": "not-yet", "version": "1.0.0", "isolation": "process", "source": {"mode": "remote_git", "path": "https://example.com/x.git"}}"#,
         ),
     );
     install_as(
@@ -344,7 +344,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     assert!(matches!(failed["typo"], Error::Manifest { field, .. } if field == "isolaton"));
     assert!(matches!(failed["not-yet"], Error::Unsupported { .. }));
     assert!(
-        text("not-yet").contains("source.mode \"socket\" is not supported yet"),
+        text("not-yet").contains("isolation \"process\" is not supported yet"),
         "{}",
         text("not-yet")
     );

@@ -11,6 +11,7 @@
 //! allow_downgrades = false
 //! trusted_keys = "keys"      # a directory of *.pub files, or one file of key lines
 //! require_signatures = false
+//! sockets = ["/run/dynplug/plugins"]  # sockets directories (JSON-RPC, Docker style)
 //!
 //! [serve]
 //! http = ["127.0.0.1:8080"]
@@ -18,6 +19,11 @@
 //! grpc = ["127.0.0.1:50051"]
 //! grpc_unix = []
 //! goplugin_dir = "/run/dynplug/goplugin"
+//! registry_unix = "/run/dynplug/registry/registry.sock"
+//! registry_endpoint_dirs = ["/run/dynplug/registry"]
+//! registry_allowed_uids = [1000]
+//! registry_probe_interval = "1s"
+//! registry_probe_misses = 3
 //! watch = true
 //! timeout = "30s"
 //! management_token = "…"  # keep the file private, or use the environment
@@ -61,6 +67,8 @@ pub(crate) struct Config {
     pub(crate) allow_downgrades: Option<bool>,
     pub(crate) trusted_keys: Option<PathBuf>,
     pub(crate) require_signatures: Option<bool>,
+    #[serde(default)]
+    pub(crate) sockets: Vec<PathBuf>,
     #[serde(default)]
     pub(crate) serve: ServeConfig,
     #[serde(default)]
@@ -108,6 +116,14 @@ pub(crate) struct ServeConfig {
     #[serde(default)]
     pub(crate) grpc_unix: Vec<PathBuf>,
     pub(crate) goplugin_dir: Option<PathBuf>,
+    pub(crate) registry_unix: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) registry_endpoint_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    pub(crate) registry_allowed_uids: Vec<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    pub(crate) registry_probe_interval: Option<Duration>,
+    pub(crate) registry_probe_misses: Option<u32>,
     pub(crate) watch: Option<bool>,
     #[serde(default, deserialize_with = "duration")]
     pub(crate) timeout: Option<Duration>,
@@ -167,7 +183,14 @@ impl Config {
         };
         config.plugins.iter_mut().for_each(resolve);
         config.trusted_keys.iter_mut().for_each(resolve);
+        config.sockets.iter_mut().for_each(resolve);
         config.serve.goplugin_dir.iter_mut().for_each(resolve);
+        config.serve.registry_unix.iter_mut().for_each(resolve);
+        config
+            .serve
+            .registry_endpoint_dirs
+            .iter_mut()
+            .for_each(resolve);
         config.serve.http_unix.iter_mut().for_each(resolve);
         config.serve.grpc_unix.iter_mut().for_each(resolve);
         config.serve.tls_cert.iter_mut().for_each(resolve);
@@ -214,8 +237,14 @@ mod tests {
             queue_limit = 10
             drain_timeout = "5s"
             allow_downgrades = true
+            sockets = ["sockets.d"]
             [serve]
             http = ["127.0.0.1:8080"]
+            registry_unix = "reg/registry.sock"
+            registry_endpoint_dirs = ["/run/plugins"]
+            registry_allowed_uids = [1000, 1001]
+            registry_probe_interval = "250ms"
+            registry_probe_misses = 5
             http_unix = ["http.sock", "/run/abs.sock"]
             grpc = []
             goplugin_dir = "gp"
@@ -246,6 +275,18 @@ mod tests {
         assert_eq!(config.queue_limit, Some(10));
         assert_eq!(config.drain_timeout, Some(Duration::from_secs(5)));
         assert_eq!(config.allow_downgrades, Some(true));
+        assert!(config.sockets[0].is_absolute());
+        assert!(config.serve.registry_unix.unwrap().is_absolute());
+        assert_eq!(
+            config.serve.registry_endpoint_dirs,
+            [Path::new("/run/plugins")]
+        );
+        assert_eq!(config.serve.registry_allowed_uids, [1000, 1001]);
+        assert_eq!(
+            config.serve.registry_probe_interval,
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(config.serve.registry_probe_misses, Some(5));
         assert_eq!(config.serve.http, ["127.0.0.1:8080".parse().unwrap()]);
         assert!(config.serve.http_unix[0].is_absolute());
         assert_eq!(config.serve.http_unix[1], Path::new("/run/abs.sock"));

@@ -64,6 +64,11 @@ struct PluginsDir {
     /// How long each git or cargo step of a `remote_git` build may take [default: 10m].
     #[arg(long, value_parser = humantime::parse_duration)]
     build_timeout: Option<Duration>,
+    /// A sockets directory: each Unix socket in it is a plugin named by its
+    /// file name (`NAME.listen` holding tcp://HOST:PORT for TCP), spoken to
+    /// in JSON-RPC 2.0 or Docker's plugin protocol (repeatable).
+    #[arg(long, value_name = "DIR")]
+    sockets: Vec<PathBuf>,
 }
 
 impl PluginsDir {
@@ -75,6 +80,9 @@ impl PluginsDir {
         self.drain_timeout = self.drain_timeout.or(config.drain_timeout);
         self.allow_downgrades |= config.allow_downgrades.unwrap_or(false);
         self.trust.apply(config);
+        if self.sockets.is_empty() {
+            self.sockets.clone_from(&config.sockets);
+        }
     }
 
     fn plugins(&self) -> &Path {
@@ -106,6 +114,15 @@ impl PluginsDir {
             .require_signatures(self.trust.require_signatures)
             .build()
     }
+
+    /// Loads the plugins of the sockets directories and follows them while
+    /// the returned guards live.
+    fn discover(&self, manager: &PluginManager) -> dynplug::Result<Vec<dynplug::Discovery>> {
+        self.sockets
+            .iter()
+            .map(|dir| manager.discover_sockets(dir))
+            .collect()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +134,13 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only plugins whose handshake says they implement this interface
+        /// (`Group`, or `Group/0.1.0`).
+        #[arg(long, value_name = "NAME")]
+        interface: Option<String>,
+        /// Only plugins offering this capability (e.g. CONNECTION).
+        #[arg(long, value_name = "NAME")]
+        capability: Option<String>,
     },
     /// Load one plugin, call it once and print the context's values as JSON.
     Call {
@@ -252,6 +276,25 @@ pub(crate) struct ServeArgs {
     /// Serve the goplugin `plugin.Plugin` service on DIR/<plugin>.sock for every loaded plugin.
     #[arg(long, value_name = "DIR")]
     goplugin_dir: Option<PathBuf>,
+    /// Serve the plugin registry (gRPC `plugins.PluginRegistry`) on this
+    /// Unix socket: plugins serving `plugin.Plugin` on a socket of their
+    /// own register there (its directory is created 0700).
+    #[arg(long, value_name = "PATH")]
+    registry_unix: Option<PathBuf>,
+    /// Where registered endpoints may be (repeatable) [default: the
+    /// registry socket's directory].
+    #[arg(long, value_name = "DIR", requires = "registry_unix")]
+    registry_endpoint_dir: Vec<PathBuf>,
+    /// Users allowed to register, by uid (repeatable) [default: this
+    /// server's user only; the list replaces it].
+    #[arg(long, value_name = "UID", requires = "registry_unix")]
+    registry_allow_uid: Vec<u32>,
+    /// Time between probes of registered plugins [default: 1s].
+    #[arg(long, value_parser = humantime::parse_duration, requires = "registry_unix")]
+    registry_probe_interval: Option<Duration>,
+    /// Missed probes in a row before a plugin is unregistered [default: 3].
+    #[arg(long, value_name = "N", requires = "registry_unix")]
+    registry_probe_misses: Option<u32>,
     /// Follow the plugins directory: load, upgrade and unload as plugins come, change and go.
     #[arg(long)]
     watch: bool,
@@ -366,6 +409,15 @@ impl ServeArgs {
             .goplugin_dir
             .take()
             .or_else(|| file.goplugin_dir.clone());
+        if self.registry_unix.is_none() {
+            self.registry_unix.clone_from(&file.registry_unix);
+            self.registry_endpoint_dir
+                .clone_from(&file.registry_endpoint_dirs);
+            self.registry_allow_uid
+                .clone_from(&file.registry_allowed_uids);
+            self.registry_probe_interval = file.registry_probe_interval;
+            self.registry_probe_misses = file.registry_probe_misses;
+        }
         self.watch |= file.watch.unwrap_or(false);
         self.timeout = self.timeout.or(file.timeout);
         self.management_token = self
@@ -412,7 +464,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     match command {
-        Command::List { dir, json } => list(&dir, json),
+        Command::List {
+            dir,
+            json,
+            interface,
+            capability,
+        } => list(&dir, json, interface.as_deref(), capability.as_deref()),
         Command::Call {
             dir,
             name,
@@ -500,10 +557,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn list(dir: &PluginsDir, json: bool) -> anyhow::Result<ExitCode> {
+fn list(
+    dir: &PluginsDir,
+    json: bool,
+    interface: Option<&str>,
+    capability: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let manager = dir.manager()?;
     manager.load_plugins()?;
-    let rows = manager.list();
+    let found = dir.discover(&manager)?;
+    let rows: Vec<PluginInfo> = manager
+        .list()
+        .into_iter()
+        .filter(|row| interface.is_none_or(|i| row.implements(i)))
+        .filter(|row| capability.is_none_or(|c| row.has_capability(c)))
+        .collect();
+    drop(found);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
@@ -574,7 +643,10 @@ fn call(
         ctx = ctx.with_timeout(timeout);
     }
     let manager = dir.manager()?;
-    manager.load_plugin(name)?;
+    let _found = dir.discover(&manager)?;
+    if manager.info(name).is_none() {
+        manager.load_plugin(name)?;
+    }
     let (_, executor) = manager.get_plugin(name)?;
     executor
         .execute(&mut ctx)

@@ -116,6 +116,26 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
     if let Some(dir) = &args.goplugin_dir {
         server = server.goplugin_sockets(dir);
     }
+    for dir in &args.dir.sockets {
+        server = server.sockets(dir);
+    }
+    if let Some(path) = &args.registry_unix {
+        let mut registry = dynplug::serve::Registry::new(path);
+        for dir in &args.registry_endpoint_dir {
+            registry = registry.endpoint_dir(dir);
+        }
+        if !args.registry_allow_uid.is_empty() {
+            registry = registry.allowed_uids(args.registry_allow_uid.iter().copied());
+        }
+        if args.registry_probe_interval.is_some() || args.registry_probe_misses.is_some() {
+            registry = registry.probe(
+                args.registry_probe_interval
+                    .unwrap_or(Duration::from_secs(1)),
+                args.registry_probe_misses.unwrap_or(3),
+            );
+        }
+        server = server.registry(registry);
+    }
     if let Some(token) = &args.management_token {
         server = server.management_token(token);
     }
@@ -182,6 +202,18 @@ pub(crate) async fn run(args: ServeArgs, verbose: bool) -> anyhow::Result<std::p
             args.dir.plugins().display()
         );
     }
+    if let Some(path) = &args.registry_unix {
+        say!(
+            "registry unix:{}  (gRPC plugins.PluginRegistry; see proto/registry.proto)",
+            path.display()
+        );
+    }
+    for dir in &args.dir.sockets {
+        say!(
+            "following sockets in {} (call one: POST /plugins/<name>/<method>)",
+            dir.display()
+        );
+    }
     terminated.await;
     tell!("shutting down: finishing requests, draining and unloading plugins");
     drop(watcher);
@@ -195,6 +227,15 @@ pub(crate) async fn watch(dir: &PluginsDir) -> anyhow::Result<std::process::Exit
     let manager = load(dir).await?;
     let mut events = manager.subscribe();
     let watcher = manager.watch()?;
+    let finder = manager.clone();
+    let sockets = dir.sockets.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        sockets
+            .iter()
+            .map(|dir| finder.discover_sockets(dir))
+            .collect::<dynplug::Result<Vec<_>>>()
+    })
+    .await??;
     tell!(
         "watching {}; events follow as JSON lines",
         plugins.display()
@@ -215,7 +256,11 @@ pub(crate) async fn watch(dir: &PluginsDir) -> anyhow::Result<std::process::Exit
         () = terminated => {}
     }
     drop(watcher);
-    tokio::task::spawn_blocking(move || manager.unload_all()).await?;
+    tokio::task::spawn_blocking(move || {
+        drop(found);
+        manager.unload_all();
+    })
+    .await?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 

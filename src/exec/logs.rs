@@ -82,7 +82,7 @@ pub(crate) fn follow(
     pid: u32,
     logs: Arc<Logs>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let runtime = super::runtime::handle();
+    let runtime = crate::remote::runtime::handle();
     let mut pipe = {
         let _inside = runtime.enter();
         tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?

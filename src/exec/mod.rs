@@ -6,42 +6,34 @@
 //! directory (`artifact.rs`) → start the copy in its own process group,
 //! with a parent-death signal, from a thread that waits for it
 //! (`child.rs`) → poll Ping until it answers (`supervisor.rs`) → serve.
-//! Calls go through a `Link` to the running process (`link.rs`, `rest.rs`,
-//! `grpc.rs`, `payload.rs`); a supervisor task restarts a process that
+//! Calls go through a `Link` to the running process (`crate::remote`,
+//! shared with socket plugins); a supervisor task restarts a process that
 //! exits or stops answering health pings. Unload: SIGTERM to the group, a
 //! grace period, SIGKILL, reaped, copy and socket removed.
 
 mod artifact;
 pub(crate) mod child;
-mod grpc;
-pub(crate) mod link;
 pub(crate) mod logs;
 mod parent_death;
-mod payload;
-mod rest;
-pub(crate) mod runtime;
 pub(crate) mod settings;
 pub(crate) mod supervisor;
 
 use std::ffi::OsString;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::Context;
 use crate::error::{Error, Result};
 use crate::event::EventSink;
 use crate::manifest::{Listen, Manifest};
+use crate::remote::call::{self, Target};
+use crate::remote::link::Address;
+use crate::remote::runtime;
 use crate::slot::ProcessInfo;
 use crate::version::{Ending, Outcome};
-use crate::{CancelToken, Context};
 use artifact::Executable;
-use link::{Address, CallError};
-pub use payload::REPLY_KEY;
 use settings::Settings;
 use supervisor::{Phase, Shared};
 
@@ -59,9 +51,6 @@ pub(crate) struct ExecOptions {
 
 /// The longest Unix socket path (`sun_path` holds 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 100;
-/// How often a call with a cancel token looks at it: the token is a flag,
-/// with nothing to wake a waiting call.
-const CANCEL_POLL: Duration = Duration::from_millis(5);
 
 pub(crate) struct ExecVersion {
     shared: Arc<Shared>,
@@ -164,44 +153,13 @@ impl ExecVersion {
             // Connections of this runtime, driven here: no thread hop.
             return call(&self.shared, ctx).await;
         }
-        // Another executor: the exec runtime carries the call. Dropping
-        // this future aborts it (and so the request on the wire).
+        // Another executor: the exec runtime carries the call.
         let shared = Arc::clone(&self.shared);
-        let saved = (
-            ctx.label_compact().clone(),
-            ctx.cancel_token(),
-            ctx.deadline(),
-        );
-        let mut owned = std::mem::take(ctx);
-        let task = runtime::handle().spawn(async move {
+        call::on_runtime(ctx, &self.shared.plugin, |mut owned| async move {
             let result = call(&shared, &mut owned).await;
             (result, owned)
-        });
-        let abort = AbortOnDrop(task.abort_handle());
-        let joined = task.await;
-        std::mem::forget(abort);
-        match joined {
-            Ok((result, back)) => {
-                *ctx = back;
-                result
-            }
-            Err(_) => {
-                let (label, token, deadline) = saved;
-                let mut back = Context::new(&label).with_cancel_token(token);
-                if let Some(deadline) = deadline {
-                    back = back.with_deadline(deadline);
-                }
-                *ctx = back;
-                Err(self.unavailable("the call's task ended".into()))
-            }
-        }
-    }
-
-    fn unavailable(&self, reason: String) -> Error {
-        Error::Unavailable {
-            plugin: self.shared.plugin.to_string(),
-            reason,
-        }
+        })
+        .await
     }
 
     /// Calls whose caller stopped waiting never go on here (their request
@@ -293,14 +251,6 @@ impl Drop for ExecVersion {
     }
 }
 
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The resident memory of process `pid` (`/proc/<pid>/statm`).
 fn resident_bytes(pid: u32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
@@ -340,124 +290,15 @@ pub(crate) fn address(
 
 /// One call over the version's current link.
 async fn call(shared: &Shared, ctx: &mut Context) -> Result<Outcome> {
-    let deadline = ctx.deadline();
-    let token = ctx.existing_cancel_token().cloned();
-    let command = ctx.label_compact().clone();
-    let payload = payload::encode(ctx);
-    let names = || (shared.plugin.to_string(), command.to_string());
-    let mut retried = false;
-    let reply = loop {
-        let Some(link) = shared.link.load_full() else {
-            return Err(Error::Unavailable {
-                plugin: shared.plugin.to_string(),
-                reason: shared.why_down(),
-            });
-        };
-        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let exec = link.exec(&command, &payload, timeout);
-        match bounded(exec, deadline, token.as_ref()).await {
-            Err(Stop::Deadline) => {
-                let (plugin, label) = names();
-                return Err(Error::DeadlineExceeded { plugin, label });
-            }
-            Err(Stop::Cancelled) => {
-                let (plugin, label) = names();
-                return Err(Error::Cancelled { plugin, label });
-            }
-            Ok(Err(CallError::Connect(why))) => {
-                // Nothing was sent. If another process serves by now, it
-                // gets the call; otherwise fail fast.
-                let replaced = shared
-                    .link
-                    .load()
-                    .as_ref()
-                    .is_some_and(|now| !Arc::ptr_eq(now, &link));
-                if replaced && !retried {
-                    retried = true;
-                    continue;
-                }
-                return Err(Error::Unavailable {
-                    plugin: shared.plugin.to_string(),
-                    reason: format!("cannot connect to its process: {why}"),
-                });
-            }
-            Ok(reply) => break reply,
-        }
+    let target = Target {
+        plugin: &shared.plugin,
+        link: &shared.link,
+        noun: "its process",
+        why_down: &|| shared.why_down(),
+        // The supervisor sees the process exit on its own.
+        connect_failed: &|| {},
     };
-    match reply {
-        Ok(bytes) => {
-            payload::apply(ctx, bytes);
-            Ok(Outcome::Ok)
-        }
-        Err(CallError::Plugin(message)) => Ok(Outcome::Error(message)),
-        Err(CallError::Lost(why)) => Err(Error::Unavailable {
-            plugin: shared.plugin.to_string(),
-            reason: format!("its process went away during the call (the call may have run): {why}"),
-        }),
-        Err(CallError::Unavailable(why)) => Err(Error::Unavailable {
-            plugin: shared.plugin.to_string(),
-            reason: why,
-        }),
-        Err(CallError::Deadline) => {
-            let (plugin, label) = names();
-            Err(Error::DeadlineExceeded { plugin, label })
-        }
-        Err(CallError::Cancelled) => {
-            let (plugin, label) = names();
-            Err(Error::Cancelled { plugin, label })
-        }
-        Err(CallError::BadReply(message) | CallError::Connect(message)) => {
-            let (plugin, label) = names();
-            Err(Error::BadReply {
-                plugin,
-                label,
-                message,
-            })
-        }
-    }
-}
-
-enum Stop {
-    Deadline,
-    Cancelled,
-}
-
-/// Runs `future` until it ends, the deadline passes or the token is
-/// cancelled; the latter two drop it, which aborts the request on the wire
-/// (a reset HTTP/2 stream, a closed HTTP/1.1 connection). The timers are
-/// not the runtime's, so any runtime (or none) will do.
-async fn bounded<F: Future>(
-    future: F,
-    deadline: Option<Instant>,
-    token: Option<&CancelToken>,
-) -> std::result::Result<F::Output, Stop> {
-    let mut future = std::pin::pin!(future);
-    let mut timer =
-        deadline.map(|d| futures_timer::Delay::new(d.saturating_duration_since(Instant::now())));
-    let mut poll = token.map(|_| futures_timer::Delay::new(CANCEL_POLL));
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(output) = future.as_mut().poll(cx) {
-            return Poll::Ready(Ok(output));
-        }
-        if let Some(timer) = timer.as_mut()
-            && Pin::new(timer).poll(cx).is_ready()
-        {
-            return Poll::Ready(Err(Stop::Deadline));
-        }
-        if let (Some(token), Some(delay)) = (token, poll.as_mut()) {
-            if token.is_cancelled() {
-                return Poll::Ready(Err(Stop::Cancelled));
-            }
-            while Pin::new(&mut *delay).poll(cx).is_ready() {
-                if token.is_cancelled() {
-                    return Poll::Ready(Err(Stop::Cancelled));
-                }
-                delay.reset(CANCEL_POLL);
-            }
-        }
-        Poll::Pending
-    })
-    .await
+    call::call(&target, ctx).await
 }
 
 /// Checks an exec plugin without starting it: the manifest's settings, the

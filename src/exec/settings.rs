@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::manifest::{Listen, Manifest, Protocol, Source};
+use crate::remote::link::Wire;
 
 /// How long a plugin may take to answer its first Ping.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -16,26 +17,6 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// go-plugin's own grace between the polite and the final signal.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-
-/// The two protocols an exec plugin may speak, and the framed protocol of
-/// a native plugin's runner (`isolation: "process"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wire {
-    Rest,
-    Grpc,
-    Process,
-}
-
-impl Wire {
-    /// The name listings show.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Wire::Rest => "rest",
-            Wire::Grpc => "grpc",
-            Wire::Process => "dynplug",
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -77,7 +58,7 @@ impl Settings {
             |value: &Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
         let wire = match protocol {
             Protocol::Grpc => Wire::Grpc,
-            // `jsonrpc` is refused by the manifest check.
+            // `jsonrpc` and `docker` are refused by the manifest check.
             _ => Wire::Rest,
         };
         let flag = listen_flag.clone().unwrap_or_else(|| {

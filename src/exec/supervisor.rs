@@ -8,10 +8,10 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 
 use super::child::{self, Child, Launch};
-use super::link::{Address, CallError, Link};
 use super::logs::Logs;
 use super::settings::Settings;
 use crate::event::{Event, EventSink};
+use crate::remote::link::{Address, CallError, Link, Wire};
 
 /// Crashes in a row, each within `STABLE` of its start, that make a crash loop.
 const CRASH_LOOP_AFTER: u32 = 5;
@@ -142,13 +142,14 @@ impl Shared {
             reason: format!("cannot run {}: {e}", self.launch.program.display()),
             stderr: Vec::new(),
         })?;
-        let link = Arc::new(Link::new(
-            self.settings.wire,
-            self.address.clone(),
-            &self.host,
-            &child,
-            &self.logs,
-        ));
+        let link = Arc::new(match self.settings.wire {
+            Wire::Process => Link::runner(crate::process::Conns::new(
+                self.address.clone(),
+                child.handle(),
+                Arc::clone(&self.logs),
+            )),
+            wire => Link::new(wire, self.address.clone(), &self.host),
+        });
         let timeout = self.settings.start_timeout;
         let deadline = Instant::now() + timeout;
         let mut pause = FIRST_POLL;

@@ -278,6 +278,11 @@ impl Builder {
                 grace: self.process_grace,
                 backoff: self.process_backoff,
             },
+            #[cfg(feature = "exec")]
+            socket: crate::socket::SocketOptions {
+                host_name: self.host_name.as_str().into(),
+                events: crate::event::EventSink::default(),
+            },
         }
     }
 
@@ -362,6 +367,7 @@ impl Builder {
             {
                 crate::exec::remove_stale(&options.exec.work_dir);
                 options.exec.events = crate::event::EventSink::new(events.clone());
+                options.socket.events = crate::event::EventSink::new(events.clone());
             }
             Inner {
                 base: self.base.clone(),

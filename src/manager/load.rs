@@ -165,15 +165,28 @@ impl PluginManager {
                 plugin: name.to_owned(),
             });
         }
-        Ok(self.slot_or_insert(name, origin))
+        let slot = self.slot_or_insert(name, origin.clone());
+        let held = slot.origin();
+        if !held.same_source(&origin) {
+            return Err(Error::NameTaken {
+                plugin: name.to_owned(),
+                by: held.describe(),
+            });
+        }
+        Ok(slot)
     }
 
     /// Reads, checks and loads the version in the slot's directory, without
     /// touching the serving one.
     pub(crate) fn prepare(&self, slot: &Slot) -> Result<Version> {
-        let origin = self.locate(&slot.name).ok_or_else(|| Error::NotFound {
-            plugin: slot.name.clone(),
-        })?;
+        // A found plugin keeps its finder's origin; the plugins directory's
+        // are located anew (a directory or its newest package).
+        let origin = match slot.origin() {
+            found @ Origin::Found(_) => found,
+            _ => self.locate(&slot.name).ok_or_else(|| Error::NotFound {
+                plugin: slot.name.clone(),
+            })?,
+        };
         slot.set_origin(origin.clone());
         // What is tried now is not tried again by the watcher until it
         // changes, whoever tries it (a scan, `load_plugin`, the watcher).

@@ -18,6 +18,8 @@ use crate::slot::{PluginInfo, Slot};
 use crate::version::{LoadOptions, Version};
 
 mod builder;
+#[cfg(feature = "exec")]
+mod found;
 mod load;
 mod retire;
 

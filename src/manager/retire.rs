@@ -48,6 +48,10 @@ impl PluginManager {
     /// it never did (failed plugins are not listed forever).
     pub(crate) fn forget_or_unload(&self, name: &str) {
         let Some(slot) = self.slot(name) else { return };
+        if !slot.origin().of_plugins_dir() {
+            // A socket or registration of that name: not the directory's.
+            return;
+        }
         let _ops = slot.ops();
         // Restoring the same directory later must load it again.
         slot.status().attempted = None;

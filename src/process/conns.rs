@@ -6,7 +6,7 @@
 //! another, and the runner calls the plugin on the thread that reads the
 //! connection. Blocking callers use blocking sockets (no runtime, no thread
 //! hop: the round trip is two context switches); async callers use tokio
-//! sockets of their own runtime, kept apart per runtime as in `exec/link.rs`.
+//! sockets of their own runtime, kept apart per runtime as in `remote/link.rs`.
 //!
 //! A call whose deadline passes returns at once; its connection goes to a
 //! watchdog that waits for the late reply until the deadline plus a grace
@@ -26,9 +26,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::wire::{self, Fields, Frame};
 use crate::Context;
 use crate::exec::child::Handle;
-use crate::exec::link::{Address, CallError};
 use crate::exec::logs::Logs;
-use crate::exec::runtime;
+use crate::remote::link::{Address, CallError};
+use crate::remote::runtime;
 
 /// Idle connections kept per pool (beyond them, connections are closed
 /// after their call).
@@ -56,6 +56,8 @@ pub(crate) enum Failed {
 /// The connections to one runner process.
 pub(crate) struct Conns {
     path: PathBuf,
+    /// `path`, as links name their server.
+    address: Address,
     child: Handle,
     logs: Arc<Logs>,
     idle: Mutex<Vec<Conn>>,
@@ -144,12 +146,13 @@ async fn read_async(stream: &mut tokio::net::UnixStream, inbox: &mut Inbox) -> i
 
 impl Conns {
     pub(crate) fn new(address: Address, child: Handle, logs: Arc<Logs>) -> Conns {
-        let path = match address {
-            Address::Unix(path) => path,
+        let path = match &address {
+            Address::Unix(path) => path.clone(),
             Address::Tcp(_) => unreachable!("runners listen on Unix sockets"),
         };
         Conns {
             path,
+            address,
             child,
             logs,
             idle: Mutex::default(),
@@ -160,6 +163,11 @@ impl Conns {
 
     /// Readiness and health: `PING` on a new connection, answered by a
     /// `PONG` of this protocol version.
+    /// Where the runner listens.
+    pub(crate) fn address(&self) -> &Address {
+        &self.address
+    }
+
     pub(crate) async fn ping(&self) -> Result<(), CallError> {
         let mut stream = tokio::net::UnixStream::connect(&self.path)
             .await

@@ -155,7 +155,7 @@ impl ProcessVersion {
     }
 
     /// The connections to the running process, or why there is none.
-    fn conns(&self) -> Result<(Arc<crate::exec::link::Link>, Arc<Conns>)> {
+    fn conns(&self) -> Result<(Arc<crate::remote::link::Link>, Arc<Conns>)> {
         let shared = self.shared();
         let link = shared.link.load_full().ok_or_else(|| Error::Unavailable {
             plugin: shared.plugin.to_string(),
@@ -189,7 +189,7 @@ impl ProcessVersion {
             let (_, conns) = self.conns()?;
             let grace = self.grace;
             let mut owned = std::mem::take(ctx);
-            let task = crate::exec::runtime::handle().spawn(async move {
+            let task = crate::remote::runtime::handle().spawn(async move {
                 let result = conns.call_async(&mut owned, grace).await;
                 (result, owned)
             });
@@ -211,7 +211,7 @@ impl ProcessVersion {
     }
 
     /// Whether another process serves by now than the one `link` leads to.
-    fn replaced(&self, link: &Arc<crate::exec::link::Link>) -> bool {
+    fn replaced(&self, link: &Arc<crate::remote::link::Link>) -> bool {
         self.shared()
             .link
             .load()

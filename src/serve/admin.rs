@@ -72,11 +72,29 @@ async fn health(Extract(state): Extract<State>) -> Response {
     .into_response()
 }
 
-async fn list(Extract(state): Extract<State>) -> Response {
+/// `?interface=Group` keeps the plugins whose handshake says they
+/// implement it; `?capability=CONNECTION` those that offer it.
+#[derive(serde::Deserialize)]
+struct ListFilter {
+    interface: Option<String>,
+    capability: Option<String>,
+}
+
+async fn list(
+    Extract(state): Extract<State>,
+    axum::extract::Query(filter): axum::extract::Query<ListFilter>,
+) -> Response {
     let plugins: Vec<PluginView> = state
         .manager
         .list()
         .into_iter()
+        .filter(|i| filter.interface.as_deref().is_none_or(|f| i.implements(f)))
+        .filter(|i| {
+            filter
+                .capability
+                .as_deref()
+                .is_none_or(|c| i.has_capability(c))
+        })
         .map(|i| view(&state, i))
         .collect();
     axum::Json(plugins).into_response()
@@ -89,12 +107,18 @@ async fn one(Extract(state): Extract<State>, Path(name): Path<String>) -> Respon
     }
 }
 
-/// Loads the plugin's directory or newest package again (an upgrade if it changed); the old
-/// version keeps serving if the new one fails.
+/// Loads the plugin's directory or newest package again (an upgrade if it
+/// changed); the old version keeps serving if the new one fails. A plugin
+/// found in a sockets directory or registered is connected to again (its
+/// handshake anew).
 async fn reload(Extract(state): Extract<State>, Path(name): Path<String>) -> Response {
     let manager = state.manager.clone();
     let loaded = tokio::task::spawn_blocking(move || {
-        if !manager.holds(&name) {
+        let found = manager
+            .info(&name)
+            .and_then(|info| info.socket)
+            .is_some_and(|socket| socket.found_by != "manifest");
+        if !found && !manager.holds(&name) {
             return Err(Error::NotFound { plugin: name });
         }
         manager.load_plugin(&name)

@@ -286,6 +286,7 @@ mod tests {
         let peer = Peer {
             unix: false,
             cert_names: Some(vec!["x".to_owned(), "OPS.example".to_owned()].into()),
+            cred: None,
         };
         let ops = clients.identify(None, Some(&peer)).unwrap().unwrap();
         assert!(ops.may_call("anything").is_ok());

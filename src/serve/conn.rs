@@ -109,6 +109,9 @@ pub(crate) struct Peer {
     pub(crate) unix: bool,
     /// The names of the verified client certificate (subject CN, DNS SANs).
     pub(crate) cert_names: Option<Arc<[String]>>,
+    /// The Unix socket peer's user and process, from the kernel
+    /// (`SO_PEERCRED`, as of its `connect`): who registers a plugin.
+    pub(crate) cred: Option<(u32, Option<i32>)>,
 }
 
 /// The connection's bytes, holding its slot of the connection cap until dropped.
@@ -398,9 +401,11 @@ async fn handshake(
 ) -> Option<(Conn, Option<Peer>)> {
     let (io, peer) = match (accepted, &settings.tls) {
         (Accepted::Unix(stream), _) => {
+            let cred = stream.peer_cred().ok().map(|c| (c.uid(), c.pid()));
             let peer = Peer {
                 unix: true,
                 cert_names: None,
+                cred,
             };
             (Io::Unix(stream), Some(peer))
         }
@@ -429,6 +434,7 @@ async fn handshake(
             let peer = cert_names.map(|names| Peer {
                 unix: false,
                 cert_names: Some(names),
+                cred: None,
             });
             (Io::Tls(Box::new(tls)), peer)
         }

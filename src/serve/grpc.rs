@@ -46,6 +46,14 @@ impl From<Error> for Status {
             Error::Downgrade { .. } | Error::RouteConflict { .. } => {
                 Status::failed_precondition(message)
             }
+            Error::NameTaken { .. } => Status::already_exists(message),
+            Error::Plugin {
+                code: Some(-32601), ..
+            } => Status::unimplemented(message),
+            Error::Plugin {
+                code: Some(-32700 | -32600 | -32602),
+                ..
+            } => Status::invalid_argument(message),
             _ => Status::internal(message),
         }
     }
@@ -137,6 +145,8 @@ impl plugins_server::Plugins for Plugins {
                 error: p.error.unwrap_or_default(),
                 upgrades: p.upgrades,
                 unloads: p.unloads,
+                interfaces: p.socket.map(|s| s.interfaces).unwrap_or_default(),
+                capabilities: p.capabilities,
             })
             .collect();
         Ok(Response::new(v1::ListResponse { plugins }))

@@ -206,6 +206,9 @@ async fn metrics(Extract(state): Extract<State>) -> Response {
     let mut body = state.metrics.render(&state.manager);
     let open = state.max_connections - state.slots.available_permits();
     super::metrics::render_connections(&mut body, open, state.max_connections);
+    if let Some(stats) = &state.registry {
+        super::registry::render(stats, &mut body);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -273,6 +276,9 @@ async fn facade(state: State, request: Request) -> Response {
             );
         }
     };
+    if target.default {
+        return default_route(&state, &target, params, &body).await;
+    }
     // A client's token is dynplug's, not the plugin's to see (or replay).
     let hide_authorization = state.clients.enabled();
     let mut ctx = request_context(
@@ -298,6 +304,76 @@ async fn facade(state: State, request: Request) -> Response {
         Ok(()) => plugin_response(&target.plugin, ctx),
         Err(e) => e.into_response(),
     }
+}
+
+/// `POST /plugins/<name>/<method>` of a plugin found in a sockets directory
+/// or registered: the label is the path's method, the values are the body
+/// (a JSON object; empty means none), and the reply is the plugin's result:
+/// the JSON object of the values it set, or the value under
+/// [`RESULT_KEY`](crate::RESULT_KEY) alone when that is all it set (a
+/// JSON-RPC result that is not an object).
+async fn default_route(
+    state: &State,
+    target: &super::routes::Target,
+    params: Value,
+    body: &[u8],
+) -> Response {
+    let method = match params {
+        Value::Map(mut map) => match map.remove("method") {
+            Some(Value::String(method)) => method,
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    let values = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Map::new()
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(serde_json::Value::Object(values)) => values,
+            _ => {
+                let message = "the body must be a JSON object (the params), or empty";
+                return error_json(StatusCode::BAD_REQUEST, message, Some(&target.plugin));
+            }
+        }
+    };
+    if let Err(status) = super::grpc_request::check_value_count(values.len()) {
+        return error_json(
+            StatusCode::BAD_REQUEST,
+            status.message(),
+            Some(&target.plugin),
+        );
+    }
+    let mut ctx = Context::with_capacity(&method, values.len());
+    for (key, value) in values {
+        ctx.set(key, Value::from(value));
+    }
+    let called = super::call(
+        state,
+        &target.executor,
+        Some(&target.latency),
+        &mut ctx,
+        state.timeout,
+        super::Facade::Http,
+    )
+    .await;
+    if let Err(e) = called {
+        return e.into_response();
+    }
+    let mut written: BTreeMap<String, Value> = ctx
+        .written()
+        .map(|(k, v)| (k.to_owned(), v.clone()))
+        .collect();
+    let result = match written.remove(crate::RESULT_KEY) {
+        Some(result) if written.is_empty() => result,
+        Some(result) => {
+            written.insert(crate::RESULT_KEY.to_owned(), result);
+            Value::Map(written)
+        }
+        None => Value::Map(written),
+    };
+    let mut json = Vec::with_capacity(128);
+    let _ = serde_json::to_writer(&mut json, &result);
+    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
 }
 
 /// The request as context values: `label`, `method`, `path`, `params`,

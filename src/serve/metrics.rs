@@ -271,6 +271,31 @@ impl Metrics {
                 )
             }),
         );
+        // Plugins served by a socket dynplug did not start only.
+        let sockets: [PerSocket; 2] = [
+            (
+                "dynplug_socket_up",
+                "gauge",
+                "1 if the plugin's socket answers.",
+                |s| u64::from(s.connected),
+            ),
+            (
+                "dynplug_socket_reconnects_total",
+                "counter",
+                "Times the plugin's socket answered again after being unreachable.",
+                |s| s.reconnects,
+            ),
+        ];
+        for (name, kind, help, get) in sockets {
+            family(
+                name,
+                kind,
+                help,
+                &mut plugins
+                    .iter()
+                    .filter_map(|p| Some((plugin(&p.name), get(p.socket.as_ref()?).to_string()))),
+            );
+        }
         if let Some(keys) = manager.tls_keys_in_use() {
             let _ = writeln!(
                 out,
@@ -340,6 +365,14 @@ type PerProcess = (
     &'static str,
     &'static str,
     fn(&crate::ProcessInfo) -> u64,
+);
+
+/// A per-socket metric: name, type, help, and how to read it.
+type PerSocket = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::SocketInfo) -> u64,
 );
 
 fn escape(value: &str) -> String {

@@ -28,8 +28,11 @@
 //!   after it.
 //! * Who may call: `auth.rs` (clients), `origin.rs` (Host and cross-site
 //!   checks), `tls.rs`; where sockets live: `unix.rs`.
-//! * `routes.rs` (the route table, rebuilt on lifecycle events) and
-//!   `metrics.rs` (histograms and `/metrics`).
+//! * `routes.rs` (the route table, rebuilt on lifecycle events; the
+//!   default route of found plugins) and `metrics.rs` (histograms and
+//!   `/metrics`).
+//! * `registry/`: the plugin registry (`plugins.PluginRegistry` on a Unix
+//!   socket), which feeds the manager as sockets directories do.
 
 mod admin;
 mod auth;
@@ -41,6 +44,7 @@ mod http;
 mod listen;
 mod metrics;
 mod origin;
+mod registry;
 mod reply;
 mod routes;
 mod server;
@@ -63,6 +67,7 @@ pub use grpc::{from_proto, to_proto};
 pub use grpc_request::PLUGIN_METADATA;
 pub use http::HttpService;
 use metrics::{Facade, Metrics};
+pub use registry::Registry;
 use routes::RouteTable;
 pub use server::{Running, Server};
 
@@ -74,7 +79,7 @@ pub mod bench {
 
 /// Generated gRPC code (clients and servers) for `proto/*.proto`.
 pub mod proto {
-    pub use crate::proto::{goplugin, v1};
+    pub use crate::proto::{goplugin, health, registry, v1};
 }
 
 /// Where a façade listens.
@@ -126,6 +131,8 @@ pub(crate) struct Shared {
     /// drained, before plugins unload: a service a host mounted answers 503
     /// from then on. (An atomic load per request, not the watch's lock.)
     stopped: std::sync::atomic::AtomicBool,
+    /// The plugin registry's counters, when it runs.
+    registry: Option<Arc<registry::Stats>>,
 }
 
 impl Shared {

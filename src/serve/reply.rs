@@ -27,7 +27,17 @@ impl Error {
             Error::Cancelled { .. } => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
-            Error::Downgrade { .. } | Error::RouteConflict { .. } => StatusCode::CONFLICT,
+            Error::Downgrade { .. } | Error::RouteConflict { .. } | Error::NameTaken { .. } => {
+                StatusCode::CONFLICT
+            }
+            // JSON-RPC's own codes say whose fault it is.
+            Error::Plugin {
+                code: Some(-32601), ..
+            } => StatusCode::NOT_FOUND,
+            Error::Plugin {
+                code: Some(-32700 | -32600 | -32602),
+                ..
+            } => StatusCode::BAD_REQUEST,
             Error::Manifest { .. }
             | Error::Unsupported { .. }
             | Error::Package { .. }
@@ -38,12 +48,28 @@ impl Error {
     }
 }
 
-/// The one place errors become HTTP responses: JSON `{"error", "plugin"}`.
+/// The one place errors become HTTP responses: JSON `{"error", "plugin"}`,
+/// with `code` and `data` for a plugin error that has them (JSON-RPC's).
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.http_status();
         let plugin = Some(self.plugin()).filter(|p| !p.is_empty());
-        let mut response = error_json(status, &self.to_string(), plugin);
+        let mut response = match &self {
+            Error::Plugin {
+                code: Some(code),
+                data,
+                ..
+            } => {
+                let body = serde_json::json!({
+                    "error": self.to_string(),
+                    "plugin": plugin,
+                    "code": code,
+                    "data": data,
+                });
+                (status, axum::Json(body)).into_response()
+            }
+            _ => error_json(status, &self.to_string(), plugin),
+        };
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

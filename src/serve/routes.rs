@@ -14,11 +14,19 @@ use crate::manifest::Route;
 use crate::route::{Method, Router};
 use crate::{Executor, PluginManager, Value};
 
+/// The default route of plugins found in a sockets directory or
+/// registered (they have no manifest routes): `POST /plugins/<name>/<method>`,
+/// the body the params, the reply the result.
+pub(crate) const DEFAULT_ROUTE_PREFIX: &str = "/plugins";
+
 /// Where a matched request goes.
 #[derive(Clone)]
 pub(crate) struct Target {
     pub(crate) plugin: String,
+    /// The label; for a default route, empty: the path's `method` is.
     pub(crate) label: String,
+    /// A default route: label from the path, params from the body.
+    pub(crate) default: bool,
     pub(crate) timeout: Option<Duration>,
     pub(crate) executor: Executor,
     pub(crate) latency: Arc<Latency>,
@@ -66,6 +74,7 @@ impl RouteTable {
                 let target = Arc::new(Target {
                     plugin: info.name.clone(),
                     label: route.label.clone(),
+                    default: false,
                     timeout: route.timeout_ms.map(Duration::from_millis),
                     executor: executor.clone(),
                     latency: Arc::clone(&latency),
@@ -85,6 +94,7 @@ impl RouteTable {
                 }
             }
         }
+        table.mount_defaults(manager, metrics);
         table
     }
 
@@ -92,6 +102,51 @@ impl RouteTable {
     /// rebuild is not here yet: ask the manager).
     pub(crate) fn callee(&self, plugin: &str) -> Option<Arc<Callee>> {
         self.callees.get(plugin).cloned()
+    }
+
+    /// Mounts `POST /plugins/<name>/:method` for every serving plugin found
+    /// outside the plugins directory, after every manifest route (which
+    /// wins a conflict).
+    fn mount_defaults(&mut self, manager: &PluginManager, metrics: &Metrics) {
+        for info in manager.list() {
+            let found = info
+                .socket
+                .as_ref()
+                .is_some_and(|socket| socket.found_by != "manifest");
+            if !info.state.in_service() || !found {
+                continue;
+            }
+            let Ok((_, executor)) = manager.get_plugin(&info.name) else {
+                continue;
+            };
+            let route = format!("{DEFAULT_ROUTE_PREFIX}/{}/:method", info.name);
+            let Ok(pattern) = crate::route::Pattern::parse(&route) else {
+                continue;
+            };
+            let target = Arc::new(Target {
+                plugin: info.name.clone(),
+                label: String::new(),
+                default: true,
+                timeout: None,
+                executor,
+                latency: metrics.latency(&info.name),
+            });
+            match self.router.insert(Method::Post, &pattern, target) {
+                Ok(()) => self
+                    .mounted
+                    .entry(info.name.clone())
+                    .or_default()
+                    .push(Route {
+                        route,
+                        method: "POST".into(),
+                        label: ":method".into(),
+                        timeout_ms: None,
+                    }),
+                Err(owner) => {
+                    tracing::warn!(plugin = %info.name, %route, owner = %owner.plugin, "default route not mounted: a manifest route has it")
+                }
+            }
+        }
     }
 
     /// The target of `method path`, with the path parameters (decoded) as

@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 use super::metrics::Metrics;
 use super::routes::RouteTable;
 use super::{
-    Client, Endpoint, HttpService, Secret, Shared, State, auth, bind_error, conn, goplugin, grpc,
-    http, listen, origin, routes, tls, unix,
+    Client, Endpoint, HttpService, Registry, Secret, Shared, State, auth, bind_error, conn,
+    goplugin, grpc, http, listen, origin, registry, routes, tls, unix,
 };
 use crate::PluginManager;
 use crate::error::{Error, Result};
@@ -40,6 +40,8 @@ pub struct Server {
     clients: Vec<Client>,
     tls: Option<tls::TlsFiles>,
     tls_client_ca: Option<PathBuf>,
+    sockets: Vec<PathBuf>,
+    registry: Option<Registry>,
 }
 
 impl Server {
@@ -60,7 +62,40 @@ impl Server {
             clients: Vec::new(),
             tls: None,
             tls_client_ca: None,
+            sockets: Vec::new(),
+            registry: None,
         }
+    }
+
+    /// Serves the plugin registry (`plugins.PluginRegistry`, see
+    /// `proto/registry.proto`) on the Unix socket `path`, with the
+    /// defaults of [`Registry::new`]: plugins of this user register
+    /// endpoints in that socket's directory, are probed every second, and
+    /// are unregistered after 3 missed probes.
+    #[must_use]
+    pub fn registry_unix(self, path: impl Into<PathBuf>) -> Server {
+        self.registry(Registry::new(path))
+    }
+
+    /// Serves the plugin registry with these settings.
+    #[must_use]
+    pub fn registry(mut self, registry: Registry) -> Server {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Follows a sockets directory (see
+    /// [`PluginManager::discover_sockets`]): each Unix socket in it is a
+    /// plugin named by its file name (`<name>.listen` holding
+    /// `tcp://host:port` names a TCP one), spoken to in JSON-RPC 2.0 or
+    /// Docker's plugin protocol, and callable at `POST
+    /// /plugins/<name>/<method>` (the body its params, the reply its
+    /// result) besides gRPC `Exec`. The directory is created 0700 if
+    /// missing; an existing one must be ours and private. Repeatable.
+    #[must_use]
+    pub fn sockets(mut self, dir: impl Into<PathBuf>) -> Server {
+        self.sockets.push(dir.into());
+        self
     }
 
     /// Requires `token` for the management API's data and actions
@@ -371,6 +406,10 @@ impl Server {
             max_connections,
             shutdown: shutdown.clone(),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            registry: self
+                .registry
+                .as_ref()
+                .map(|_| Arc::new(registry::Stats::default())),
         });
         let (http_tls, grpc_tls) = match tls {
             Some(acceptors) => (Some(acceptors.http), Some(acceptors.grpc)),
@@ -392,6 +431,7 @@ impl Server {
             tasks: Vec::new(),
             manager: self.manager,
             http_service: app.clone(),
+            discoveries: Vec::new(),
         };
         for endpoint in &self.http {
             let (bound, task) = listening
@@ -414,10 +454,38 @@ impl Server {
             tasks.push(tokio::spawn(goplugin::plugin_sockets(
                 Arc::clone(&state),
                 dir,
-                listening,
-                grpc_settings,
+                listening.clone(),
+                Arc::clone(&grpc_settings),
                 self.limits.grpc_max_message_size,
             )));
+        }
+        if let Some(settings) = self.registry {
+            let endpoint = Endpoint::Unix(settings.path.clone());
+            let dir = match settings.path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => std::path::Path::new("."),
+            };
+            unix::private_dir(dir, self.socket_mode).map_err(|e| bind_error(&endpoint, e))?;
+            let stats = state.registry.clone().unwrap_or_default();
+            let service = Arc::new(registry::Service::new(Arc::clone(&state), settings, stats)?);
+            let server = super::proto::registry::plugin_registry_server::PluginRegistryServer::new(
+                Arc::clone(&service),
+            )
+            .max_decoding_message_size(64 * 1024);
+            let routes = tonic::service::Routes::new(server).prepare();
+            let (_, task) = listening.serve(&endpoint, routes, &grpc_settings).await?;
+            tasks.push(task);
+            tasks.push(tokio::spawn(registry::reap(service)));
+        }
+        for dir in self.sockets {
+            let manager = running.manager.clone();
+            let discovery = tokio::task::spawn_blocking(move || manager.discover_sockets(dir))
+                .await
+                .map_err(|e| Error::Config {
+                    what: "sockets directory".into(),
+                    message: e.to_string(),
+                })??;
+            running.discoveries.push(discovery);
         }
         running.tasks = tasks;
         Ok(running)
@@ -490,6 +558,7 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     manager: PluginManager,
     http_service: HttpService,
+    discoveries: Vec<crate::Discovery>,
 }
 
 impl Running {
@@ -519,6 +588,8 @@ impl Running {
     /// unloading (its event streams end at once).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        let discoveries = self.discoveries;
+        let _ = tokio::task::spawn_blocking(move || drop(discoveries)).await;
         for task in self.tasks {
             let _ = task.await;
         }

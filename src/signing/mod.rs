@@ -93,6 +93,17 @@ impl Seal {
         }
     }
 
+    /// No seal: a plugin dynplug neither loads nor executes (a socket it
+    /// found or that registered) has no files to sign.
+    #[cfg_attr(not(feature = "exec"), allow(dead_code))]
+    pub(crate) fn none() -> Seal {
+        Seal {
+            manifest_sha256: String::new(),
+            signature: None,
+            path: PathBuf::new(),
+        }
+    }
+
     /// The same seal, naming its signature file `path` in errors (an
     /// unpacked package's file by the package).
     pub(crate) fn shown_as(mut self, path: PathBuf) -> Seal {

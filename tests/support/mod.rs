@@ -58,6 +58,9 @@ pub const SAMPLES: &[&str] = &[
 /// The exec plugin samples (programs, not libraries).
 pub const EXEC_SAMPLES: &[&str] = &["exec-rest", "exec-grpc"];
 
+/// The registry plugin sample (a program that registers itself).
+pub const REGISTRY_SAMPLES: &[&str] = &["connection"];
+
 /// The workspace root.
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -76,7 +79,7 @@ pub fn built() -> &'static Path {
         if release {
             cmd.arg("--release");
         }
-        for name in SAMPLES.iter().chain(EXEC_SAMPLES) {
+        for name in SAMPLES.iter().chain(EXEC_SAMPLES).chain(REGISTRY_SAMPLES) {
             cmd.args(["-p", name]);
         }
         let status = cmd

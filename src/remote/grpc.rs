@@ -12,6 +12,9 @@ use tonic::{Code, Request, Status};
 
 use super::link::{Address, CallError, MAX_REPLY, Stream};
 use crate::proto::goplugin::{ExecRequest, plugin_client::PluginClient};
+use crate::proto::health::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// Channels kept per process, one per runtime that called it; the oldest
 /// goes past this (its runtime most likely ended).
@@ -20,7 +23,7 @@ const MAX_CHANNELS: usize = 8;
 pub(crate) struct Grpc {
     address: Address,
     host: MetadataValue<tonic::metadata::Ascii>,
-    clients: Mutex<Vec<(tokio::runtime::Id, PluginClient<Channel>)>>,
+    clients: Mutex<Vec<(tokio::runtime::Id, PluginClient<Channel>, Channel)>>,
 }
 
 /// The connector's error: marks a failure to connect (nothing sent), as
@@ -74,21 +77,30 @@ impl Grpc {
         }
     }
 
+    pub(crate) fn address(&self) -> &Address {
+        &self.address
+    }
+
     /// The client of this runtime, made (lazily connecting) on first use.
     fn client(&self) -> PluginClient<Channel> {
+        self.of_runtime().0
+    }
+
+    /// This runtime's client and the channel under it.
+    fn of_runtime(&self) -> (PluginClient<Channel>, Channel) {
         let runtime = Handle::current().id();
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, client)) = clients.iter().find(|(id, _)| *id == runtime) {
-            return client.clone();
+        if let Some((_, client, channel)) = clients.iter().find(|(id, ..)| *id == runtime) {
+            return (client.clone(), channel.clone());
         }
         let channel = Endpoint::from_static("http://localhost")
             .connect_with_connector_lazy(Connector(self.address.clone()));
-        let client = PluginClient::new(channel).max_decoding_message_size(MAX_REPLY);
+        let client = PluginClient::new(channel.clone()).max_decoding_message_size(MAX_REPLY);
         if clients.len() == MAX_CHANNELS {
             clients.remove(0);
         }
-        clients.push((runtime, client.clone()));
-        client
+        clients.push((runtime, client.clone(), channel.clone()));
+        (client, channel)
     }
 
     fn request<T>(&self, message: T, timeout: Option<Duration>) -> Request<T> {
@@ -101,18 +113,39 @@ impl Grpc {
         request
     }
 
+    /// goplugin's Ping; for a server without it (`UNIMPLEMENTED`), the
+    /// standard `grpc.health.v1.Health/Check`, which must say `SERVING`.
     pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), CallError> {
-        let reply = self
-            .client()
-            .ping(self.request((), Some(timeout)))
-            .await
-            .map_err(status_error)?
-            .into_inner();
+        let (mut client, channel) = self.of_runtime();
+        let reply = match client.ping(self.request((), Some(timeout))).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if status.code() == Code::Unimplemented => {
+                return self.health(channel, timeout).await;
+            }
+            Err(status) => return Err(status_error(status)),
+        };
         match reply.status.as_str() {
             "success" | "" => Ok(()),
             said => Err(CallError::Plugin(format!(
                 "Ping answered status `{}`",
                 crate::text::printable(said, 200)
+            ))),
+        }
+    }
+
+    /// The same channel (and connection), another service.
+    async fn health(&self, channel: Channel, timeout: Duration) -> Result<(), CallError> {
+        let request = self.request(HealthCheckRequest::default(), Some(timeout));
+        let reply = HealthClient::new(channel)
+            .check(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        match reply.status() {
+            ServingStatus::Serving => Ok(()),
+            said => Err(CallError::Plugin(format!(
+                "no goplugin Ping, and grpc.health.v1 says {}",
+                said.as_str_name()
             ))),
         }
     }
@@ -155,12 +188,19 @@ fn status_error(status: Status) -> CallError {
             if let Some(failed) = error.downcast_ref::<ConnectFailed>() {
                 return CallError::Connect(failed.0.clone());
             }
+            // The client's own timer (the call's deadline, given to
+            // tonic as its timeout) can fire before the caller's.
+            if error.is::<tonic::TimeoutExpired>() {
+                return CallError::Deadline;
+            }
             source = error.source();
         }
         return match status.code() {
             Code::DeadlineExceeded => CallError::Deadline,
-            Code::Cancelled => CallError::Cancelled,
-            Code::Unavailable | Code::Unknown => CallError::Lost(message),
+            // Our own cancellations drop the call and make no status: a
+            // transport's "cancelled" is a stream reset by a server that
+            // went away (seen when a plugin is killed mid-call).
+            Code::Cancelled | Code::Unavailable | Code::Unknown => CallError::Lost(message),
             _ => CallError::BadReply(message),
         };
     }
@@ -172,5 +212,32 @@ fn status_error(status: Status) -> CallError {
             CallError::BadReply(message)
         }
         code => CallError::Plugin(format!("{code:?}: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_own_timeout_is_the_deadline_not_a_lost_connection() {
+        let status = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert!(matches!(status_error(status), CallError::Deadline));
+    }
+
+    #[test]
+    fn a_plugins_statuses_are_its_answers() {
+        assert!(matches!(
+            status_error(Status::deadline_exceeded("late")),
+            CallError::Deadline
+        ));
+        assert!(matches!(
+            status_error(Status::unavailable("down")),
+            CallError::Unavailable(_)
+        ));
+        assert!(matches!(
+            status_error(Status::invalid_argument("no")),
+            CallError::Plugin(m) if m.contains("InvalidArgument")
+        ));
     }
 }

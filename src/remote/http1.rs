@@ -1,30 +1,31 @@
-//! The goplugin REST protocol, client side: `GET /ping` and `POST /exec`
-//! with a hex payload, over pooled HTTP/1.1 connections.
+//! Pooled HTTP/1.1 connections to one address, for every wire that is HTTP
+//! with JSON bodies (goplugin REST, JSON-RPC, Docker's plugin protocol).
+//!
+//! Connections are kept per tokio runtime (see `link.rs`); a request that
+//! a closed pooled connection never sent goes out once more on a new
+//! connection, and nothing sent is ever sent again.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
 use super::link::{Address, CallError, MAX_REPLY};
-use super::payload::{hex, unhex};
 
-/// Idle connections kept per process; more are closed after their call.
+/// Idle connections kept per address; more are closed after their call.
 const MAX_IDLE: usize = 64;
 /// How much of a bad reply an error quotes.
-const QUOTED: usize = 200;
+pub(crate) const QUOTED: usize = 200;
 
-pub(crate) struct Rest {
+pub(crate) struct Http1 {
     address: Address,
     authority: HeaderValue,
-    host: HeaderValue,
     idle: Mutex<Vec<Conn>>,
 }
 
@@ -40,7 +41,7 @@ struct Conn {
 /// closed (the task aborted, so the plugin sees the request go away) when
 /// the call is dropped halfway, at a deadline or a cancellation.
 struct Taken<'a> {
-    rest: &'a Rest,
+    pool: &'a Http1,
     conn: Option<Conn>,
 }
 
@@ -55,7 +56,7 @@ impl Drop for Taken<'_> {
 impl Taken<'_> {
     fn give_back(mut self) {
         if let Some(conn) = self.conn.take() {
-            let mut idle = self.rest.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
             if idle.len() < MAX_IDLE {
                 idle.push(conn);
             } else {
@@ -65,74 +66,29 @@ impl Taken<'_> {
     }
 }
 
-#[derive(Deserialize)]
-struct Reply {
-    status: Option<String>,
-    data: Option<Data>,
-    message: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Data {
-    response: Option<String>,
-}
-
-impl Rest {
-    pub(crate) fn new(address: Address, host: &Arc<str>) -> Rest {
+impl Http1 {
+    pub(crate) fn new(address: Address) -> Http1 {
         let authority = match &address {
             Address::Tcp(addr) => addr.to_string(),
             Address::Unix(_) => "localhost".to_owned(),
         };
-        Rest {
+        Http1 {
             authority: HeaderValue::from_str(&authority)
                 .unwrap_or(HeaderValue::from_static("localhost")),
-            host: HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static("dynplug")),
             address,
             idle: Mutex::new(Vec::new()),
         }
     }
 
-    pub(crate) async fn ping(&self) -> Result<(), CallError> {
-        let request = self.request(Method::GET, "/ping", String::new(), None);
-        let (status, body) = self.send(request).await?;
-        if !status.is_success() {
-            return Err(CallError::Plugin(format!("Ping answered HTTP {status}")));
-        }
-        // The reference answers `{"status":"success",...}`; a plugin that
-        // says otherwise is not ready.
-        match serde_json::from_slice::<Reply>(&body) {
-            Ok(Reply {
-                status: Some(said), ..
-            }) if said != "success" => Err(CallError::Plugin(format!(
-                "Ping answered status `{}`",
-                crate::text::printable(&said, QUOTED)
-            ))),
-            _ => Ok(()),
-        }
+    pub(crate) fn address(&self) -> &Address {
+        &self.address
     }
 
-    pub(crate) async fn exec(
-        &self,
-        command: &str,
-        payload: &[u8],
-        timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, CallError> {
-        #[derive(serde::Serialize)]
-        struct Exec<'a> {
-            command: &'a str,
-            payload: String,
-        }
-        let body = serde_json::to_string(&Exec {
-            command,
-            payload: hex(payload),
-        })
-        .unwrap_or_default();
-        let request = self.request(Method::POST, "/exec", body, timeout);
-        let (status, body) = self.send(request).await?;
-        reply(status, &body)
-    }
-
-    fn request(
+    /// A request to `path` with `Host` set; a POST carries `body` as JSON,
+    /// and the call's deadline as `X-Dynplug-Timeout-Ms` (HTTP has no
+    /// standard header for it; the call is abandoned, and its connection
+    /// closed, at the deadline anyway).
+    pub(crate) fn request(
         &self,
         method: Method,
         path: &str,
@@ -140,19 +96,13 @@ impl Rest {
         timeout: Option<Duration>,
     ) -> Request<String> {
         let mut request = Request::new(body);
+        *request.uri_mut() = path.parse().unwrap_or(hyper::Uri::from_static("/"));
+        let post = method == Method::POST;
         *request.method_mut() = method;
-        *request.uri_mut() = hyper::Uri::from_static("/");
-        if let Ok(uri) = path.parse() {
-            *request.uri_mut() = uri;
-        }
         let headers = request.headers_mut();
         headers.insert(HOST, self.authority.clone());
-        headers.insert("x-host", self.host.clone());
-        if request.method() == Method::POST {
-            let headers = request.headers_mut();
+        if post {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            // For plugins that want to know (HTTP has no standard header):
-            // the call is abandoned, and its connection closed, then.
             if let Some(timeout) = timeout
                 && let Ok(value) = HeaderValue::from_str(&timeout.as_millis().to_string())
             {
@@ -165,7 +115,10 @@ impl Rest {
     /// Sends on a pooled connection of this runtime, or a new one. A
     /// request that a closed pooled connection never sent goes out once
     /// more on a new connection; nothing sent is ever sent again.
-    async fn send(&self, request: Request<String>) -> Result<(StatusCode, Vec<u8>), CallError> {
+    pub(crate) async fn send(
+        &self,
+        request: Request<String>,
+    ) -> Result<(StatusCode, Vec<u8>), CallError> {
         let mut taken = self.take().await?;
         let mut request = Some(request);
         let mut fresh = false;
@@ -213,7 +166,7 @@ impl Rest {
 
     async fn fresh(&self) -> Result<Taken<'_>, CallError> {
         Ok(Taken {
-            rest: self,
+            pool: self,
             conn: Some(self.connect().await?),
         })
     }
@@ -233,7 +186,7 @@ impl Rest {
             None => self.connect().await?,
         };
         Ok(Taken {
-            rest: self,
+            pool: self,
             conn: Some(conn),
         })
     }
@@ -285,78 +238,7 @@ fn too_large(len: u64) -> CallError {
     ))
 }
 
-/// Reads an Exec reply: the payload, the plugin's error, or why the reply
-/// is not goplugin's.
-fn reply(status: StatusCode, body: &[u8]) -> Result<Vec<u8>, CallError> {
-    let parsed = serde_json::from_slice::<Reply>(body);
-    if !status.is_success() {
-        let message = match parsed {
-            Ok(Reply {
-                message: Some(message),
-                ..
-            }) => message,
-            _ => quote(body),
-        };
-        return Err(CallError::Plugin(format!(
-            "HTTP {}: {}",
-            status.as_u16(),
-            crate::text::printable(&message, 1024)
-        )));
-    }
-    let reply = parsed.map_err(|e| {
-        CallError::BadReply(format!(
-            "the reply is not goplugin's JSON ({e}): `{}`",
-            quote(body)
-        ))
-    })?;
-    match reply.status.as_deref() {
-        Some("success") => {}
-        said => {
-            let message = reply
-                .message
-                .unwrap_or_else(|| format!("status `{}`", said.unwrap_or("(none)")));
-            return Err(CallError::Plugin(
-                crate::text::printable(&message, 1024).into_owned(),
-            ));
-        }
-    }
-    let response = reply.data.and_then(|d| d.response).unwrap_or_default();
-    unhex(&response).ok_or_else(|| {
-        CallError::BadReply(format!(
-            "data.response is not hex: `{}`",
-            crate::text::printable(&response, QUOTED)
-        ))
-    })
-}
-
-fn quote(body: &[u8]) -> String {
+/// A bounded, printable quote of a reply body, for errors.
+pub(crate) fn quote(body: &[u8]) -> String {
     crate::text::printable(&String::from_utf8_lossy(body), QUOTED).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replies_are_read_strictly() {
-        let ok = br#"{"status":"success","data":{"response":"7b7d"}}"#;
-        assert_eq!(reply(StatusCode::ACCEPTED, ok).unwrap(), b"{}");
-        let err = br#"{"status":"error","message":"Unknown command"}"#;
-        match reply(StatusCode::BAD_REQUEST, err) {
-            Err(CallError::Plugin(m)) => assert_eq!(m, "HTTP 400: Unknown command"),
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            reply(StatusCode::OK, b"<html>"),
-            Err(CallError::BadReply(m)) if m.contains("not goplugin's JSON")
-        ));
-        assert!(matches!(
-            reply(StatusCode::OK, br#"{"status":"success","data":{"response":"zz"}}"#),
-            Err(CallError::BadReply(m)) if m.contains("not hex")
-        ));
-        assert!(matches!(
-            reply(StatusCode::OK, br#"{"status":"error","message":"no"}"#),
-            Err(CallError::Plugin(m)) if m == "no"
-        ));
-    }
 }

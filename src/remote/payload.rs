@@ -1,5 +1,5 @@
-//! What goes into a call's `Payload` and what its reply does to the
-//! context.
+//! What goes into a call's `Payload` (or JSON `params`) and what its reply
+//! does to the context.
 //!
 //! The context's values go as one JSON object. A reply that is a JSON
 //! object sets values back (each key, as if the plugin had set it); any
@@ -9,6 +9,11 @@
 //! values. One more rule makes dynplug's own goplugin façade transparent:
 //! a context whose only value is `payload` (bytes) sends those bytes as
 //! they are.
+//!
+//! JSON-RPC and Docker plugins get the values as their `params` object
+//! (always an object: there is no raw case), and their result sets values
+//! back the same way: an object sets each key, anything else (an array, a
+//! string, `null`) is kept whole under [`RESULT_KEY`] as a value.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +21,10 @@ use crate::{Context, Value};
 
 /// Where a reply that is not a JSON object goes.
 pub const REPLY_KEY: &str = "response.body";
+
+/// Where a JSON-RPC result (or a Docker reply body) that is not a JSON
+/// object goes, as a value.
+pub const RESULT_KEY: &str = "result";
 
 /// The payload of a call with these values.
 pub(crate) fn encode(ctx: &Context) -> Vec<u8> {
@@ -27,6 +36,24 @@ pub(crate) fn encode(ctx: &Context) -> Vec<u8> {
     // Sorted: the same values make the same bytes.
     let values: BTreeMap<&str, &Value> = ctx.values().collect();
     serde_json::to_vec(&values).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// The values as one JSON object: JSON-RPC's `params`, Docker's body.
+pub(crate) fn params(ctx: &Context) -> Vec<u8> {
+    let values: BTreeMap<&str, &Value> = ctx.values().collect();
+    serde_json::to_vec(&values).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// Writes a JSON result into the context.
+pub(crate) fn apply_json(ctx: &mut Context, result: serde_json::Value) {
+    match result {
+        serde_json::Value::Object(values) => {
+            for (key, value) in values {
+                ctx.set_from_plugin(&key, Value::from(value));
+            }
+        }
+        other => ctx.set_from_plugin(RESULT_KEY, Value::from(other)),
+    }
 }
 
 /// Writes a reply payload into the context.
@@ -92,6 +119,22 @@ mod tests {
 
         let raw = Context::new("x").with("payload", Value::Bytes(b"\x00raw".to_vec()));
         assert_eq!(encode(&raw), b"\x00raw");
+    }
+
+    #[test]
+    fn json_results_set_values_or_one_key() {
+        let ctx = Context::new("x").with("payload", Value::Bytes(vec![1]));
+        assert_eq!(params(&ctx), br#"{"payload":[1]}"#, "no raw case");
+        let mut back = Context::new("x");
+        apply_json(&mut back, serde_json::json!({"Groups": null, "n": 1}));
+        assert_eq!(back.get("Groups"), Some(&Value::Null));
+        assert_eq!(back.written().count(), 2);
+        let mut back = Context::new("x");
+        apply_json(&mut back, serde_json::json!(["a"]));
+        assert_eq!(
+            back.get(RESULT_KEY),
+            Some(&Value::List(vec![Value::String("a".into())]))
+        );
     }
 
     #[test]
