@@ -10,7 +10,9 @@
 //!   (`execute_async` on a current-thread runtime), and of a raw client
 //!   doing the same exchange with the same child on the same runtime: a
 //!   hyper HTTP/1.1 connection sending the same `POST /exec`, a tonic
-//!   `plugin.Plugin` client sending the same `Exec`; and their ratio;
+//!   `plugin.Plugin` client sending the same `Exec` (once leaving the reply
+//!   unread, once sending `x-host` and decoding the reply's JSON, as the
+//!   executor does); and their ratio;
 //! * `throughput`: calls per second with 16 concurrent callers (tasks on a
 //!   2-thread runtime) for 3 seconds.
 
@@ -158,6 +160,7 @@ fn latency(manager: &PluginManager) {
 
         let (_, grpc) = manager.get_plugin("grpc").unwrap();
         let client = raw_tonic(&socket_of(manager, "grpc")).await;
+        // The bare exchange: the reply's payload is not read.
         let raw_call = || {
             let mut client = client.clone();
             async move {
@@ -169,12 +172,32 @@ fn latency(manager: &PluginManager) {
                 assert!(reply.data.is_some());
             }
         };
-        let (mut ours, mut raw) = (Vec::new(), Vec::new());
+        // What a caller that uses the reply does, as the executor does:
+        // the goplugin `x-host` header sent, the JSON payload decoded.
+        let used_call = || {
+            let mut client = client.clone();
+            async move {
+                let mut request = tonic::Request::new(ExecRequest {
+                    command: "greet".into(),
+                    payload: br#"{"name":"Ada"}"#.to_vec(),
+                });
+                request
+                    .metadata_mut()
+                    .insert("x-host", tonic::metadata::MetadataValue::from_static("bench"));
+                let reply = client.exec(request).await.unwrap().into_inner();
+                let values: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(&reply.data.unwrap().response).unwrap();
+                assert!(values.contains_key("greeting"));
+            }
+        };
+        let (mut ours, mut raw, mut used) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             ours.extend(timed(|| ours_call(&grpc)).await);
             raw.extend(timed(raw_call).await);
+            used.extend(timed(used_call).await);
         }
         report("grpc", &mut ours, &mut raw, "raw tonic");
+        report("grpc", &mut ours, &mut used, "raw tonic, reply used");
     });
 }
 
