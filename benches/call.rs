@@ -4,8 +4,9 @@
 //!
 //! * `call/baseline`: a plain Rust function doing the same work over a
 //!   `HashMap<String, String>`: read two strings, write one.
-//! * `call/inline`, `call/pooled`: the `hello` plugin's `bench.noop` label
-//!   (the same work) through an `Executor`.
+//! * `call/inline`, `call/auto` (the default isolation), `call/pooled`: the
+//!   `hello` plugin's `bench.noop` label (the same work) through an
+//!   `Executor`.
 //! * `load/100_plugins`: `PluginManager::new` + `load_plugins` over 100 plugins.
 //!
 //! Before the criterion groups it prints p50/p99 of pooled and inline round
@@ -36,16 +37,20 @@ fn bench_context() -> Context {
         .with("b", "second value")
 }
 
-fn executors(dir: &std::path::Path) -> (PluginManager, Executor, Executor) {
-    support::install(dir, "hello");
-    let inline = support::manifest("hello-inline", "hello", "1.0.0", r#""isolation": "inline""#);
-    support::install_as(dir, "hello", "hello-inline", Some(&inline));
+/// `hello` installed three times: `inline`, `auto` (the default) and `pooled`.
+fn executors(dir: &std::path::Path) -> (PluginManager, [Executor; 3]) {
+    for isolation in ["inline", "auto", "pooled"] {
+        let name = format!("hello-{isolation}");
+        let extra = format!(r#""isolation": "{isolation}""#);
+        let manifest = support::manifest(&name, "hello", "1.0.0", &extra);
+        support::install_as(dir, "hello", &name, Some(&manifest));
+    }
     let manager = PluginManager::new(dir).unwrap();
     let report = manager.load_plugins().unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let (_, pooled) = manager.get_plugin("hello").unwrap();
-    let (_, inline) = manager.get_plugin("hello-inline").unwrap();
-    (manager, inline, pooled)
+    let executor = |isolation: &str| manager.get_plugin(&format!("hello-{isolation}")).unwrap().1;
+    let executors = [executor("inline"), executor("auto"), executor("pooled")];
+    (manager, executors)
 }
 
 fn percentiles(name: &str, executor: &Executor) {
@@ -72,8 +77,9 @@ fn percentiles(name: &str, executor: &Executor) {
 
 fn calls(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let (_manager, inline, pooled) = executors(dir.path());
+    let (_manager, [inline, auto, pooled]) = executors(dir.path());
     percentiles("inline round trip", &inline);
+    percentiles("auto round trip", &auto);
     percentiles("pooled round trip", &pooled);
 
     let mut group = c.benchmark_group("call");
@@ -91,6 +97,9 @@ fn calls(c: &mut Criterion) {
     let mut ctx = bench_context();
     group.bench_function("inline", |b| {
         b.iter(|| inline.execute(black_box(&mut ctx)).unwrap())
+    });
+    group.bench_function("auto", |b| {
+        b.iter(|| auto.execute(black_box(&mut ctx)).unwrap())
     });
     group.bench_function("pooled", |b| {
         b.iter(|| pooled.execute(black_box(&mut ctx)).unwrap())

@@ -181,9 +181,10 @@ fn latency(manager: &PluginManager) {
                     command: "greet".into(),
                     payload: br#"{"name":"Ada"}"#.to_vec(),
                 });
-                request
-                    .metadata_mut()
-                    .insert("x-host", tonic::metadata::MetadataValue::from_static("bench"));
+                request.metadata_mut().insert(
+                    "x-host",
+                    tonic::metadata::MetadataValue::from_static("bench"),
+                );
                 let reply = client.exec(request).await.unwrap().into_inner();
                 let values: serde_json::Map<String, serde_json::Value> =
                     serde_json::from_slice(&reply.data.unwrap().response).unwrap();

@@ -9,7 +9,9 @@
 //! goes first alternates); the median of the rounds' ratios is the figure.
 //! Then sequential HTTP/1.1 requests and gRPC `Exec` calls over Unix sockets
 //! measure the unary round trip with a current-thread client, against the
-//! bare axum app and a bare tonic service doing the same work.
+//! bare axum app and a bare tonic service doing the same work, in as many
+//! rounds (alternating which goes first); the median of the rounds' p50
+//! ratios is the figure.
 //!
 //! Each round also counts heap allocations per request in this process (the
 //! load generator's included, the same for both servers; the plugin's own
@@ -47,8 +49,8 @@ struct Args {
     /// Unix socket).
     #[arg(long, default_value_t = 20_000)]
     grpc_calls: usize,
-    /// Isolation of the hello plugin: pooled or inline.
-    #[arg(long, default_value = "pooled")]
+    /// Isolation of the hello plugin: auto (the default), pooled or inline.
+    #[arg(long, default_value = "auto")]
     isolation: String,
     /// Worker threads of the pooled version.
     #[arg(long, default_value_t = 2)]
@@ -246,7 +248,7 @@ fn sequential<C>(
     calls: usize,
     connect: impl AsyncFnOnce() -> C,
     mut once: impl AsyncFnMut(&mut C),
-) -> (Duration, Duration) {
+) -> Sequential {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -257,18 +259,52 @@ fn sequential<C>(
             once(&mut client).await;
         }
         let mut latencies: Vec<Duration> = Vec::with_capacity(calls);
+        let (process, client_thread) = (
+            cpu(libc::CLOCK_PROCESS_CPUTIME_ID),
+            cpu(libc::CLOCK_THREAD_CPUTIME_ID),
+        );
         for _ in 0..calls {
             let start = Instant::now();
             once(&mut client).await;
             latencies.push(start.elapsed());
         }
+        // The server's CPU: the process's, less this (the client's) thread.
+        let server = (cpu(libc::CLOCK_PROCESS_CPUTIME_ID) - process)
+            .saturating_sub(cpu(libc::CLOCK_THREAD_CPUTIME_ID) - client_thread);
         latencies.sort();
-        (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+        Sequential {
+            p50: percentile(&latencies, 0.5),
+            p99: percentile(&latencies, 0.99),
+            server_cpu: server / calls as u32,
+        }
     })
 }
 
+/// Sequential round trips: latency, and the server's CPU time per call (a
+/// figure a busy machine moves far less than latency).
+struct Sequential {
+    p50: Duration,
+    p99: Duration,
+    server_cpu: Duration,
+}
+
+/// CPU time used so far by the process or this thread.
+fn cpu(clock: libc::clockid_t) -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write; the clock ids are the
+    // process and thread CPU clocks, which always exist on Linux.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::clock_gettime(clock, &mut now)
+    };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
 /// Keep-alive HTTP/1.1 `GET`s over a Unix socket.
-fn http_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration) {
+fn http_latency(socket: std::path::PathBuf, calls: usize) -> Sequential {
     let request = "GET /api/hello/user HTTP/1.1\r\nhost: bench\r\n\r\n";
     sequential(
         calls,
@@ -281,7 +317,7 @@ fn http_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration
 }
 
 /// gRPC `Exec` calls of `hello.get` over a Unix socket.
-fn grpc_latency(socket: std::path::PathBuf, calls: usize) -> (Duration, Duration) {
+fn grpc_latency(socket: std::path::PathBuf, calls: usize) -> Sequential {
     sequential(
         calls,
         async || PluginsClient::new(support::server::grpc_over_unix(&socket).await),
@@ -403,19 +439,51 @@ fn main() {
         bare.allocations
     );
 
-    for (name, socket) in [("bare axum", bare_http_socket), ("dynplug", http_socket)] {
-        let (p50, p99) = http_latency(socket, args.grpc_calls);
+    // Sequential round trips, in rounds that alternate which server goes
+    // first; the median of the rounds' p50 ratios is the figure.
+    let sequential_rounds = |what: &str, bare: &str, measure: &dyn Fn(bool) -> Sequential| {
+        let (mut ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+        for round in 1..=args.rounds {
+            let mut runs = [None, None];
+            let order = if round % 2 == 0 { [1, 0] } else { [0, 1] };
+            for i in order {
+                let run = measure(i == 1);
+                let name = if i == 1 { "dynplug" } else { bare };
+                println!(
+                    "round {round} {what}, {name} ({} sequential): p50 {:?}  p99 {:?}  server CPU {:?} per call",
+                    args.grpc_calls, run.p50, run.p99, run.server_cpu
+                );
+                runs[i] = Some(run);
+            }
+            let [Some(bare_run), Some(dynplug)] = runs else {
+                unreachable!("both measured")
+            };
+            ratios.push(dynplug.p50.as_secs_f64() / bare_run.p50.as_secs_f64());
+            cpu_ratios.push(dynplug.server_cpu.as_secs_f64() / bare_run.server_cpu.as_secs_f64());
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        let (p50, low, high) = median(&mut ratios);
+        let (cpu, cpu_low, cpu_high) = median(&mut cpu_ratios);
         println!(
-            "HTTP/1.1 GET over a Unix socket, {name} ({} sequential requests): p50 {p50:?}  p99 {p99:?}",
-            args.grpc_calls
+            "{what} ({} isolation): median of {} rounds {p50:.3}x {bare}'s p50 (range {low:.3}–{high:.3}); server CPU per call {cpu:.3}x (range {cpu_low:.3}–{cpu_high:.3})",
+            args.isolation,
+            ratios.len(),
         );
-    }
-    for (name, socket) in [("bare tonic", bare_socket), ("dynplug", socket)] {
-        let (p50, p99) = grpc_latency(socket, args.grpc_calls);
-        println!(
-            "gRPC Exec over a Unix socket, {name} ({} sequential calls): p50 {p50:?}  p99 {p99:?}",
-            args.grpc_calls
-        );
-    }
+    };
+    sequential_rounds("HTTP/1.1 GET over a Unix socket", "bare axum", &|dynplug| {
+        let socket = if dynplug {
+            &http_socket
+        } else {
+            &bare_http_socket
+        };
+        http_latency(socket.clone(), args.grpc_calls)
+    });
+    sequential_rounds("gRPC Exec over a Unix socket", "bare tonic", &|dynplug| {
+        let socket = if dynplug { &socket } else { &bare_socket };
+        grpc_latency(socket.clone(), args.grpc_calls)
+    });
     runtime.block_on(running.shutdown());
 }

@@ -201,6 +201,35 @@ impl Context {
             .filter_map(|k| Some((k.as_str(), self.values.get(k)?)))
     }
 
+    /// Stores a string the plugin sets: an existing string value keeps its
+    /// buffer (a context reused across calls copies into it, with no
+    /// allocation).
+    pub(crate) fn set_str_from_plugin(&mut self, key: &str, text: &str) {
+        match self.values.get_mut(key) {
+            Some(Value::String(old)) => {
+                old.clear();
+                old.push_str(text);
+            }
+            Some(slot) => *slot = Value::String(text.to_owned()),
+            None => {
+                self.values
+                    .insert(CompactString::new(key), Value::String(text.to_owned()));
+            }
+        }
+        if !self.written.iter().any(|k| k == key) {
+            self.written.push(CompactString::new(key));
+        }
+    }
+
+    /// Takes out the values the last call set (see [`written`](Self::written)).
+    #[cfg(feature = "server")]
+    pub(crate) fn into_written(mut self) -> impl Iterator<Item = (CompactString, Value)> {
+        let written = std::mem::take(&mut self.written);
+        written
+            .into_iter()
+            .filter_map(move |k| self.values.remove_entry(&k))
+    }
+
     /// Stores a value the plugin sets (through the ABI, or decoded from a
     /// subprocess's reply), remembering that the plugin set it.
     pub(crate) fn set_from_plugin(&mut self, key: &str, value: Value) {

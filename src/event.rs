@@ -62,6 +62,18 @@ pub enum Event {
         /// Why it is still mapped.
         reason: String,
     },
+    /// A version was taken out of service, but threads still hold state of
+    /// its code (thread-locals with destructors, values of its pthread
+    /// keys): it is closed once they let go, then [`Event::Unloaded`] (or
+    /// [`Event::Leaked`]) follows.
+    Pinned {
+        /// The plugin.
+        plugin: String,
+        /// The version pinned.
+        version: String,
+        /// Which threads hold it.
+        reason: String,
+    },
     /// A plugin's process went down (it exited, was killed, or stopped
     /// answering health pings), or a restart of it failed; calls fail with
     /// `Unavailable` until it is back.
@@ -159,6 +171,7 @@ impl Event {
             | Event::Unloaded { plugin, .. }
             | Event::Retained { plugin, .. }
             | Event::Leaked { plugin, .. }
+            | Event::Pinned { plugin, .. }
             | Event::Crashed { plugin, .. }
             | Event::Restarted { plugin, .. }
             | Event::CrashLoop { plugin, .. }

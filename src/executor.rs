@@ -97,12 +97,18 @@ impl Executor {
     /// runs on its workers while this future waits, at most until the
     /// context's deadline (with any executor: the timer is not the
     /// runtime's). `inline` plugins run on the polling thread, by
-    /// definition. Dropping the future cancels the call.
+    /// definition. An `auto` plugin (the default) runs on the polling
+    /// thread while its calls of this label have been quick and another
+    /// worker of the tokio runtime stays free, on its workers otherwise.
+    /// Dropping the future cancels a call on the workers.
     ///
     /// # Errors
     /// As [`execute`](Self::execute), which also says what `ctx` holds
     /// after an error.
     pub async fn execute_async(&self, ctx: &mut Context) -> Result<()> {
+        if let Some(result) = self.try_in_place(ctx) {
+            return result;
+        }
         let stats = &self.slot.stats;
         stats.started.fetch_add(1, Ordering::Relaxed);
         // A dropped future still counts as finished (as an error).
@@ -116,17 +122,14 @@ impl Executor {
         result
     }
 
-    /// Runs the call here and now if the serving version is `inline` (it
-    /// would run on this thread anyway); `None` leaves `ctx` untouched for the
-    /// async path. Saves the async path's `Arc` clone on the hottest route.
-    #[cfg(feature = "server")]
-    pub(crate) fn try_inline(&self, ctx: &mut Context) -> Option<Result<()>> {
+    /// Runs the call here and now if the serving version lets it run in
+    /// place; `None` leaves `ctx` untouched for the async path. No `Arc`
+    /// clone, no future state: the hottest path of the façades.
+    fn try_in_place(&self, ctx: &mut Context) -> Option<Result<()>> {
         let current = self.slot.current.load();
         let version = current.as_ref()?;
-        if !version.is_inline() {
-            return None;
-        }
-        Some(self.counted(|| version.execute(ctx)))
+        let leave = version.in_place(ctx)?;
+        Some(self.counted(|| version.run_in_place(ctx, leave)))
     }
 
     /// Calls handed to the serving version's workers and not finished yet:

@@ -129,6 +129,21 @@ pub use remote::{REPLY_KEY, RESULT_KEY};
 #[cfg(feature = "exec")]
 pub use socket::Discovery;
 
+/// What a host binary's linker must be told so that dynplug sees what
+/// plugin code leaves on threads (thread-locals with destructors, pthread
+/// keys), which is what lets code that ran on callers' threads be unloaded
+/// (the default `auto` isolation runs calls in place only then). The
+/// `dynplug` binary has it; a host that links this library into its own
+/// binary adds one line to that crate's `build.rs` (glibc targets):
+///
+/// ```text
+/// println!("cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol=__cxa_thread_atexit_impl,--export-dynamic-symbol=pthread_key_create,--export-dynamic-symbol=pthread_key_delete,--export-dynamic-symbol=pthread_setspecific");
+/// ```
+///
+/// Without it, the first [`PluginManager`] logs a warning naming what is
+/// missing, and [`PluginManager::tracks_threads`] is `false`.
+pub const THREAD_TRACKING_LINK_ARG: &str = "-Wl,--export-dynamic-symbol=__cxa_thread_atexit_impl,--export-dynamic-symbol=pthread_key_create,--export-dynamic-symbol=pthread_key_delete,--export-dynamic-symbol=pthread_setspecific";
+
 /// The plugin ABI version this host speaks, as `(major, minor)`.
 pub const ABI_VERSION: (u32, u32) = plugin_abi::ABI_VERSION;
 pub use slot::{CallCounts, PluginInfo, PluginState, ProcessInfo, RetiredVersion, SocketInfo};

@@ -269,11 +269,19 @@ impl Listen {
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Isolation {
-    /// On the caller's thread: fastest; a replaced version is never unloaded.
+    /// On the caller's thread, always: fastest; a call holds its caller (an
+    /// async runtime's worker too) until it returns. Unloaded when no thread
+    /// holds state of its code, where dynplug sees that (see the crate docs).
     Inline,
-    /// On worker threads owned by the loaded version, so it can be drained and unloaded.
-    #[default]
+    /// On worker threads owned by the loaded version, always: a caller can
+    /// stop waiting at its deadline, and calls queue up to `queue_limit`.
     Pooled,
+    /// On the caller's thread while its calls of that label are quick and,
+    /// on an async runtime, another worker stays free; on the version's
+    /// workers otherwise (on its workers always where dynplug does not see
+    /// what plugin code leaves on threads).
+    #[default]
+    Auto,
     /// In a child process.
     Process,
 }
@@ -284,6 +292,7 @@ impl Isolation {
         match self {
             Isolation::Inline => "inline",
             Isolation::Pooled => "pooled",
+            Isolation::Auto => "auto",
             Isolation::Process => "process",
         }
     }
@@ -1002,9 +1011,9 @@ mod tests {
         r#"{"name":"p","version":"1.0.0","source":{"mode":"local_so","path":"libp"}}"#;
 
     #[test]
-    fn minimal_manifest_defaults_to_pooled() {
+    fn minimal_manifest_defaults_to_auto() {
         let m = parse(MINIMAL).unwrap();
-        assert_eq!(m.isolation, Isolation::Pooled);
+        assert_eq!(m.isolation, Isolation::Auto);
         assert_eq!(
             m.library_path(Path::new("d")).unwrap(),
             Path::new("d").join(format!("libp.{}", std::env::consts::DLL_EXTENSION))

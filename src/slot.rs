@@ -33,6 +33,9 @@ pub enum PluginState {
     Retained,
     /// Taken out of service, but its code is still mapped (see the error).
     Leaked,
+    /// Taken out of service; closed once the threads that hold state of its
+    /// code (named in the error) let go.
+    Pinned,
     /// In service, but its process is down and being started again: calls
     /// fail with `Unavailable` meanwhile.
     Restarting,
@@ -56,6 +59,7 @@ impl PluginState {
             PluginState::Unloaded => "unloaded",
             PluginState::Retained => "retained",
             PluginState::Leaked => "leaked",
+            PluginState::Pinned => "pinned",
             PluginState::Restarting => "restarting",
             PluginState::CrashLoop => "crash_loop",
             PluginState::Unreachable => "unreachable",
@@ -189,7 +193,7 @@ pub struct ProcessInfo {
 pub struct RetiredVersion {
     /// The version.
     pub version: String,
-    /// [`PluginState::Retained`] or [`PluginState::Leaked`].
+    /// [`PluginState::Retained`], [`PluginState::Leaked`] or [`PluginState::Pinned`].
     pub state: PluginState,
     /// Why it is still mapped.
     pub reason: Option<String>,

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 #[cfg(feature = "exec")]
 use crate::exec::{ExecOptions, ExecVersion};
 use crate::manifest::{Isolation, Manifest, Source};
-use crate::native::{NativeOptions, NativeVersion};
+use crate::native::{self, NativeOptions, NativeVersion};
 #[cfg(feature = "exec")]
 use crate::process::{ProcessOptions, ProcessVersion};
 use crate::signing::{Seal, Trust};
@@ -40,10 +40,18 @@ pub(crate) enum Outcome {
 pub(crate) enum Ending {
     /// Stopped and, for native code, verified unmapped.
     Unloaded,
-    /// Kept mapped on purpose (`inline`).
+    /// Kept mapped on purpose (`inline`, where plugin threads are not tracked).
     Retained,
+    /// Closed once the threads holding state of its code let go; the
+    /// reason names them. How it finally ended is reported later.
+    Pinned(String),
     /// Still mapped after `dlclose`, or never closed; the reason says why.
     Leaked(String),
+}
+
+/// Leave to run one call in place, by kind.
+pub(crate) enum InPlace<'a> {
+    Native(native::InPlace<'a>),
 }
 
 /// How a version's calls are carried out: one variant per plugin kind.
@@ -256,15 +264,29 @@ impl Version {
         }
     }
 
-    /// Whether calls run on the caller's thread (`inline`): the façades then
-    /// call it in place rather than through the async path.
-    #[cfg(feature = "server")]
-    pub(crate) fn is_inline(&self) -> bool {
+    /// Whether this call may run in place on the (async runtime) thread
+    /// asking, now; `None` sends it down the async path.
+    #[inline]
+    pub(crate) fn in_place(&self, ctx: &Context) -> Option<InPlace<'_>> {
         match &self.backend {
-            Backend::Native(native) => native.is_inline(),
+            Backend::Native(native) => native.in_place(ctx).map(InPlace::Native),
             #[cfg(feature = "exec")]
-            Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_) => false,
+            Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_) => None,
         }
+    }
+
+    /// Runs a call `in_place` allowed.
+    pub(crate) fn run_in_place(&self, ctx: &mut Context, leave: InPlace<'_>) -> Result<()> {
+        self.check_not_expired(ctx)?;
+        ctx.begin_call();
+        let outcome = match (&self.backend, leave) {
+            (Backend::Native(native), InPlace::Native(leave)) => native.run_in_place(ctx, leave)?,
+            #[cfg(feature = "exec")]
+            (Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_), _) => {
+                unreachable!("`in_place` gives no leave to exec, process and socket versions")
+            }
+        };
+        self.settle(ctx, outcome)
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -286,6 +308,7 @@ impl Version {
         self.settle(ctx, outcome)
     }
 
+    /// The async path, for calls `in_place` did not take.
     pub(crate) async fn execute_async(&self, ctx: &mut Context) -> Result<()> {
         self.check_not_expired(ctx)?;
         ctx.begin_call();

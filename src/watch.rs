@@ -328,16 +328,38 @@ impl Follower {
         if matches!(event.kind, EventKind::Access(_)) {
             return markers;
         }
-        let at = Instant::now() + self.settle;
+        let now = Instant::now();
+        let renamed_in = renamed_into(&self.base, event);
         for path in &event.paths {
             if let Some(name) = plugin_of(&self.base, path) {
                 // A new change restarts the settle time and the attempts
-                // (a change during a running sync syncs again after it).
+                // (a change during a running sync syncs again after it). A
+                // whole entry renamed into place is complete: it is synced
+                // at once.
+                let at = if renamed_in == Some(path.as_path()) {
+                    now
+                } else {
+                    now + self.settle
+                };
                 self.due.insert(name, (at, 0));
             }
         }
         markers
     }
+}
+
+/// The entry of `base` an event says was renamed into it (the second
+/// rename of the documented procedure, or a package's last step): complete
+/// by the time the rename is seen, so it needs no settle time. Files written
+/// in place, and renames inside a plugin's directory, still wait for it.
+fn renamed_into<'a>(base: &Path, event: &'a notify::Event) -> Option<&'a Path> {
+    use notify::event::{ModifyKind, RenameMode};
+    let to = match event.kind {
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => event.paths.first()?,
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => event.paths.get(1)?,
+        _ => return None,
+    };
+    (to.parent() == Some(base)).then_some(to.as_path())
 }
 
 /// The plugin directory name a path under `base` belongs to (dot entries excluded).
@@ -374,5 +396,48 @@ mod tests {
         );
         assert_eq!(plugin_of(base, Path::new("/p")), None);
         assert_eq!(plugin_of(base, Path::new("/q/hello")), None);
+    }
+
+    #[test]
+    fn an_entry_renamed_into_place_is_synced_at_once_a_write_after_settling() {
+        use notify::event::{CreateKind, DataChange, ModifyKind, RenameMode};
+        let base = PathBuf::from("/p");
+        let settle = Duration::from_secs(60);
+        let mut follower = Follower::new(Weak::new(), base.clone(), settle, Arc::default());
+        let event = |kind, paths: &[&str]| {
+            let mut event = notify::Event::new(kind);
+            for path in paths {
+                event = event.add_path(PathBuf::from(path));
+            }
+            event
+        };
+        let due = |follower: &Follower, name: &str| follower.due[name].0;
+        let now = Instant::now();
+
+        // The second rename of the procedure: `.counter.new` → `counter`.
+        let rename = ModifyKind::Name(RenameMode::Both);
+        follower.note(&event(
+            EventKind::Modify(rename),
+            &["/p/.counter.new", "/p/counter"],
+        ));
+        assert!(due(&follower, "counter") < now + settle / 2, "at once");
+        // The first one (`counter` → `.counter.old`) settles.
+        follower.note(&event(
+            EventKind::Modify(rename),
+            &["/p/hello", "/p/.hello.old"],
+        ));
+        assert!(due(&follower, "hello") >= now + settle);
+        // So do files written in place, created, or renamed inside a plugin.
+        let data = ModifyKind::Data(DataChange::Content);
+        follower.note(&event(EventKind::Modify(data), &["/p/a/liba.so"]));
+        follower.note(&event(EventKind::Create(CreateKind::Folder), &["/p/b"]));
+        let inside = ModifyKind::Name(RenameMode::To);
+        follower.note(&event(EventKind::Modify(inside), &["/p/c/libc.so"]));
+        for name in ["a", "b", "c"] {
+            assert!(due(&follower, name) >= now + settle, "{name} settles");
+        }
+        // A package renamed into place, seen as a lone `To`.
+        follower.note(&event(EventKind::Modify(inside), &["/p/d-1.0.0.plg"]));
+        assert!(due(&follower, "d-1.0.0.plg") < now + settle / 2);
     }
 }

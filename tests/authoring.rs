@@ -164,7 +164,7 @@ fn new_then_build_pack_drop_and_call() {
     assert_eq!(package, work.path().join("greeter-0.1.0.plg"));
     let out = run(dynplug().arg("verify").arg(&package));
     assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("ok: greeter 0.1.0 (local_so, pooled"),
+        String::from_utf8_lossy(&out.stdout).starts_with("ok: greeter 0.1.0 (local_so, auto"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

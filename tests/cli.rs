@@ -190,6 +190,13 @@ fn verify_checks_without_running() {
 #[test]
 fn serve_prints_its_address_serves_and_stops_on_sigterm() {
     let dir = plugins();
+    let slow = support::manifest(
+        "slow",
+        "slow",
+        "0.1.0",
+        r#""isolation": "pooled", "http_services": {"routes": [{"route": "/api/slow", "method": "GET", "label": "spin", "timeout_ms": 60000}]}"#,
+    );
+    support::install_as(dir.path(), "slow", "slow", Some(&slow));
     // In the plugins directory (dot files are not plugins): `plugins = "."`
     // is relative to the file.
     let config = dir.path().join(".dynplug.toml");
@@ -243,20 +250,44 @@ fn serve_prints_its_address_serves_and_stops_on_sigterm() {
     let response = get("/_dynplug/plugins", "authorization: Bearer t0ken\r\n");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
-    // The file's `pool_size` reached the manager: three workers per pooled
-    // version. A thread names itself once it runs: wait for the names.
-    let workers = || {
+    // The file's `pool_size` reached the manager: a pooled version runs at
+    // most three calls at once. Workers start with calls: hold four calls of
+    // a pooled `slow` (one each connection) and count its threads. A thread
+    // names itself once it runs: wait for the names.
+    let threads_named = |prefix: &str| {
         std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
             .unwrap()
             .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-            .filter(|name| name.starts_with("dynplug-hello-"))
+            .filter(|name| name.starts_with(prefix))
             .count()
     };
+    let started = |i: usize| dir.path().join(format!(".slow-started-{i}"));
+    let held: Vec<std::net::TcpStream> = (0..4)
+        .map(|i| {
+            let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+            let request = format!(
+                "GET /api/slow?max_ms=60000&started_file={} HTTP/1.1\r\nhost: localhost\r\n\r\n",
+                started(i).display()
+            );
+            stream.write_all(request.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
     let deadline = std::time::Instant::now() + support::PATIENCE;
-    while workers() < 3 && std::time::Instant::now() < deadline {
+    let running = || (0..4).filter(|&i| started(i).exists()).count();
+    while (running() < 3 || threads_named("dynplug-slow") < 3)
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(workers(), 3, "worker threads of the pooled hello");
+    assert_eq!(running(), 3, "three calls run, the fourth waits");
+    assert_eq!(
+        threads_named("dynplug-slow"),
+        3,
+        "worker threads of the pooled slow"
+    );
+    // Closing the connections cancels the calls.
+    drop(held);
 
     // As an operator would.
     let status = Command::new("kill")

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use dynplug::{Context, Error, PluginManager};
-use support::{call, install, install_as, manager_with, manifest};
+use support::{call, install_as, manager_with, manifest};
 use tempfile::TempDir;
 
 #[test]
@@ -24,10 +24,11 @@ fn deadline_stops_a_slow_plugin() {
     assert_eq!(ctx.label(), "spin", "the label is given back");
 }
 
-/// `slow` with one worker and, optionally, a queue limit.
+/// `slow`, `pooled`, with one worker and, optionally, a queue limit.
 fn one_worker_slow(queue_limit: Option<usize>) -> (TempDir, PluginManager, dynplug::Executor) {
     let dir = tempfile::tempdir().unwrap();
-    install(dir.path(), "slow");
+    let pooled = manifest("slow", "slow", "0.1.0", r#""isolation": "pooled""#);
+    install_as(dir.path(), "slow", "slow", Some(&pooled));
     let mut builder = PluginManager::builder(dir.path()).pool_size(1);
     if let Some(calls) = queue_limit {
         builder = builder.queue_limit(calls);

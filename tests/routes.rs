@@ -114,6 +114,45 @@ fn routes_beside_served_ones_load_and_an_owner_may_change_its_own() {
     );
 }
 
+/// The manager keeps an index of the routes served, extended as plugins
+/// load: routes an upgrade or an unload frees can be taken right after.
+#[test]
+fn routes_freed_by_an_upgrade_or_an_unload_can_be_taken() {
+    let (dir, manager) = hello_and_intruder(&route("GET", "/api/respond/:kind"));
+    assert!(matches!(
+        manager.load_plugin("intruder"),
+        Err(Error::RouteConflict { .. })
+    ));
+    // hello gives up `/api/respond/:kind` in its next version.
+    let http = format!(
+        r#""http_services": {{"routes": [{}]}}"#,
+        route("GET", "/api/hello/:name")
+    );
+    let manifest = support::manifest("hello", "hello", "1.1.0", &http);
+    support::install_as(dir.path(), "hello", "hello", Some(&manifest));
+    manager.load_plugin("hello").unwrap();
+    manager.load_plugin("intruder").unwrap();
+
+    // A third plugin wants hello's remaining route: refused while hello
+    // serves it, taken once hello is unloaded.
+    let third = support::manifest(
+        "third",
+        "hello",
+        "1.0.0",
+        &format!(
+            r#""http_services": {{"routes": [{}]}}"#,
+            route("GET", "/api/hello/:who")
+        ),
+    );
+    support::install_as(dir.path(), "hello", "third", Some(&third));
+    assert!(matches!(
+        manager.load_plugin("third"),
+        Err(Error::RouteConflict { owner, .. }) if owner == "hello"
+    ));
+    manager.unload("hello").unwrap();
+    manager.load_plugin("third").unwrap();
+}
+
 #[test]
 fn a_manifest_of_100k_routes_is_refused_before_any_route_is_looked_at() {
     let (dir, manager) = support::manager_with(&["hello"]);

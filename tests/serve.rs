@@ -472,3 +472,73 @@ async fn the_management_token_guards_data_and_actions() {
     }
     running.shutdown().await;
 }
+
+/// Under the default isolation (`auto`), a plugin that blocks never stalls
+/// the other requests, though quick calls run in place on the runtime's
+/// two workers: at most one worker is in plugin code at a time (the others'
+/// calls go to the plugin's own workers), and a label seen slow runs on the
+/// plugin's workers from then on, where its deadline returns the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_plugin_does_not_stall_other_requests() {
+    let f = Fixture::start().await;
+    let hold = f.dir.path().join(".hold");
+    std::fs::write(&hold, b"").unwrap();
+    let marker = |i: usize| f.dir.path().join(format!(".blocked-{i}"));
+    // More blocked calls than the runtime has workers.
+    let blocked: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = f.http;
+            let path = format!(
+                "/api/slow?max_ms=60000&hold_file={}&started_file={}",
+                hold.display(),
+                marker(i).display()
+            );
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                exchange(stream, "GET", &path, &[], b"").await
+            })
+        })
+        .collect();
+    eventually("a blocked call runs in the plugin", || {
+        let started = (0..4).any(|i| marker(i).exists());
+        async move { started }
+    })
+    .await;
+    // Every other request is served while the plugin blocks.
+    for i in 0..10 {
+        let r = f.get(&format!("/api/hello/n{i}")).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let r = f.request("POST", "/api/counter", &[], b"").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // One call runs in place, on one of the two workers; the other three
+    // went to the plugin's workers, where the route's 300 ms timeout
+    // answers them (the plugin ignores it). The one in place cannot be
+    // abandoned: it holds until released.
+    eventually("the calls on the plugin's workers time out", || {
+        let finished = blocked.iter().filter(|b| b.is_finished()).count();
+        async move { finished >= 3 }
+    })
+    .await;
+    assert_eq!(blocked.iter().filter(|b| b.is_finished()).count(), 3);
+    std::fs::remove_file(&hold).unwrap();
+    let mut statuses = Vec::new();
+    for b in blocked {
+        statuses.push(b.await.unwrap().status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 504, 504, 504]);
+    // The label was seen slow: it now runs on the plugin's workers, where
+    // the deadline returns the caller on time although the plugin blocks.
+    std::fs::write(&hold, b"").unwrap();
+    let started = Instant::now();
+    let r = f
+        .get(&format!(
+            "/api/slow?max_ms=60000&hold_file={}",
+            hold.display()
+        ))
+        .await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    std::fs::remove_file(&hold).unwrap();
+}

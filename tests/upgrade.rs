@@ -349,7 +349,46 @@ fn same_version_new_bytes_reloads_and_touch_does_not() {
 }
 
 #[test]
+fn inline_versions_are_unloaded_when_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    install_as(
+        dir.path(),
+        "counter",
+        "counter",
+        Some(&counter_manifest("1.0.0", "v1", r#""isolation": "inline""#)),
+    );
+    let manager = PluginManager::new(dir.path()).unwrap();
+    let mut events = manager.subscribe();
+    let _watcher = manager.watch().unwrap();
+    wait_for(&mut events, "loaded", |e| matches!(e, Event::Loaded { .. }));
+    assert_eq!(generation(&manager), "v1");
+    install_as(
+        dir.path(),
+        "counter",
+        "counter",
+        Some(&counter_manifest("2.0.0", "v2", r#""isolation": "inline""#)),
+    );
+    expect_event(
+        &mut events,
+        Event::Unloaded {
+            plugin: "counter".into(),
+            version: "1.0.0".into(),
+        },
+    );
+    assert_eq!(generation(&manager), "v2");
+    let info = manager.info("counter").unwrap();
+    assert_eq!(info.state, PluginState::Loaded);
+    assert!(info.retired.is_empty(), "{:?}", info.retired);
+    assert_eq!(mapped_under(dir.path()).len(), 1);
+}
+
+/// Where dynplug does not see plugin threads, replaced `inline` versions
+/// stay mapped, and are listed.
+#[test]
 fn inline_versions_are_retained_and_listed() {
+    if !support::without_thread_tracking("inline_versions_are_retained_and_listed") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     install_as(
         dir.path(),

@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
 
 use super::{Inner, PluginManager};
 use crate::error::{Error, Result};
-use crate::native::{NativeOptions, remove_stale};
+use crate::native::{LateEnding, NativeOptions, remove_stale};
 use crate::version::LoadOptions;
 
 /// Configures a [`PluginManager`].
@@ -242,10 +242,15 @@ impl Builder {
         self
     }
 
-    /// What every load of the manager needs.
+    /// What every load of the manager needs (nobody hears how a pinned
+    /// version ends: for `verify`).
     pub(crate) fn load_options(&self) -> LoadOptions {
+        self.load_options_with(LateEnding::ignored())
+    }
+
+    fn load_options_with(&self, late: LateEnding) -> LoadOptions {
         LoadOptions {
-            native: self.native_options(),
+            native: self.native_options(late),
             trust: Arc::new(crate::signing::Trust::default()),
             build: crate::build::BuildOptions {
                 cache: self
@@ -296,7 +301,7 @@ impl Builder {
         ))
     }
 
-    fn native_options(&self) -> NativeOptions {
+    fn native_options(&self, late: LateEnding) -> NativeOptions {
         NativeOptions {
             shadow_dir: self
                 .shadow_dir
@@ -307,6 +312,7 @@ impl Builder {
             max_library_size: self.max_library_size,
             init_timeout: self.init_timeout,
             shutdown_timeout: self.shutdown_timeout,
+            late,
         }
     }
 
@@ -337,24 +343,34 @@ impl Builder {
         if let Some(warning) = crate::private_dir::group_writable(&self.base) {
             tracing::warn!("{warning}");
         }
-        let mut options = self.load_options();
-        options.trust = Arc::new(self.trust()?);
-        remove_stale(&options.native.shadow_dir);
+        report_thread_tracking();
+        let trust = Arc::new(self.trust()?);
         let unpack_root = self.base.join(".dynplug").join("unpacked");
         crate::package::remove_stale(&unpack_root);
         let packages = crate::origin::PackageIndex::new(crate::package::Limits::for_library(
             self.max_library_size,
         ));
         let (events, _) = broadcast::channel(self.event_capacity);
-        #[cfg(feature = "exec")]
-        {
-            crate::exec::remove_stale(&options.exec.work_dir);
-            options.exec.events = crate::event::EventSink::new(events.clone());
-            options.socket.events = crate::event::EventSink::new(events.clone());
-        }
-        Ok(PluginManager {
-            inner: Arc::new(Inner {
-                base: self.base,
+        let inner = Arc::new_cyclic(|manager: &Weak<Inner>| {
+            // A version reported pinned ends later, on dynplug's reaper
+            // thread; the manager may be gone by then.
+            let manager = manager.clone();
+            let late = LateEnding::new(move |plugin, version, ending| {
+                if let Some(inner) = manager.upgrade() {
+                    PluginManager::from_inner(inner).ended_late(plugin, version, ending);
+                }
+            });
+            let mut options = self.load_options_with(late);
+            options.trust = trust;
+            remove_stale(&options.native.shadow_dir);
+            #[cfg(feature = "exec")]
+            {
+                crate::exec::remove_stale(&options.exec.work_dir);
+                options.exec.events = crate::event::EventSink::new(events.clone());
+                options.socket.events = crate::event::EventSink::new(events.clone());
+            }
+            Inner {
+                base: self.base.clone(),
                 unpack_root,
                 packages,
                 options,
@@ -364,10 +380,29 @@ impl Builder {
                 tls_warned: AtomicUsize::new(0),
                 slots: RwLock::new(BTreeMap::new()),
                 events,
-                routes: Mutex::new(()),
-            }),
-        })
+                routes: Mutex::new(super::load::ServedRoutes::default()),
+            }
+        });
+        Ok(PluginManager { inner })
     }
+}
+
+/// Says once per process, at the first manager, when the executable does
+/// not let dynplug see what plugin code leaves on threads, and what that
+/// costs.
+fn report_thread_tracking() {
+    static REPORTED: std::sync::Once = std::sync::Once::new();
+    REPORTED.call_once(|| {
+        if let Err(why) = crate::native::thread_tracking() {
+            tracing::warn!(
+                "{why}: dynplug cannot see what plugin code leaves on threads, so `auto` \
+                 plugins run on their own workers and replaced `inline` versions are never \
+                 unloaded. A host binary exports them with one line in its crate's build.rs: \
+                 println!(\"cargo:rustc-link-arg-bins={}\");",
+                crate::THREAD_TRACKING_LINK_ARG
+            );
+        }
+    });
 }
 
 /// `path` made absolute against the current directory (as it is).

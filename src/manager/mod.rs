@@ -58,8 +58,8 @@ pub(crate) struct Inner {
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     events: broadcast::Sender<Event>,
     /// Held while a version is swapped in, so that parallel loads cannot
-    /// both claim a route.
-    routes: Mutex<()>,
+    /// both claim a route; holds the index of the routes served.
+    routes: Mutex<load::ServedRoutes>,
 }
 
 impl std::fmt::Debug for PluginManager {
@@ -99,6 +99,17 @@ impl PluginManager {
     /// the highest one in use hides the keys above it.
     pub fn tls_keys_in_use(&self) -> Option<usize> {
         crate::native::pthread_keys_in_use()
+    }
+
+    /// Whether this process lets dynplug see what plugin code leaves on
+    /// threads (see [`THREAD_TRACKING_LINK_ARG`](crate::THREAD_TRACKING_LINK_ARG)):
+    /// then code that ran on callers' threads (`inline`, `auto`) is unloaded
+    /// once no thread holds state of it, and replaced versions give their
+    /// pthread keys back. Otherwise `auto` plugins run on their own workers,
+    /// replaced `inline` versions are retained, and each version of a plugin
+    /// calling `std::thread::current()` keeps one of glibc's 1,024 keys.
+    pub fn tracks_threads(&self) -> bool {
+        crate::native::thread_tracking().is_ok()
     }
 
     fn slot_or_insert(&self, name: &str, origin: Origin) -> Arc<Slot> {

@@ -17,8 +17,11 @@ const UNLOAD_THREADS: usize = 32;
 impl PluginManager {
     /// Takes a plugin out of service: new calls fail with
     /// [`Error::Unavailable`], running calls finish, then the version is shut
-    /// down and unloaded. Returns the final state ([`PluginState::Unloaded`],
-    /// [`PluginState::Retained`] for `inline`, or [`PluginState::Leaked`]).
+    /// down and unloaded. Returns the state it reached:
+    /// [`PluginState::Unloaded`]; [`PluginState::Pinned`] while threads hold
+    /// state of its code (then [`Event::Unloaded`] follows once they let
+    /// go); [`PluginState::Retained`] for `inline` code where dynplug does
+    /// not see plugin threads; or [`PluginState::Leaked`].
     ///
     /// # Errors
     /// [`Error::NotFound`] for an unknown name, [`Error::Unavailable`] if it
@@ -86,6 +89,14 @@ impl PluginManager {
 
     /// Drains a version taken out of service, then unloads it and reports how it ended.
     pub(super) fn retire(&self, slot: &Slot, old: Arc<Version>) -> PluginState {
+        if slot.current.load().is_none() && old.manifest.parsed_routes().next().is_some() {
+            // Its routes are no longer served (an upgrade has forgotten them already).
+            self.inner
+                .routes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .forget();
+        }
         let plugin = slot.name.clone();
         let version = old.manifest.version.to_string();
         let serving = slot.current.load().is_some();
@@ -132,8 +143,64 @@ impl PluginManager {
                 version,
                 reason: format!("{reason} ({artifact})"),
             },
+            Ending::Pinned(reason) => Event::Pinned {
+                plugin,
+                version,
+                reason,
+            },
         };
         self.ended(slot, serving, event)
+    }
+
+    /// A version reported pinned has ended (called on dynplug's reaper
+    /// thread): its `retired` entry goes, and the ending is announced.
+    pub(super) fn ended_late(&self, plugin: &str, version: &str, ending: Ending) {
+        let Some(slot) = self.slot(plugin) else {
+            return;
+        };
+        let serving = slot.current.load().is_some();
+        let event = {
+            let mut status = slot.status();
+            if let Some(at) = status
+                .retired
+                .iter()
+                .position(|r| r.version == version && r.state == PluginState::Pinned)
+            {
+                status.retired.remove(at);
+            }
+            let (plugin, version) = (plugin.to_owned(), version.to_owned());
+            let (state, error, event) = match ending {
+                Ending::Unloaded => {
+                    status.unloads += 1;
+                    (
+                        PluginState::Unloaded,
+                        None,
+                        Event::Unloaded { plugin, version },
+                    )
+                }
+                Ending::Leaked(reason) => {
+                    status.retired.push(RetiredVersion {
+                        version: version.clone(),
+                        state: PluginState::Leaked,
+                        reason: Some(reason.clone()),
+                    });
+                    let event = Event::Leaked {
+                        plugin,
+                        version,
+                        reason: reason.clone(),
+                    };
+                    (PluginState::Leaked, Some(reason), event)
+                }
+                Ending::Retained | Ending::Pinned(_) => return,
+            };
+            if !serving && status.state == PluginState::Pinned {
+                status.state = state;
+                status.error = error;
+            }
+            event
+        };
+        tracing::info!(plugin, version, "pinned version ended: {event:?}");
+        self.emit(event);
     }
 
     /// Records how a retired version ended; the slot's state changes only if
@@ -143,17 +210,21 @@ impl PluginManager {
             Event::Unloaded { .. } => (PluginState::Unloaded, None),
             Event::Retained { .. } => (PluginState::Retained, None),
             Event::Leaked { reason, .. } => (PluginState::Leaked, Some(reason.clone())),
+            Event::Pinned { reason, .. } => (PluginState::Pinned, Some(reason.clone())),
             _ => unreachable!("only ending events are passed"),
         };
         match &event {
             Event::Leaked { reason, .. } => tracing::warn!(plugin = %slot.name, "leaked: {reason}"),
+            Event::Pinned { reason, .. } => tracing::info!(plugin = %slot.name, "pinned: {reason}"),
             _ => tracing::info!(plugin = %slot.name, "{}", state.as_str()),
         }
         {
             let mut status = slot.status();
             match &event {
                 Event::Unloaded { .. } => status.unloads += 1,
-                Event::Retained { version, .. } | Event::Leaked { version, .. } => {
+                Event::Retained { version, .. }
+                | Event::Leaked { version, .. }
+                | Event::Pinned { version, .. } => {
                     status.retired.push(RetiredVersion {
                         version: version.clone(),
                         state,

@@ -108,6 +108,9 @@ fn run(socket: &Path) -> Result<(), (u8, String)> {
         max_library_size: spec.max_library_size,
         init_timeout: Duration::from_millis(spec.init_timeout_ms),
         shutdown_timeout: Duration::from_millis(spec.shutdown_timeout_ms),
+        // The runner reports nothing after its one version's unload: the
+        // process exits.
+        late: crate::native::LateEnding::ignored(),
     };
     let version =
         NativeVersion::load_bytes(&manifest, &spec.dir, &options, bytes).map_err(|e| {

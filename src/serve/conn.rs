@@ -100,8 +100,10 @@ impl Settings {
 }
 
 /// What handlers may know about the connection a request came on, in the
-/// request's extensions. Only inserted when it says something (a Unix
-/// socket, a client certificate): a plain TCP request pays no allocation.
+/// request's extensions. Only inserted when it says something a handler
+/// reads (a client certificate; a Unix socket, for the management API; the
+/// peer's credentials, for the plugin registry): a plugin call pays no
+/// allocation for it.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Peer {
     /// Came over a Unix socket (no browser can: the Host check is moot).
@@ -111,6 +113,12 @@ pub(crate) struct Peer {
     /// The Unix socket peer's user and process, from the kernel
     /// (`SO_PEERCRED`, as of its `connect`): who registers a plugin.
     pub(crate) cred: Option<(u32, Option<i32>)>,
+}
+
+/// Whether a request to `path` reads its [`Peer`] even without a client
+/// certificate: the management API and the plugin registry.
+fn reads_peer(path: &str) -> bool {
+    crate::manifest::is_reserved_path(path) || path.starts_with("/plugins.PluginRegistry/")
 }
 
 /// The connection's bytes, holding its slot of the connection cap until dropped.
@@ -252,7 +260,13 @@ where
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         let guard = InFlight::new(&self.activity);
-        if let Some(peer) = &self.peer {
+        // Only requests that read it pay for it (two allocations): any
+        // with a client certificate (callers are named by it), those to the
+        // management API (its Host check skips Unix sockets), and those to
+        // the plugin registry (it checks the caller's uid).
+        if let Some(peer) = &self.peer
+            && (peer.cert_names.is_some() || reads_peer(request.uri().path()))
+        {
             request.extensions_mut().insert(peer.clone());
         }
         // Both façades are always ready (an axum router, and `HttpService`):

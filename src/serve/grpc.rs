@@ -96,15 +96,19 @@ impl plugins_server::Plugins for Plugins {
         let deadline = timeout(&self.0, request.metadata(), request.get_ref().timeout_ms);
         let request = request.into_inner();
         check_value_count(request.values.len())?;
-        let executor = executor(&self.0, &request.plugin)?;
-        let mut ctx = Context::new(request.label);
+        let callee = self.0.routes.load().callee(&request.plugin);
+        let executor = match &callee {
+            Some(callee) => callee.executor.clone(),
+            None => executor(&self.0, &request.plugin)?,
+        };
+        let mut ctx = Context::with_capacity(request.label, request.values.len() + 2);
         for (key, value) in request.values {
             ctx.set(key, from_proto(value));
         }
         super::call(
             &self.0,
             &executor,
-            None,
+            callee.as_ref().map(|c| &*c.latency),
             &mut ctx,
             deadline,
             super::Facade::Grpc,
@@ -112,8 +116,8 @@ impl plugins_server::Plugins for Plugins {
         .await?;
         // The values the plugin set; the caller knows what it sent.
         let values = ctx
-            .written()
-            .map(|(k, v)| (k.to_owned(), to_proto(v)))
+            .into_written()
+            .map(|(k, v)| (k.into_string(), to_proto_owned(v)))
             .collect();
         Ok(Response::new(v1::ExecResponse { values }))
     }
@@ -192,6 +196,25 @@ pub fn from_proto(value: v1::Value) -> Value {
                 .collect(),
         ),
     }
+}
+
+/// Context value → wire value, moving strings and bytes rather than copying.
+fn to_proto_owned(value: Value) -> v1::Value {
+    let kind = match value {
+        Value::String(s) => Kind::StringValue(s),
+        Value::Bytes(b) => Kind::BytesValue(b),
+        Value::List(items) => Kind::ListValue(v1::ValueList {
+            items: items.into_iter().map(to_proto_owned).collect(),
+        }),
+        Value::Map(entries) => Kind::MapValue(v1::ValueMap {
+            entries: entries
+                .into_iter()
+                .map(|(k, v)| (k, to_proto_owned(v)))
+                .collect::<HashMap<_, _>>(),
+        }),
+        other => return to_proto(&other),
+    };
+    v1::Value { kind: Some(kind) }
 }
 
 /// Context value → wire value.

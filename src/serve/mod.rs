@@ -171,13 +171,11 @@ pub(crate) async fn call(
             ctx.set_deadline(deadline);
         }
     }
-    // Inline code runs inside this poll: a timer could not interrupt it, and
-    // the plugin sees the deadline through its context. A pooled call
-    // returns at the deadline by itself (`execute_async`), label kept.
-    let result = match executor.try_inline(ctx) {
-        Some(result) => result,
-        None => executor.execute_async(ctx).await,
-    };
+    // A call in place runs inside this poll: a timer could not interrupt
+    // it, and the plugin sees the deadline through its context. A call on
+    // the workers returns at the deadline by itself (`execute_async`), label
+    // kept.
+    let result = executor.execute_async(ctx).await;
     match latency {
         Some(latency) => latency[facade as usize].observe(started.elapsed()),
         None => state

@@ -32,13 +32,22 @@ pub(crate) struct Target {
     pub(crate) latency: Arc<Latency>,
 }
 
+/// A serving plugin called by name (gRPC `Exec`).
+pub(crate) struct Callee {
+    pub(crate) executor: Executor,
+    pub(crate) latency: Arc<Latency>,
+}
+
 /// The routes of every serving plugin, matched by the same rules
-/// (`crate::route`) that the manager's conflict check applies.
+/// (`crate::route`) that the manager's conflict check applies, and every
+/// serving plugin by name: a call finds its executor and histograms here
+/// without the manager's lock or the metrics' map.
 #[derive(Default)]
 pub(crate) struct RouteTable {
     router: Router<Arc<Target>>,
     /// Every mounted route, per plugin.
     pub(crate) mounted: HashMap<String, Vec<Route>>,
+    callees: HashMap<String, Arc<Callee>>,
 }
 
 impl RouteTable {
@@ -54,6 +63,13 @@ impl RouteTable {
                 continue;
             };
             let latency = metrics.latency(&info.name);
+            table.callees.insert(
+                info.name.clone(),
+                Arc::new(Callee {
+                    executor: executor.clone(),
+                    latency: Arc::clone(&latency),
+                }),
+            );
             for (method, pattern, route) in manifest.parsed_routes() {
                 let target = Arc::new(Target {
                     plugin: info.name.clone(),
@@ -80,6 +96,12 @@ impl RouteTable {
         }
         table.mount_defaults(manager, metrics);
         table
+    }
+
+    /// A serving plugin by name (one that started serving since the last
+    /// rebuild is not here yet: ask the manager).
+    pub(crate) fn callee(&self, plugin: &str) -> Option<Arc<Callee>> {
+        self.callees.get(plugin).cloned()
     }
 
     /// Mounts `POST /plugins/<name>/:method` for every serving plugin found

@@ -50,6 +50,8 @@ pub const SAMPLES: &[&str] = &[
     "slow",
     "wrong-abi",
     "pinned",
+    "thread-name",
+    "tls-drop",
     "crashing",
 ];
 
@@ -297,4 +299,27 @@ pub fn wait_for_line(lines: &Receiver<String>, pred: impl Fn(&String) -> bool) -
             Err(e) => panic!("no matching line: {e}"),
         }
     }
+}
+
+/// For a test to run in a process where dynplug does not track plugin
+/// threads (`DYNPLUG_THREAD_TRACKING=off`, decided once per process): in
+/// the test binary's own process this runs the test `name` again in a
+/// child with the switch, asserts that it passed, and returns `false`; in
+/// the child it returns `true` (go on with the test).
+pub fn without_thread_tracking(name: &str) -> bool {
+    if std::env::var_os("DYNPLUG_THREAD_TRACKING").is_some_and(|v| v == "off") {
+        return true;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("DYNPLUG_THREAD_TRACKING", "off")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
+    false
 }

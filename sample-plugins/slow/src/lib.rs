@@ -1,7 +1,10 @@
 //! Failure fixture: loops until the call is cancelled or past its deadline
 //! (or `max_ms`, default 10 s, as a safety net; with `stubborn` set it
-//! ignores cancellation and runs until `max_ms`). With a `started_file` value,
-//! it creates that file once it runs, so a test knows the call holds a worker.
+//! ignores cancellation and runs until `max_ms`). With a `hold_file` value
+//! (or query parameter), it blocks while that file exists, ignoring
+//! cancellation, as a plugin stuck on a lock would (`max_ms` still applies).
+//! With a `started_file` value, it creates that file once it runs, so a
+//! test knows the call holds a thread.
 //! Label `count` returns how many calls this copy has started, itself
 //! included, without looping.
 //!
@@ -52,8 +55,20 @@ fn execute(ctx: &mut Context) -> Result<(), PluginError> {
     if let Some(path) = started_file {
         std::fs::write(&path, b"").map_err(|e| PluginError::new(format!("{path}: {e}")))?;
     }
+    let hold_file = ctx
+        .get_str("hold_file")
+        .map(str::to_owned)
+        .or_else(|| ctx.get_str_in("query", "hold_file").map(str::to_owned));
     let start = Instant::now();
     let mut iterations = 0_i64;
+    if let Some(path) = hold_file {
+        while std::path::Path::new(&path).exists() && start.elapsed() < max {
+            std::thread::sleep(Duration::from_millis(1));
+            iterations += 1;
+        }
+        ctx.set("iterations", iterations);
+        return Ok(());
+    }
     // `stubborn`: ignores cancellation and deadlines, as a badly written
     // plugin would; only `max_ms` stops it.
     let stubborn = ctx.get_bool("stubborn").unwrap_or(false);

@@ -1,0 +1,220 @@
+//! Opening a native plugin: everything that can be checked without
+//! running it (manifest mode, artifact, checksum, header), then `dlopen` of
+//! an image holding exactly the checked bytes.
+
+use std::path::{Path, PathBuf};
+
+use super::ffi::{self, Library, OpenError};
+use super::header::{self, Refusal};
+use super::image::Image;
+use super::{Closing, NativeOptions};
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, Source};
+
+/// The pre-`dlopen` checks alone, for the fuzz targets.
+pub(crate) fn inspect(bytes: &[u8]) -> std::result::Result<(), String> {
+    header::inspect(bytes)
+        .map(|_| ())
+        .map_err(|refusal| format!("{refusal:?}"))
+}
+
+/// Checks everything about a native plugin that can be checked without
+/// running it (manifest mode, artifact, checksum, header) and loads it from
+/// an image of exactly the checked bytes.
+pub(super) fn open_checked(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+    check: Option<&ArtifactCheck<'_>>,
+) -> Result<(Library, Image)> {
+    let (path, real_dir, bytes) = read_library(manifest, dir, options)?;
+    let checked = check_bytes(manifest, &path, &bytes, check)?;
+    open_image(manifest, &path, &real_dir, options, bytes, &checked)
+}
+
+/// Everything [`open_checked`] does before the image and `dlopen`: the
+/// library's bytes, read once, checksum and header checked. What a
+/// `process` plugin's host does before handing the bytes to its runner.
+#[cfg(feature = "exec")]
+pub(crate) fn read_checked(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+    check: Option<&ArtifactCheck<'_>>,
+) -> Result<(PathBuf, Vec<u8>)> {
+    let (path, _, bytes) = read_library(manifest, dir, options)?;
+    check_bytes(manifest, &path, &bytes, check)?;
+    Ok((path, bytes))
+}
+
+/// Reads the library a `local_so` manifest names, once: the path as the
+/// manifest names it, the real plugin directory, and the bytes.
+fn read_library(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+) -> Result<(PathBuf, PathBuf, Vec<u8>)> {
+    let plugin = manifest.name.clone();
+    let manifest_path = dir.join(crate::manifest::MANIFEST_FILE);
+    let path = manifest
+        .library_path(dir)
+        .expect("local_so always has a library path");
+    let io = |action, source| Error::Io {
+        plugin: plugin.clone(),
+        action,
+        path: path.clone(),
+        source,
+    };
+    // `source.path` was checked to be relative without `..`; a symlink
+    // could still point outside the plugin directory.
+    let real = path.canonicalize().map_err(|e| io("reading", e))?;
+    let real_dir = dir.canonicalize().map_err(|e| io("reading", e))?;
+    if !real.starts_with(&real_dir) {
+        return Err(Error::Manifest {
+            plugin,
+            path: manifest_path,
+            field: "source.path".into(),
+            message: format!(
+                "resolves outside the plugin directory, to {}",
+                real.display()
+            ),
+        });
+    }
+    if let Some(why) = [&real_dir, &manifest_path, &real]
+        .into_iter()
+        .find_map(|p| crate::private_dir::world_writable(p))
+    {
+        return Err(Error::Insecure {
+            plugin,
+            path: path.clone(),
+            reason: why,
+        });
+    }
+    // Read once: every later step uses these bytes, and the image holds
+    // exactly them, so what is checked is what is loaded.
+    let bytes = crate::untrusted::read_file(&real, options.max_library_size)
+        .map_err(|e| io("reading", e))?;
+    Ok((path, real_dir, bytes))
+}
+
+/// A check of the artifact by the caller (its signature), given the hex
+/// SHA-256 of the bytes read, before anything else looks at them.
+pub(crate) type ArtifactCheck<'a> = dyn Fn(&str) -> Result<()> + 'a;
+
+/// The caller's check (a signature), the checksum and the header check, on
+/// the bytes that will be loaded.
+pub(super) fn check_bytes(
+    manifest: &Manifest,
+    path: &Path,
+    bytes: &[u8],
+    check: Option<&ArtifactCheck<'_>>,
+) -> Result<header::HeaderInfo> {
+    let plugin = manifest.name.clone();
+    let path = path.to_owned();
+    let Source::LocalSo { sha256, .. } = &manifest.source else {
+        unreachable!("Version::load sends only local_so manifests here");
+    };
+    // One digest for the signature and the checksum.
+    let digest = (sha256.is_some() || check.is_some()).then(|| crate::digest::sha256_hex(bytes));
+    if let (Some(check), Some(digest)) = (check, &digest) {
+        check(digest)?;
+    }
+    if let (Some(expected), Some(found)) = (sha256, digest)
+        && !crate::digest::digests_equal(expected, &found)
+    {
+        return Err(Error::Checksum {
+            plugin,
+            path,
+            algorithm: "sha256",
+            expected: expected.clone(),
+            found,
+        });
+    }
+    header::inspect(bytes).map_err(|refusal| match refusal {
+        Refusal::NotALibrary(message) => Error::BadLibrary {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            message,
+        },
+        Refusal::MissingRoot => Error::MissingRoot {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            symbol: plugin_abi::ffi::ROOT_SYMBOL,
+        },
+        Refusal::BadRoot(why) => Error::AbiMismatch {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            found: format!("a malformed root: {why}"),
+            expected: ffi::expected_abi(),
+        },
+        Refusal::Abi(info) => Error::AbiMismatch {
+            plugin: plugin.clone(),
+            path: path.clone(),
+            found: info.describe(),
+            expected: ffi::expected_abi(),
+        },
+    })
+}
+
+/// Puts checked bytes in an image and opens it.
+pub(super) fn open_image(
+    manifest: &Manifest,
+    path: &Path,
+    real_dir: &Path,
+    options: &NativeOptions,
+    bytes: Vec<u8>,
+    checked: &header::HeaderInfo,
+) -> Result<(Library, Image)> {
+    let plugin = manifest.name.as_str();
+    let image = Image::create(&bytes, plugin, real_dir, &options.shadow_dir).map_err(|source| {
+        Error::Io {
+            plugin: plugin.to_owned(),
+            action: "preparing an image of",
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    drop(bytes);
+    let opened = Library::open(image.path(), checked);
+    image.opened();
+    match opened {
+        Ok(library) => Ok((library, image)),
+        Err(refused) => {
+            // A library refused after `dlopen` may stay mapped (NODELETE):
+            // its `/proc/self/fd/N` name must then stay unique.
+            image.release(refused.still_mapped);
+            Err(open_error(refused.error, plugin, path))
+        }
+    }
+}
+
+fn open_error(e: OpenError, plugin: &str, path: &Path) -> Error {
+    let (plugin, path) = (plugin.to_owned(), path.to_owned());
+    match e {
+        OpenError::Dlopen(message) => Error::Open {
+            plugin,
+            path,
+            message,
+        },
+        OpenError::MissingRoot => Error::MissingRoot {
+            plugin,
+            path,
+            symbol: plugin_abi::ffi::ROOT_SYMBOL,
+        },
+        OpenError::Abi { found, expected } => Error::AbiMismatch {
+            plugin,
+            path,
+            found,
+            expected,
+        },
+    }
+}
+
+/// Verifies a native plugin without calling it: the artifact's bytes are
+/// checked, loaded from an image, its ABI checked, and it is closed again.
+/// The constructors of a library that passed the checks on its bytes run.
+pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<()> {
+    let (library, image) = open_checked(manifest, dir, options, None)?;
+    Closing::new(library, Some(image)).close_now();
+    Ok(())
+}
