@@ -95,19 +95,6 @@ impl Host {
         exchange(stream, method, path, &[], body.as_bytes()).await
     }
 
-    /// The reply to a request on a plugin's route once it is mounted:
-    /// routes follow load events on the server's own task.
-    async fn http_routed(&self, method: &str, path: &str, body: &str) -> support::http::Reply {
-        let until = std::time::Instant::now() + PATIENCE;
-        loop {
-            let reply = self.http(method, path, body).await;
-            if reply.status != 404 || std::time::Instant::now() > until {
-                return reply;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    }
-
     async fn metric(&self, line: &str) -> bool {
         let metrics = self.http("GET", "/metrics", "").await;
         String::from_utf8_lossy(&metrics.body)
@@ -167,7 +154,7 @@ async fn a_plugin_registers_serves_dies_is_unregistered_and_registers_again() {
         Some(&Value::from(serde_json::json!({"id": "c1", "path": ["a"]})))
     );
     let reply = host
-        .http_routed("POST", "/plugins/a/ValidateConnection", "{}")
+        .http("POST", "/plugins/a/ValidateConnection", "{}")
         .await;
     assert_eq!(reply.json(), serde_json::json!({"status": "success"}));
     assert!(host.metric("dynplug_registry_plugins 1").await);

@@ -542,3 +542,30 @@ async fn a_blocking_plugin_does_not_stall_other_requests() {
     assert!(started.elapsed() < Duration::from_secs(30));
     std::fs::remove_file(&hold).unwrap();
 }
+
+/// A route is served as soon as the call that loaded its plugin returns:
+/// the table the server follows events with may lag (a busy machine), and a
+/// miss in a table older than the manager's state looks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_is_served_once_its_load_returns() {
+    let f = Fixture::start().await;
+    for round in 0..20 {
+        f.manager.unload("counter").unwrap();
+        eventually("counter's route gone", || async {
+            f.request("POST", "/api/counter", &[], b"").await.status == 404
+        })
+        .await;
+        let manager = f.manager.clone();
+        tokio::task::spawn_blocking(move || manager.load_plugin("counter"))
+            .await
+            .unwrap()
+            .unwrap();
+        let r = f.request("POST", "/api/counter", &[], b"").await;
+        assert_eq!(
+            r.status,
+            200,
+            "round {round}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+}

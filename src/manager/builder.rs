@@ -380,6 +380,7 @@ impl Builder {
                 tls_warned: AtomicUsize::new(0),
                 slots: RwLock::new(BTreeMap::new()),
                 events,
+                changes: std::sync::atomic::AtomicU64::new(0),
                 routes: Mutex::new(super::load::ServedRoutes::default()),
             }
         });

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -57,6 +57,10 @@ pub(crate) struct Inner {
     tls_warned: AtomicUsize,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     events: broadcast::Sender<Event>,
+    /// Lifecycle events emitted so far: what a view built from the
+    /// manager's state (the façades' route table) compares to know it is
+    /// current.
+    changes: AtomicU64,
     /// Held while a version is swapped in, so that parallel loads cannot
     /// both claim a route; holds the index of the routes served.
     routes: Mutex<load::ServedRoutes>,
@@ -170,7 +174,16 @@ impl PluginManager {
         PluginManager { inner }
     }
 
+    /// How many lifecycle events the manager has emitted: a view of its
+    /// state built after reading this is current until it changes.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn changes(&self) -> u64 {
+        self.inner.changes.load(Ordering::Acquire)
+    }
+
     pub(crate) fn emit(&self, event: Event) {
+        // Counted before it is sent: whoever hears the event sees the count.
+        self.inner.changes.fetch_add(1, Ordering::AcqRel);
         // No subscriber is not an error.
         let _ = self.inner.events.send(event);
     }

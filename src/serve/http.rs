@@ -258,7 +258,7 @@ async fn facade(state: State, request: Request) -> Response {
     } else {
         None
     };
-    let Some((target, params)) = state.routes.load().lookup(method.as_str(), uri.path()) else {
+    let Some((target, params)) = super::routes::lookup(&state, method.as_str(), uri.path()) else {
         let message = format!("no route for {method} {}", uri.path());
         return error_json(StatusCode::NOT_FOUND, &message, None);
     };

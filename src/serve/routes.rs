@@ -48,11 +48,16 @@ pub(crate) struct RouteTable {
     /// Every mounted route, per plugin.
     pub(crate) mounted: HashMap<String, Vec<Route>>,
     callees: HashMap<String, Arc<Callee>>,
+    /// The manager's [`changes`](crate::PluginManager::changes) when built.
+    generation: u64,
 }
 
 impl RouteTable {
     pub(crate) fn build(manager: &PluginManager, metrics: &Metrics) -> RouteTable {
-        let mut table = RouteTable::default();
+        let mut table = RouteTable {
+            generation: manager.changes(),
+            ..RouteTable::default()
+        };
         for info in manager.list() {
             // A plugin whose process restarts keeps its routes: they answer
             // 503 meanwhile, not 404.
@@ -168,6 +173,23 @@ pub(crate) fn decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+/// The target of `method path` in the current table. A miss in a table
+/// older than the manager's state (a plugin loaded a moment ago, its event
+/// not yet followed) rebuilds the table first: a route is served as soon as
+/// the call that loaded its plugin returns, not when `follow` gets to it.
+pub(crate) fn lookup(state: &State, method: &str, path: &str) -> Option<(Arc<Target>, Value)> {
+    let table = state.routes.load();
+    if let Some(found) = table.lookup(method, path) {
+        return Some(found);
+    }
+    if table.generation == state.manager.changes() {
+        return None;
+    }
+    let fresh = Arc::new(RouteTable::build(&state.manager, &state.metrics));
+    state.routes.store(Arc::clone(&fresh));
+    fresh.lookup(method, path)
 }
 
 /// Rebuilds the table after every lifecycle event until shutdown.
