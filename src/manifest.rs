@@ -699,14 +699,33 @@ fn validate_exec(source: &Source) -> std::result::Result<(), (String, String)> {
             );
         }
     }
-    for (field, value, min) in [
-        ("start_timeout_ms", start_timeout_ms, 1),
-        ("health_interval_ms", health_interval_ms, 0),
-        ("health_timeout_ms", health_timeout_ms, 1),
-        ("restart_backoff_ms", restart_backoff_ms, 0),
-        ("restart_backoff_max_ms", restart_backoff_max_ms, 0),
-        ("stop_grace_ms", stop_grace_ms, 0),
-    ] {
+    check_timings(
+        &[
+            ("start_timeout_ms", start_timeout_ms, 1),
+            ("health_interval_ms", health_interval_ms, 0),
+            ("health_timeout_ms", health_timeout_ms, 1),
+            ("restart_backoff_ms", restart_backoff_ms, 0),
+            ("restart_backoff_max_ms", restart_backoff_max_ms, 0),
+            ("stop_grace_ms", stop_grace_ms, 0),
+        ],
+        (*health_misses, "pings"),
+        [
+            ("restart_backoff_ms", *restart_backoff_ms),
+            ("restart_backoff_max_ms", *restart_backoff_max_ms),
+        ],
+    )
+}
+
+/// The timing fields exec and socket plugins share, each named on error
+/// (`source.FIELD`): milliseconds within `min..=MAX_EXEC_MS`, health misses
+/// (counted in `what`) 1 to 1000, and a first backoff not above the longest.
+fn check_timings(
+    millis: &[(&str, &Option<u64>, u64)],
+    (misses, what): (Option<u32>, &str),
+    [(first_name, first), (max_name, max)]: [(&str, Option<u64>); 2],
+) -> std::result::Result<(), (String, String)> {
+    let fail = |field: &str, message: String| Err((format!("source.{field}"), message));
+    for &(field, value, min) in millis {
         if let Some(ms) = *value
             && !(min..=MAX_EXEC_MS).contains(&ms)
         {
@@ -716,21 +735,18 @@ fn validate_exec(source: &Source) -> std::result::Result<(), (String, String)> {
             );
         }
     }
-    if let Some(misses) = *health_misses
+    if let Some(misses) = misses
         && !(1..=1000).contains(&misses)
     {
         return fail(
             "health_misses",
-            format!("expected 1 to 1000 pings, found {misses}"),
+            format!("expected 1 to 1000 {what}, found {misses}"),
         );
     }
-    if let (Some(first), Some(max)) = (restart_backoff_ms, restart_backoff_max_ms)
+    if let (Some(first), Some(max)) = (first, max)
         && first > max
     {
-        return fail(
-            "restart_backoff_ms",
-            format!("{first} is above restart_backoff_max_ms ({max})"),
-        );
+        return fail(first_name, format!("{first} is above {max_name} ({max})"));
     }
     Ok(())
 }
@@ -843,38 +859,19 @@ fn validate_socket(source: &Source) -> std::result::Result<(), (String, String)>
     if let Err(why) = SocketPath::parse(path) {
         return fail("path", why);
     }
-    for (field, value, min) in [
-        ("health_interval_ms", health_interval_ms, 0),
-        ("health_timeout_ms", health_timeout_ms, 1),
-        ("reconnect_backoff_ms", reconnect_backoff_ms, 1),
-        ("reconnect_backoff_max_ms", reconnect_backoff_max_ms, 1),
-    ] {
-        if let Some(ms) = *value
-            && !(min..=MAX_EXEC_MS).contains(&ms)
-        {
-            return fail(
-                field,
-                format!("expected {min} to {MAX_EXEC_MS} milliseconds, found {ms}"),
-            );
-        }
-    }
-    if let Some(misses) = *health_misses
-        && !(1..=1000).contains(&misses)
-    {
-        return fail(
-            "health_misses",
-            format!("expected 1 to 1000 checks, found {misses}"),
-        );
-    }
-    if let (Some(first), Some(max)) = (reconnect_backoff_ms, reconnect_backoff_max_ms)
-        && first > max
-    {
-        return fail(
-            "reconnect_backoff_ms",
-            format!("{first} is above reconnect_backoff_max_ms ({max})"),
-        );
-    }
-    Ok(())
+    check_timings(
+        &[
+            ("health_interval_ms", health_interval_ms, 0),
+            ("health_timeout_ms", health_timeout_ms, 1),
+            ("reconnect_backoff_ms", reconnect_backoff_ms, 1),
+            ("reconnect_backoff_max_ms", reconnect_backoff_max_ms, 1),
+        ],
+        (*health_misses, "checks"),
+        [
+            ("reconnect_backoff_ms", *reconnect_backoff_ms),
+            ("reconnect_backoff_max_ms", *reconnect_backoff_max_ms),
+        ],
+    )
 }
 
 /// `http_services.routes`: the count first (so a huge list costs nothing
