@@ -8,7 +8,7 @@
 //! a thread is released when they are joined, before the library is closed:
 //! `stop` joins every worker, including those that left when idle.
 
-use std::sync::atomic::{AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,6 +19,10 @@ use super::ffi::Library;
 use super::placement::Placement;
 use crate::Context;
 use crate::version::Outcome;
+
+/// One idle worker and one job not taken yet, in `Crew::slots`.
+const IDLE_WORKER: u64 = 1 << 32;
+const PENDING: u64 = 1;
 
 /// How long a worker waits for a call before it leaves. A worker started on
 /// demand costs ~30–60 µs on these machines; it is paid once per burst.
@@ -42,8 +46,13 @@ struct Crew<J> {
     handler: Box<dyn Fn(J) + Send + Sync>,
     /// Workers alive (counting one that decided to leave but has not yet).
     live: AtomicUsize,
-    /// Workers waiting for a job.
-    idle: AtomicUsize,
+    /// Workers waiting for a job (high half) and jobs sent but not taken
+    /// yet (low half), in one word: a worker taking a job changes both at
+    /// once, so a sender that finds at least as many idle workers as jobs
+    /// knows each job has a worker of its own. (Two counters read apart let
+    /// a job wait behind a worker that had just taken another one, and that
+    /// job might hang: a plugin's `init` for 30 s.)
+    slots: AtomicU64,
     limit: usize,
     name: String,
     /// Every worker ever started and not yet joined.
@@ -61,7 +70,7 @@ impl<J: Send + 'static> Crew<J> {
             rx,
             handler: Box::new(handler),
             live: AtomicUsize::new(0),
-            idle: AtomicUsize::new(0),
+            slots: AtomicU64::new(0),
             limit: limit.max(1),
             name,
             handles: Mutex::new(Vec::new()),
@@ -69,14 +78,33 @@ impl<J: Send + 'static> Crew<J> {
         (tx, Arc::new(crew))
     }
 
-    /// After a job was sent: makes sure a worker will take it (one is idle,
-    /// or one more is started). `Err` only when no worker runs at all and
-    /// none can be started.
+    /// Sends `job` and makes sure a worker will take it (an idle one not
+    /// spoken for by another job, or one more started). The job comes back
+    /// if the receiving side is gone; `Err(None)` with the error when no
+    /// worker runs at all and none can be started (the job is queued).
+    fn send(self: &Arc<Self>, jobs: &Sender<J>, job: J) -> Result<(), (Option<J>, std::io::Error)> {
+        // Counted before it can be taken, so the count never goes below 0.
+        self.slots.fetch_add(PENDING, Ordering::SeqCst);
+        if let Err(e) = jobs.send(job) {
+            self.slots.fetch_sub(PENDING, Ordering::SeqCst);
+            return Err((Some(e.0), std::io::Error::other("the workers have stopped")));
+        }
+        self.wake().map_err(|e| (None, e))
+    }
+
+    /// A job still queued, taken back by the sender's side.
+    fn take_back(&self) -> Option<J> {
+        let job = self.rx.try_recv().ok()?;
+        self.slots.fetch_sub(PENDING, Ordering::SeqCst);
+        Some(job)
+    }
+
     fn wake(self: &Arc<Self>) -> std::io::Result<()> {
         // Pairs with the fence of a worker that leaves: either it sees the
         // job sent, or this sees it gone.
         fence(Ordering::SeqCst);
-        if self.idle.load(Ordering::SeqCst) > 0 {
+        let slots = self.slots.load(Ordering::SeqCst);
+        if slots / IDLE_WORKER >= slots % IDLE_WORKER {
             return Ok(());
         }
         let claimed = self
@@ -116,13 +144,20 @@ impl<J: Send + 'static> Crew<J> {
 
     fn work(self: Arc<Self>) {
         loop {
-            self.idle.fetch_add(1, Ordering::SeqCst);
-            let job = self.rx.recv_timeout(IDLE);
-            self.idle.fetch_sub(1, Ordering::SeqCst);
-            match job {
-                Ok(job) => (self.handler)(job),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
+            self.slots.fetch_add(IDLE_WORKER, Ordering::SeqCst);
+            let error = match self.rx.recv_timeout(IDLE) {
+                Ok(job) => {
+                    self.slots
+                        .fetch_sub(IDLE_WORKER + PENDING, Ordering::SeqCst);
+                    (self.handler)(job);
+                    continue;
+                }
+                Err(error) => error,
+            };
+            self.slots.fetch_sub(IDLE_WORKER, Ordering::SeqCst);
+            match error {
+                RecvTimeoutError::Disconnected => break,
+                RecvTimeoutError::Timeout => {
                     self.live.fetch_sub(1, Ordering::SeqCst);
                     fence(Ordering::SeqCst);
                     if self.rx.is_empty() {
@@ -215,16 +250,18 @@ impl Pool {
         let (Some(jobs), Some(crew)) = (&self.jobs, &self.crew) else {
             return Err(Box::new(job));
         };
-        // The crew holds the receiver: sending cannot fail while it exists.
-        jobs.send(job).map_err(|e| Box::new(e.0))?;
-        if let Err(e) = crew.wake() {
-            // No worker runs and none can start: answer what is queued.
-            tracing::error!(worker = %crew.name, "cannot start a worker: {e}");
-            while let Ok(job) = crew.rx.try_recv() {
-                self.refuse(job, &e);
+        match crew.send(jobs, job) {
+            Ok(()) => Ok(()),
+            Err((Some(job), _)) => Err(Box::new(job)),
+            Err((None, e)) => {
+                // No worker runs and none can start: answer what is queued.
+                tracing::error!(worker = %crew.name, "cannot start a worker: {e}");
+                while let Some(job) = crew.take_back() {
+                    self.refuse(job, &e);
+                }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     fn refuse(&self, job: Job, e: &std::io::Error) {
@@ -371,15 +408,50 @@ pub(crate) fn on_helper<T: Send + 'static>(
         })
     });
     let (tx, rx) = crossbeam_channel::bounded(1);
-    jobs.send(Box::new(move || {
+    let job: HostJob = Box::new(move || {
         let _ = tx.send(f());
-    }))
-    .map_err(|_| Stuck::Stopped)?;
-    if crew.wake().is_err() {
+    });
+    if crew.send(jobs, job).is_err() {
         return Err(Stuck::Stopped);
     }
     rx.recv_timeout(timeout).map_err(|e| match e {
         RecvTimeoutError::Timeout => Stuck::TimedOut,
         RecvTimeoutError::Disconnected => Stuck::Stopped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two jobs sent back to back to one idle worker: the second gets a
+    /// worker of its own, even though the first never returns.
+    #[test]
+    fn a_job_never_waits_behind_a_job_that_hangs() {
+        type Job = Box<dyn FnOnce() + Send>;
+        let (jobs, crew) = Crew::new("test-crew".into(), usize::MAX, |job: Job| job());
+        for round in 0..300 {
+            // One idle worker, as between two `init`s.
+            let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+            crew.send(&jobs, Box::new(move || ready_tx.send(()).unwrap()) as Job)
+                .map_err(|(_, e)| e)
+                .unwrap();
+            ready_rx.recv().unwrap();
+            let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(1);
+            let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+            // Back to back, the one that hangs first: the worker takes it.
+            let hangs: Job = Box::new(move || {
+                let _ = release_rx.recv();
+            });
+            let quick: Job = Box::new(move || done_tx.send(()).unwrap());
+            for job in [hangs, quick] {
+                crew.send(&jobs, job).map_err(|(_, e)| e).unwrap();
+            }
+            assert!(
+                done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+                "round {round}: the quick job waited behind the hanging one"
+            );
+            drop(release_tx);
+        }
+    }
 }
