@@ -28,7 +28,7 @@ use crate::Context;
 use crate::error::{Error, Result};
 use crate::event::EventSink;
 use crate::manifest::{Listen, Manifest};
-use crate::remote::call::{self, Target};
+use crate::remote::call;
 use crate::remote::link::Address;
 use crate::remote::runtime;
 use crate::slot::ProcessInfo;
@@ -138,28 +138,11 @@ impl ExecVersion {
     }
 
     pub(crate) fn execute(&self, ctx: &mut Context) -> Result<Outcome> {
-        let shared = Arc::clone(&self.shared);
-        let mut owned = std::mem::take(ctx);
-        let (result, back) = runtime::block(async move {
-            let result = call(&shared, &mut owned).await;
-            (result, owned)
-        });
-        *ctx = back;
-        result
+        call::execute(&self.shared, ctx)
     }
 
     pub(crate) async fn execute_async(&self, ctx: &mut Context) -> Result<Outcome> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Connections of this runtime, driven here: no thread hop.
-            return call(&self.shared, ctx).await;
-        }
-        // Another executor: the exec runtime carries the call.
-        let shared = Arc::clone(&self.shared);
-        call::on_runtime(ctx, &self.shared.plugin, |mut owned| async move {
-            let result = call(&shared, &mut owned).await;
-            (result, owned)
-        })
-        .await
+        call::execute_async(&self.shared, ctx).await
     }
 
     /// Calls whose caller stopped waiting never go on here (their request
@@ -288,17 +271,23 @@ pub(crate) fn address(
     }
 }
 
-/// One call over the version's current link.
-async fn call(shared: &Shared, ctx: &mut Context) -> Result<Outcome> {
-    let target = Target {
-        plugin: &shared.plugin,
-        link: &shared.link,
-        noun: "its process",
-        why_down: &|| shared.why_down(),
-        // The supervisor sees the process exit on its own.
-        connect_failed: &|| {},
-    };
-    call::call(&target, ctx).await
+impl call::Remote for Shared {
+    fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
+    fn link(&self) -> &arc_swap::ArcSwapOption<crate::remote::link::Link> {
+        &self.link
+    }
+
+    fn noun(&self) -> &'static str {
+        "its process"
+    }
+
+    fn why_down(&self) -> String {
+        Shared::why_down(self)
+    }
+    // A failed connect needs no nudge: the supervisor sees the process exit.
 }
 
 /// Checks an exec plugin without starting it: the manifest's settings, the

@@ -13,11 +13,12 @@ use std::process::Command;
 pub(crate) fn kill_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     let parent = rustix::process::getpid();
-    // SAFETY: the closure runs in the forked child before `exec`, where only
+    // The closure runs in the forked child before `exec`, where only
     // async-signal-safe operations are allowed. It makes two raw system
     // calls (prctl, getppid) through rustix, which neither allocate nor
     // take locks, and returns an `io::Error` built from an errno (no
     // allocation): std reports it to the parent and `_exit`s the child.
+    // SAFETY: async-signal-safe only, as above.
     unsafe {
         command.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;

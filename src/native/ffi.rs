@@ -119,13 +119,14 @@ impl Library {
         };
         let name = CString::new(path.as_os_str().as_bytes())
             .map_err(|_| refused(OpenError::Dlopen("a path with a NUL byte".into())))?;
-        // SAFETY: loading a library runs its initialisers. `header::inspect`
-        // has checked, on the exact bytes at `path` (a sealed memfd or a
-        // private read-only copy), that this is a shared library for this
-        // machine exporting a dynplug header of a compatible ABI, so the
-        // code run here is that of a plugin built with plugin-abi, which the
-        // operator vouched for by dropping it in the plugins directory (and
+        // Loading a library runs its initialisers. `header::inspect` has
+        // checked, on the exact bytes at `path` (a sealed memfd or a private
+        // read-only copy), that this is a shared library for this machine
+        // exporting a dynplug header of a compatible ABI, so the code run
+        // here is that of a plugin built with plugin-abi, which the operator
+        // vouched for by dropping it in the plugins directory (and
         // optionally by its sha256 in the manifest).
+        // SAFETY: the initialisers run are those of a checked plugin, above.
         let lib = unsafe { Unix::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
             .map_err(|e| refused(OpenError::Dlopen(dlopen_message(&e, path))))?;
         let lib = libloading::Library::from(lib);
@@ -171,10 +172,11 @@ impl Library {
         if root.is_null() {
             return Err(OpenError::MissingRoot);
         }
-        // SAFETY: non-null, and `inspect` checked that the symbol is a data
-        // object of the header's size inside the library's loaded segments.
-        // `RawHeader` has no invalid bit patterns, so a hostile header is
-        // read without undefined behaviour, whatever it holds.
+        // `inspect` checked that the symbol is a data object of the header's
+        // size inside the library's loaded segments. `RawHeader` has no
+        // invalid bit patterns, so a hostile header is read without
+        // undefined behaviour, whatever it holds.
+        // SAFETY: non-null, in bounds and of a type valid for any bits.
         let header = unsafe { root.read_unaligned() };
         // The loaded bytes are the inspected bytes; anything else means the
         // symbol resolved somewhere unexpected.

@@ -19,27 +19,58 @@ use crate::{CancelToken, Context};
 /// with nothing to wake a waiting call.
 const CANCEL_POLL: Duration = Duration::from_millis(5);
 
-/// What a call needs to know about the plugin it goes to.
-pub(crate) struct Target<'a> {
-    pub(crate) plugin: &'a str,
+/// A plugin served over a link (exec, socket): what a call needs to know
+/// about it.
+pub(crate) trait Remote: Send + Sync + 'static {
+    fn plugin(&self) -> &str;
     /// The way to the plugin now; `None` while it is down.
-    pub(crate) link: &'a ArcSwapOption<Link>,
+    fn link(&self) -> &ArcSwapOption<Link>;
     /// How errors name the other end: "its process", "its socket".
-    pub(crate) noun: &'static str,
+    fn noun(&self) -> &'static str;
     /// Why calls fail now, when there is no link.
-    pub(crate) why_down: &'a (dyn Fn() -> String + Sync),
+    fn why_down(&self) -> String;
     /// Told when a connection could not be made (the plugin may be gone).
-    pub(crate) connect_failed: &'a (dyn Fn() + Sync),
+    fn connect_failed(&self) {}
+}
+
+/// A blocking call, from any thread: the remote runtime carries it.
+pub(crate) fn execute<R: Remote>(remote: &Arc<R>, ctx: &mut Context) -> Result<Outcome> {
+    let remote = Arc::clone(remote);
+    let mut owned = std::mem::take(ctx);
+    let (result, back) = super::runtime::block(async move {
+        let result = call(&*remote, &mut owned).await;
+        (result, owned)
+    });
+    *ctx = back;
+    result
+}
+
+/// An async call: driven here on a tokio runtime (its connections are this
+/// runtime's, no thread hop); on another executor the remote runtime
+/// carries it.
+pub(crate) async fn execute_async<R: Remote>(
+    remote: &Arc<R>,
+    ctx: &mut Context,
+) -> Result<Outcome> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return call(&**remote, ctx).await;
+    }
+    let carried = Arc::clone(remote);
+    on_runtime(ctx, remote.plugin(), |mut owned| async move {
+        let result = call(&*carried, &mut owned).await;
+        (result, owned)
+    })
+    .await
 }
 
 /// One call over the target's current link. Only a failure to connect,
 /// when nothing was sent, is tried again, and only once, on a link that
 /// replaced the one that failed.
-pub(crate) async fn call(target: &Target<'_>, ctx: &mut Context) -> Result<Outcome> {
+async fn call(target: &impl Remote, ctx: &mut Context) -> Result<Outcome> {
     let deadline = ctx.deadline();
     let token = ctx.existing_cancel_token().cloned();
     let command = ctx.label_compact().clone();
-    let plugin = target.plugin;
+    let plugin = target.plugin();
     let names = || (plugin.to_owned(), command.to_string());
     let unavailable = |reason: String| Error::Unavailable {
         plugin: plugin.to_owned(),
@@ -47,8 +78,8 @@ pub(crate) async fn call(target: &Target<'_>, ctx: &mut Context) -> Result<Outco
     };
     let mut retried = false;
     let reply = loop {
-        let Some(link) = target.link.load_full() else {
-            return Err(unavailable((target.why_down)()));
+        let Some(link) = target.link().load_full() else {
+            return Err(unavailable(target.why_down()));
         };
         let payload = link.encode(ctx);
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -63,11 +94,11 @@ pub(crate) async fn call(target: &Target<'_>, ctx: &mut Context) -> Result<Outco
                 return Err(Error::Cancelled { plugin, label });
             }
             Ok(Err(CallError::Connect(why))) => {
-                (target.connect_failed)();
+                target.connect_failed();
                 // Nothing was sent. If another link serves by now, it gets
                 // the call; otherwise fail fast.
                 let replaced = target
-                    .link
+                    .link()
                     .load()
                     .as_ref()
                     .is_some_and(|now| !Arc::ptr_eq(now, &link));
@@ -77,7 +108,7 @@ pub(crate) async fn call(target: &Target<'_>, ctx: &mut Context) -> Result<Outco
                 }
                 return Err(unavailable(format!(
                     "cannot connect to {}: {why}",
-                    target.noun
+                    target.noun()
                 )));
             }
             Ok(reply) => break reply,
@@ -115,7 +146,7 @@ pub(crate) async fn call(target: &Target<'_>, ctx: &mut Context) -> Result<Outco
         }
         Err(CallError::Lost(why)) => Err(unavailable(format!(
             "{} went away during the call (the call may have run): {why}",
-            target.noun
+            target.noun()
         ))),
         Err(CallError::Unavailable(why)) => Err(unavailable(why)),
         // A server that gives up at the deadline it was sent may say
@@ -190,7 +221,7 @@ async fn bounded<F: Future>(
 /// (or none), putting the context back afterwards; dropping the returned
 /// future aborts the call. Inside a tokio runtime, call [`call`] directly:
 /// the connections of that runtime are then driven there, with no hop.
-pub(crate) async fn on_runtime<F>(
+async fn on_runtime<F>(
     ctx: &mut Context,
     plugin: &str,
     run: impl FnOnce(Context) -> F,

@@ -28,7 +28,7 @@ use crate::Context;
 use crate::error::{Error, Result};
 use crate::event::EventSink;
 use crate::manifest::Manifest;
-use crate::remote::call::{self, Target};
+use crate::remote::call;
 use crate::remote::link::Address;
 use crate::remote::runtime;
 use crate::slot::{PluginState, SocketInfo};
@@ -103,26 +103,11 @@ impl SocketVersion {
     }
 
     pub(crate) fn execute(&self, ctx: &mut Context) -> Result<Outcome> {
-        let shared = Arc::clone(&self.shared);
-        let mut owned = std::mem::take(ctx);
-        let (result, back) = runtime::block(async move {
-            let result = call(&shared, &mut owned).await;
-            (result, owned)
-        });
-        *ctx = back;
-        result
+        call::execute(&self.shared, ctx)
     }
 
     pub(crate) async fn execute_async(&self, ctx: &mut Context) -> Result<Outcome> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return call(&self.shared, ctx).await;
-        }
-        let shared = Arc::clone(&self.shared);
-        call::on_runtime(ctx, &self.shared.plugin, |mut owned| async move {
-            let result = call(&shared, &mut owned).await;
-            (result, owned)
-        })
-        .await
+        call::execute_async(&self.shared, ctx).await
     }
 
     /// Calls whose caller stopped waiting are aborted on the wire: nothing
@@ -188,16 +173,27 @@ impl Drop for SocketVersion {
     }
 }
 
-/// One call over the plugin's current link.
-async fn call(shared: &Shared, ctx: &mut Context) -> Result<Outcome> {
-    let target = Target {
-        plugin: &shared.plugin,
-        link: &shared.link,
-        noun: "its socket",
-        why_down: &|| shared.why_down(),
-        connect_failed: &|| shared.nudge.notify_one(),
-    };
-    call::call(&target, ctx).await
+impl call::Remote for Shared {
+    fn plugin(&self) -> &str {
+        &self.plugin
+    }
+
+    fn link(&self) -> &arc_swap::ArcSwapOption<crate::remote::link::Link> {
+        &self.link
+    }
+
+    fn noun(&self) -> &'static str {
+        "its socket"
+    }
+
+    fn why_down(&self) -> String {
+        Shared::why_down(self)
+    }
+
+    /// The keeper checks at once, instead of at its next interval.
+    fn connect_failed(&self) {
+        self.nudge.notify_one();
+    }
 }
 
 /// Checks a socket manifest without connecting: its address.

@@ -40,11 +40,12 @@ impl ThreadDtor {
     /// Runs the destructor. Called on the registering thread while the
     /// library is mapped (it is held until this has run).
     pub(crate) fn run(self) {
-        // SAFETY: `func` and `obj` are exactly what plugin code passed to
+        // `func` and `obj` are exactly what plugin code passed to
         // `__cxa_thread_atexit_impl` on this thread, whose contract is that
         // `func(obj)` is called once on this thread, as glibc would at its
         // exit; `pins` calls this once, on that thread, while the library
         // is held (mapped).
+        // SAFETY: the registration's own contract, kept as said above.
         unsafe { (self.func)(self.obj) }
     }
 }
