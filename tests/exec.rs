@@ -624,18 +624,6 @@ fn hot_upgrade_under_load_fails_no_call_and_a_broken_version_keeps_the_old_one()
     manager.unload_all();
 }
 
-/// One HTTP/1.1 GET, the whole response as text.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// `dynplug serve` over exec plugins: their routes, the management API
 /// (pid, logs), the metrics; then the host is killed with SIGKILL and its
 /// plugins' processes are gone within a second.
@@ -682,14 +670,14 @@ fn served_by_the_dynplug_binary_and_gone_when_it_is_killed() {
         ("/api/exec-rest/greet/Ada", "exec-rest"),
         ("/api/exec-grpc/greet/Ada", "exec-grpc"),
     ] {
-        let response = http_get(&addr, route);
+        let response = support::http_get(&addr, route);
         assert!(response.starts_with("HTTP/1.1 200"), "{plugin}: {response}");
         assert!(
             response.ends_with(r#"{"greeting":"hello, Ada"}"#),
             "{response}"
         );
     }
-    let response = http_get(&addr, "/_dynplug/plugins");
+    let response = support::http_get(&addr, "/_dynplug/plugins");
     let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
     let plugins: serde_json::Value = serde_json::from_str(body).unwrap();
     let pids: Vec<u32> = plugins
@@ -711,7 +699,7 @@ fn served_by_the_dynplug_binary_and_gone_when_it_is_killed() {
             .contains("stderr] exec_rest.py listening"),
         "{py}"
     );
-    let metrics = http_get(&addr, "/metrics");
+    let metrics = support::http_get(&addr, "/metrics");
     assert!(
         metrics.contains(r#"dynplug_process_restarts_total{plugin="exec-grpc"} 0"#),
         "{metrics}"

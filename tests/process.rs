@@ -660,18 +660,6 @@ fn hot_upgrade_of_a_process_plugin_under_load_fails_no_call() {
     assert!(runners_under(base).is_empty());
 }
 
-/// One HTTP/1.1 GET, the whole response as text.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// `dynplug serve` over a process plugin: its route, the management API
 /// (pid, RSS, isolation), the metrics, `dynplug list`; then the host is
 /// killed with SIGKILL and its runners are gone within a second.
@@ -719,13 +707,13 @@ fn served_by_the_dynplug_binary_and_gone_within_a_second_when_it_is_killed() {
         .and_then(|rest| rest.split('/').next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_owned();
-    let response = http_get(&addr, "/api/hello/Ada");
+    let response = support::http_get(&addr, "/api/hello/Ada");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
         response.ends_with(r#"{"greeting":"hello, Ada"}"#),
         "{response}"
     );
-    let response = http_get(&addr, "/_dynplug/plugins");
+    let response = support::http_get(&addr, "/_dynplug/plugins");
     let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
     let plugins: serde_json::Value = serde_json::from_str(body).unwrap();
     let plugins = plugins.as_array().unwrap();
@@ -737,7 +725,7 @@ fn served_by_the_dynplug_binary_and_gone_within_a_second_when_it_is_killed() {
         assert!(p["process"]["rss_bytes"].as_u64().unwrap() > 0, "{p}");
         pids.push(p["process"]["pid"].as_u64().unwrap() as u32);
     }
-    let metrics = http_get(&addr, "/metrics");
+    let metrics = support::http_get(&addr, "/metrics");
     for part in [
         r#"isolation="process""#,
         r#"dynplug_process_up{plugin="hello"} 1"#,

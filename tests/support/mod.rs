@@ -323,3 +323,16 @@ pub fn without_thread_tracking(name: &str) -> bool {
     assert!(stdout.contains("1 passed"), "{stdout}\n{stderr}");
     false
 }
+
+/// One HTTP/1.1 GET over TCP (a fresh connection), the whole response as
+/// text; the read waits at most `PATIENCE`.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
