@@ -331,6 +331,9 @@ impl Follower {
         let now = Instant::now();
         let renamed_in = renamed_into(&self.base, event);
         for path in &event.paths {
+            if is_stale_removal(event, path) {
+                continue;
+            }
             if let Some(name) = plugin_of(&self.base, path) {
                 // A new change restarts the settle time and the attempts
                 // (a change during a running sync syncs again after it). A
@@ -360,6 +363,17 @@ fn renamed_into<'a>(base: &Path, event: &'a notify::Event) -> Option<&'a Path> {
         _ => return None,
     };
     (to.parent() == Some(base)).then_some(to.as_path())
+}
+
+/// Whether `event` reports the removal of a path that exists now: the
+/// watcher knows a directory by the path it had when it was first watched,
+/// so deleting a plugin directory that was renamed away (the last step of
+/// the documented upgrade) is reported under the entry's name, as if the new
+/// version's files were removed. Such an event changes nothing under the
+/// entry and must not postpone its sync. A file removed and created again
+/// in place is still seen: by its creation.
+fn is_stale_removal(event: &notify::Event, path: &Path) -> bool {
+    matches!(event.kind, EventKind::Remove(_)) && path.symlink_metadata().is_ok()
 }
 
 /// The plugin directory name a path under `base` belongs to (dot entries excluded).
@@ -439,5 +453,33 @@ mod tests {
         // A package renamed into place, seen as a lone `To`.
         follower.note(&event(EventKind::Modify(inside), &["/p/d-1.0.0.plg"]));
         assert!(due(&follower, "d-1.0.0.plg") < now + settle / 2);
+    }
+
+    #[test]
+    fn deleting_a_directory_renamed_away_does_not_postpone_the_new_one() {
+        use notify::event::{ModifyKind, RemoveKind, RenameMode};
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_path_buf();
+        std::fs::create_dir(base.join("counter")).unwrap();
+        std::fs::write(base.join("counter/plugin.json"), "{}").unwrap();
+        let settle = Duration::from_secs(60);
+        let mut follower = Follower::new(Weak::new(), base.clone(), settle, Arc::default());
+        let event = |kind, path: PathBuf| notify::Event::new(kind).add_path(path);
+        let now = Instant::now();
+
+        // The new version renamed into place: synced at once...
+        follower.note(
+            &notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+                .add_path(base.join(".counter.new"))
+                .add_path(base.join("counter")),
+        );
+        // ...even when the old directory's files, deleted now, are reported
+        // under the name they had when watched.
+        let removed = EventKind::Remove(RemoveKind::File);
+        follower.note(&event(removed, base.join("counter/plugin.json")));
+        assert!(follower.due["counter"].0 < now + settle / 2);
+        // A file that is really gone is a change that settles.
+        follower.note(&event(removed, base.join("counter/libcounter.so")));
+        assert!(follower.due["counter"].0 >= now + settle);
     }
 }
