@@ -9,8 +9,9 @@
 #![allow(unsafe_code)]
 
 pub(crate) mod interpose;
+mod loaded;
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::time::Instant;
@@ -69,6 +70,8 @@ pub(crate) struct Library {
     vtable: NonNull<PluginVtable>,
     /// The name the loader knows it by (what `dlopen` was given).
     name: CString,
+    /// An address inside it (its root symbol), to ask the loader about it.
+    anchor: Option<usize>,
     /// Its entry in `pins`, when this process tracks plugin threads.
     lib: Option<LibId>,
 }
@@ -127,11 +130,18 @@ impl Library {
         // vouched for by dropping it in the plugins directory (and
         // optionally by its sha256 in the manifest).
         // SAFETY: the initialisers run are those of a checked plugin, above.
-        let lib = unsafe { Unix::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
-            .map_err(|e| refused(OpenError::Dlopen(dlopen_message(&e, path))))?;
-        let lib = libloading::Library::from(lib);
+        let raw = unsafe { Unix::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+            .map_err(|e| refused(OpenError::Dlopen(dlopen_message(&e, path))))?
+            .into_raw();
+        // SAFETY: the handle `dlopen` just returned, owned from here on.
+        let lib = libloading::Library::from(unsafe { Unix::from_raw(raw) });
+        let anchor = root_symbol(&lib).map(|root| root as usize);
+        let lookup = loaded::Lookup {
+            name: &name,
+            anchor,
+        };
         let registered = if pins::tracking() {
-            loaded_span(&name).map(pins::register)
+            lookup.span(raw).map(pins::register)
         } else {
             None
         };
@@ -140,6 +150,7 @@ impl Library {
                 handle: Some(lib),
                 vtable,
                 name,
+                anchor,
                 lib: registered,
             }),
             Err(error) => {
@@ -149,7 +160,7 @@ impl Library {
                 let _ = lib.close();
                 Err(Refused {
                     error,
-                    still_mapped: is_loaded(&name),
+                    still_mapped: lookup.is_loaded(),
                 })
             }
         }
@@ -163,15 +174,7 @@ impl Library {
             found,
             expected: expected_abi(),
         };
-        let symbol = format!("{}\0", ffi::ROOT_SYMBOL);
-        // SAFETY: we only take the symbol's address here (`inspect` checked
-        // it is a data object, not an IFUNC whose lookup would run code).
-        let root = unsafe { lib.get::<*const PluginHeader>(symbol.as_bytes()) }
-            .map_err(|_| OpenError::MissingRoot)?;
-        let root = (*root).cast::<RawHeader>();
-        if root.is_null() {
-            return Err(OpenError::MissingRoot);
-        }
+        let root = root_symbol(lib).ok_or(OpenError::MissingRoot)?;
         // `inspect` checked that the symbol is a data object of the header's
         // size inside the library's loaded segments. `RawHeader` has no
         // invalid bit patterns, so a hostile header is read without
@@ -297,9 +300,13 @@ impl Library {
             .map_or(Ok(()), libloading::Library::close)
             .err()
             .map(|e| e.to_string());
+        let lookup = loaded::Lookup {
+            name: &self.name,
+            anchor: self.anchor,
+        };
         Closed {
             error,
-            still_mapped: is_loaded(&self.name),
+            still_mapped: lookup.is_loaded(),
         }
     }
 
@@ -323,71 +330,14 @@ impl Drop for Library {
     }
 }
 
-/// Where the loader mapped the library it knows as `name`: from the lowest
-/// to the highest address of its loadable segments.
-#[cfg(target_os = "linux")]
-fn loaded_span(name: &CStr) -> Option<(usize, usize)> {
-    struct Search<'a> {
-        name: &'a CStr,
-        span: Option<(usize, usize)>,
-    }
-    unsafe extern "C" fn visit(
-        info: *mut libc::dl_phdr_info,
-        _size: usize,
-        data: *mut std::ffi::c_void,
-    ) -> std::ffi::c_int {
-        // SAFETY: `data` is the `Search` passed below, alive during the
-        // walk; `info` is the loader's description of one object, valid
-        // during this callback.
-        let (search, info) = unsafe { (&mut *data.cast::<Search<'_>>(), &*info) };
-        // SAFETY: the loader's object name, a C string (possibly empty).
-        if info.dlpi_name.is_null() || unsafe { CStr::from_ptr(info.dlpi_name) } != search.name {
-            return 0;
-        }
-        // SAFETY: the loader's program headers of this object.
-        let headers =
-            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
-        let base = info.dlpi_addr as usize;
-        let (mut low, mut high) = (usize::MAX, 0);
-        for header in headers.iter().filter(|h| h.p_type == libc::PT_LOAD) {
-            low = low.min(base + header.p_vaddr as usize);
-            high = high.max(base + (header.p_vaddr + header.p_memsz) as usize);
-        }
-        search.span = (low < high).then_some((low, high));
-        1
-    }
-    let mut search = Search { name, span: None };
-    // SAFETY: `visit` matches the callback's signature and only reads what
-    // the loader passes; `search` outlives the walk.
-    unsafe { libc::dl_iterate_phdr(Some(visit), (&raw mut search).cast()) };
-    search.span
-}
-
-#[cfg(not(target_os = "linux"))]
-fn loaded_span(_name: &CStr) -> Option<(usize, usize)> {
-    None
-}
-
-/// Whether the loader still has a library it knew as `name` (the unmapped
-/// check after `dlclose`, asked of the loader: no scan of every mapping of
-/// the process, which took 4 s for 1,000 unloads).
-#[cfg(target_os = "linux")]
-fn is_loaded(name: &CStr) -> bool {
-    loaded_span(name).is_some()
-}
-
-/// Elsewhere, `dlopen(RTLD_NOLOAD)` answers without loading.
-#[cfg(not(target_os = "linux"))]
-fn is_loaded(name: &CStr) -> bool {
-    // SAFETY: `RTLD_NOLOAD` never loads (so runs no initialiser); a handle
-    // returned is closed right away.
-    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOLOAD | libc::RTLD_LAZY) };
-    if handle.is_null() {
-        return false;
-    }
-    // SAFETY: the handle just returned.
-    unsafe { libc::dlclose(handle) };
-    true
+/// The address of the library's root symbol, if it exports one.
+fn root_symbol(lib: &libloading::Library) -> Option<*const RawHeader> {
+    let symbol = format!("{}\0", ffi::ROOT_SYMBOL);
+    // SAFETY: we only take the symbol's address here (`inspect` checked it
+    // is a data object, not an IFUNC whose lookup would run code).
+    let root = unsafe { lib.get::<*const PluginHeader>(symbol.as_bytes()) }.ok()?;
+    let root = (*root).cast::<RawHeader>();
+    (!root.is_null()).then_some(root)
 }
 
 /// `dlerror`'s text, with the memfd path (meaningless to the operator) left out.
