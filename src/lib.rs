@@ -108,6 +108,7 @@ mod slot;
 mod socket;
 #[doc(hidden)]
 pub mod text;
+mod timer;
 mod untrusted;
 mod version;
 mod watch;

@@ -84,17 +84,10 @@ impl Handle {
     /// Its exit, once it exited (and was reaped), waiting at most `limit`.
     pub(crate) async fn exit_within(&self, limit: Duration) -> Option<ExitStatus> {
         let mut exit = self.exit.clone();
-        let mut timer = futures_timer::Delay::new(limit);
         let wait = exit.wait_for(Option::is_some);
-        let mut wait = std::pin::pin!(wait);
-        std::future::poll_fn(|cx| {
-            use std::future::Future;
-            if let std::task::Poll::Ready(status) = wait.as_mut().poll(cx) {
-                return std::task::Poll::Ready(status.ok().and_then(|s| *s));
-            }
-            std::pin::Pin::new(&mut timer).poll(cx).map(|()| None)
-        })
-        .await
+        crate::timer::within(Some(Instant::now() + limit), wait)
+            .await
+            .and_then(|status| status.ok().and_then(|s| *s))
     }
 
     /// How it ended, as [`Child::explain`] says it.

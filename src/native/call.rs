@@ -137,22 +137,7 @@ impl NativeVersion {
             ctx,
             abandoned: Some(abandoned),
         };
-        let mut timer = deadline.map(|d| {
-            futures_timer::Delay::new(d.saturating_duration_since(std::time::Instant::now()))
-        });
-        let reply = std::future::poll_fn(|cx| {
-            use std::future::Future;
-            use std::pin::Pin;
-            if let std::task::Poll::Ready(reply) = Pin::new(&mut rx).poll(cx) {
-                return std::task::Poll::Ready(Some(reply));
-            }
-            match timer.as_mut().map(|timer| Pin::new(timer).poll(cx)) {
-                Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(None),
-                _ => std::task::Poll::Pending,
-            }
-        })
-        .await;
-        match reply {
+        match crate::timer::within(deadline, &mut rx).await {
             Some(Ok((done, outcome))) => {
                 pending.abandoned = None;
                 *pending.ctx = done;

@@ -312,7 +312,7 @@ impl Conns {
         }
         pending.sent = true;
         let read = read_async(&mut conn.stream, &mut conn.inbox);
-        match within(deadline, read).await {
+        match crate::timer::within(deadline, read).await {
             // `pending` hands the connection to a watchdog.
             None => return Err(Failed::Deadline),
             Some(Err(e)) => {
@@ -457,23 +457,4 @@ fn apply(frame: &[u8], ctx: &mut Context) -> Result<(u8, String), Failed> {
     }
     wire::apply_reply(&mut Fields::new(&frame[1..]), ctx)
         .map_err(|e| Failed::Bad(format!("the runner's reply: {e}")))
-}
-
-/// Runs `future` until it ends or `deadline` passes (`None` then); the
-/// timer is not the runtime's.
-async fn within<F: std::future::Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let mut timer =
-        deadline.map(|d| futures_timer::Delay::new(d.saturating_duration_since(Instant::now())));
-    std::future::poll_fn(|cx| {
-        use std::future::Future;
-        if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
-            return std::task::Poll::Ready(Some(output));
-        }
-        match timer.as_mut().map(|t| std::pin::Pin::new(t).poll(cx)) {
-            Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(None),
-            _ => std::task::Poll::Pending,
-        }
-    })
-    .await
 }

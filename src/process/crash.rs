@@ -32,7 +32,7 @@ pub(crate) async fn lost(child: &Handle, logs: &Logs, error: io::Error) -> Faile
         if !lines.is_empty() || waited.elapsed() >= STDERR_WAIT {
             break cause(&lines);
         }
-        futures_timer::Delay::new(Duration::from_millis(5)).await;
+        crate::timer::Timer::after(Duration::from_millis(5)).await;
     };
     Failed::Lost {
         how: format!("its process {how}"),

@@ -12,6 +12,7 @@ use arc_swap::ArcSwapOption;
 
 use super::link::{CallError, Link};
 use crate::error::{Error, Result};
+use crate::timer::Timer;
 use crate::version::Outcome;
 use crate::{CancelToken, Context};
 
@@ -189,9 +190,8 @@ async fn bounded<F: Future>(
     token: Option<&CancelToken>,
 ) -> std::result::Result<F::Output, Stop> {
     let mut future = std::pin::pin!(future);
-    let mut timer =
-        deadline.map(|d| futures_timer::Delay::new(d.saturating_duration_since(Instant::now())));
-    let mut poll = token.map(|_| futures_timer::Delay::new(CANCEL_POLL));
+    let mut timer = deadline.map(Timer::at);
+    let mut poll = token.map(|_| Timer::after(CANCEL_POLL));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));

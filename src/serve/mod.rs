@@ -175,7 +175,9 @@ pub(crate) async fn call(
     // it, and the plugin sees the deadline through its context. A call on
     // the workers returns at the deadline by itself (`execute_async`), label
     // kept.
-    let result = executor.execute_async(ctx).await;
+    // The server's runtime has timers: a deadline costs no wake-up of
+    // another thread (`timer`).
+    let result = crate::timer::on_runtime_timers(executor.execute_async(ctx)).await;
     match latency {
         Some(latency) => latency[facade as usize].observe(started.elapsed()),
         None => state
