@@ -27,8 +27,8 @@ tokio::task_local! {
 /// Runs `future` with its deadlines on tokio's timers; only for futures
 /// polled by a tokio runtime whose timers are enabled.
 #[cfg(feature = "server")]
-pub(crate) async fn on_runtime_timers<F: Future>(future: F) -> F::Output {
-    RUNTIME_TIMERS.scope((), future).await
+pub(crate) fn on_runtime_timers<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    RUNTIME_TIMERS.scope((), future)
 }
 
 /// A timer on the runtime's clock when the call runs [`on_runtime_timers`],

@@ -312,14 +312,17 @@ impl Version {
     pub(crate) async fn execute_async(&self, ctx: &mut Context) -> Result<()> {
         self.check_not_expired(ctx)?;
         ctx.begin_call();
+        // The calls over a wire are boxed: their futures (a tonic or hyper
+        // exchange) are kilobytes, and every caller's future would carry
+        // that much and copy it, even for a native plugin called in place.
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute_async(ctx).await?,
             #[cfg(feature = "exec")]
-            Backend::Exec(exec) => exec.execute_async(ctx).await?,
+            Backend::Exec(exec) => Box::pin(exec.execute_async(ctx)).await?,
             #[cfg(feature = "exec")]
-            Backend::Process(process) => process.execute_async(ctx).await?,
+            Backend::Process(process) => Box::pin(process.execute_async(ctx)).await?,
             #[cfg(feature = "exec")]
-            Backend::Socket(socket) => socket.execute_async(ctx).await?,
+            Backend::Socket(socket) => Box::pin(socket.execute_async(ctx)).await?,
         };
         self.settle(ctx, outcome)
     }

@@ -277,7 +277,8 @@ async fn facade(state: State, request: Request) -> Response {
         }
     };
     if target.default {
-        return default_route(&state, &target, params, &body).await;
+        // Boxed: its future is large, and most requests do not take it.
+        return Box::pin(default_route(&state, &target, params, &body)).await;
     }
     // A client's token is dynplug's, not the plugin's to see (or replay).
     let hide_authorization = state.clients.enabled();
