@@ -305,8 +305,8 @@ pub(crate) async fn supervise(
     mut stop: watch::Receiver<bool>,
 ) {
     let (mut child, mut link) = first;
+    shared.serve(&child, &link);
     loop {
-        shared.serve(&child, &link);
         let down = tokio::select! {
             status = child.exited() => child.explain(status),
             why = shared.unhealthy(&link) => {
@@ -336,6 +336,9 @@ pub(crate) async fn supervise(
             // before a stop is seen: its process must not be left running.
             match started.await {
                 Ok((next, next_link)) => {
+                    // In service before it is announced: whoever reacts to
+                    // `Restarted` by calling must reach the new process.
+                    shared.serve(&next, &next_link);
                     shared.restarted(next.pid);
                     (child, link) = (next, next_link);
                     break;
