@@ -20,11 +20,12 @@ pub(crate) const DEFAULT_MAX_LIBRARY_BYTES: u64 = 256 * 1024 * 1024;
 /// socket, directory) and anything larger than `limit` bytes, without ever
 /// blocking on the open.
 pub(crate) fn read_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    let file = open_regular(path)?;
-    let len = file.metadata()?.len();
-    if len > limit {
-        return Err(too_large(len, limit));
-    }
+    read_open(&open_regular(path)?, limit)
+}
+
+/// Reads a file opened by [`open_regular`], refusing more than `limit` bytes.
+pub(crate) fn read_open(file: &File, limit: u64) -> io::Result<Vec<u8>> {
+    let len = checked_len(file, limit)?;
     let mut bytes = Vec::with_capacity(len as usize);
     // The file may grow between the stat and the read: read one byte past
     // the limit to notice.
@@ -33,6 +34,27 @@ pub(crate) fn read_file(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
         return Err(too_large(bytes.len() as u64, limit));
     }
     Ok(bytes)
+}
+
+/// Copies a file opened by [`open_regular`] to `to`, refusing more than
+/// `limit` bytes. File to file, so the kernel copies (`copy_file_range` or
+/// `sendfile`): the bytes never pass through this process's memory.
+pub(crate) fn copy_open(file: &File, to: &mut File, limit: u64) -> io::Result<u64> {
+    checked_len(file, limit)?;
+    let copied = io::copy(&mut file.take(limit + 1), to)?;
+    if copied > limit {
+        return Err(too_large(copied, limit));
+    }
+    Ok(copied)
+}
+
+/// The file's length, if it is at most `limit` (refused at once otherwise).
+fn checked_len(file: &File, limit: u64) -> io::Result<u64> {
+    let len = file.metadata()?.len();
+    if len > limit {
+        return Err(too_large(len, limit));
+    }
+    Ok(len)
 }
 
 /// Opens `path` for reading without blocking (a FIFO with no writer would
@@ -98,6 +120,24 @@ mod tests {
         std::fs::write(&path, b"12345").unwrap();
         assert_eq!(read_file(&path, 5).unwrap(), b"12345");
         let err = read_file(&path, 4).unwrap_err();
+        assert!(
+            err.to_string().contains("over the limit of 4 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn copies_stop_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"12345").unwrap();
+        let copy = |limit| {
+            let mut to = tempfile::tempfile().unwrap();
+            let copied = copy_open(&open_regular(&path).unwrap(), &mut to, limit);
+            copied.map(|n| (n, to.metadata().unwrap().len()))
+        };
+        assert_eq!(copy(5).unwrap(), (5, 5));
+        let err = copy(4).unwrap_err();
         assert!(
             err.to_string().contains("over the limit of 4 bytes"),
             "{err}"

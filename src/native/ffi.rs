@@ -5,11 +5,14 @@
 //! table read from it, and the table can only be used through `&Library`, so
 //! no entry can be called after the library is closed. `interpose` holds
 //! dynplug's definitions of the C functions plugin code registers
-//! per-thread state with.
+//! per-thread state with; `mapped` maps a sealed image read-only, so its
+//! bytes are checked where `dlopen` will map them.
 #![allow(unsafe_code)]
 
 pub(crate) mod interpose;
 mod loaded;
+#[cfg(target_os = "linux")]
+mod mapped;
 
 use std::ffi::CString;
 use std::path::Path;
@@ -25,6 +28,9 @@ use super::header::{HeaderInfo, MAX_VERSION_LEN};
 use super::pins::{self, LibId};
 use crate::version::Outcome;
 use crate::{Context, Value};
+
+#[cfg(target_os = "linux")]
+pub(crate) use mapped::Mapped;
 
 /// Why a library was refused after `dlopen`; turned into [`crate::Error`]
 /// by the caller, who knows the plugin's name and drop path.

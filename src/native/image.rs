@@ -8,6 +8,10 @@
 //!
 //! * On Linux, a sealed `memfd` (no writes, no resizing, seals sealed),
 //!   opened as `/proc/self/fd/N`: there is no file in any directory to race.
+//!   The kernel copies the plugin's file into it (`copy_file_range` or
+//!   `sendfile`), and the checks read the sealed memfd through a read-only
+//!   mapping: the bytes checked are the pages `dlopen` maps, and they are
+//!   copied once, not read into the process and written out again.
 //!   glibc's `dlopen` also returns an already loaded library whose *name*
 //!   matches, so the descriptor stays open while the image is mapped: no
 //!   other image can get the same `/proc/self/fd/N` name meanwhile.
@@ -66,8 +70,17 @@ impl Image {
 
     #[cfg(target_os = "linux")]
     fn memfd(bytes: &[u8], origin: &Path) -> io::Result<Image> {
-        use rustix::fs::{MemfdFlags, SealFlags};
-        use std::os::fd::AsRawFd;
+        let mut file = Image::new_memfd(origin)?;
+        file.write_all(bytes)?;
+        Image::sealed(file)
+    }
+
+    /// An empty memfd to copy a library into, then seal with
+    /// [`sealed`](Self::sealed). `origin` (the plugin directory) names it in
+    /// `/proc/self/maps`.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn new_memfd(origin: &Path) -> io::Result<std::fs::File> {
+        use rustix::fs::MemfdFlags;
         if !Path::new("/proc/self/fd").is_dir() {
             return Err(io::Error::other("/proc is not mounted"));
         }
@@ -82,8 +95,15 @@ impl Image {
         // older kernels refuse the flag.
         let fd = rustix::fs::memfd_create(&name, flags | MemfdFlags::EXEC)
             .or_else(|_| rustix::fs::memfd_create(&name, flags))?;
-        let mut file = std::fs::File::from(fd);
-        file.write_all(bytes)?;
+        Ok(std::fs::File::from(fd))
+    }
+
+    /// Seals a memfd from [`new_memfd`](Self::new_memfd): from now on its
+    /// bytes can change no more (no writes, no resizing, no unsealing).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn sealed(file: std::fs::File) -> io::Result<Image> {
+        use rustix::fs::SealFlags;
+        use std::os::fd::AsRawFd;
         rustix::fs::fcntl_add_seals(
             &file,
             SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
@@ -95,6 +115,17 @@ impl Image {
             id,
             memfd: Some(file.into()),
         })
+    }
+
+    /// A sealed memfd image's bytes, mapped read-only: the very pages
+    /// `dlopen` maps, which nobody can change. An error for a copy.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn map(&self) -> io::Result<super::ffi::Mapped> {
+        let fd = self
+            .memfd
+            .as_ref()
+            .ok_or_else(|| io::Error::other("not a memfd"))?;
+        super::ffi::Mapped::sealed(fd)
     }
 
     fn copy(bytes: &[u8], plugin: &str, shadow_dir: &Path) -> io::Result<Image> {

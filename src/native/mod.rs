@@ -154,7 +154,7 @@ impl NativeVersion {
             .expect("local_so always has a library path");
         // The signature, if any, was checked by the host on these bytes.
         let checked = open::check_bytes(manifest, &path, &bytes, None)?;
-        let opened = open::open_image(manifest, &path, dir, options, bytes, &checked)?;
+        let opened = open::open_bytes(manifest, &path, dir, options, bytes, &checked)?;
         Self::start(manifest, options, opened)
     }
 
