@@ -12,9 +12,10 @@
 //! It travels as `plugin.sig` beside `plugin.json` (and so inside a `.plg`):
 //! `{"format": "dynplug-signature-v1", "signer": NAME, "public_key": HEX,
 //! "signature": HEX}`. The manifest's digest is taken over the bytes that
-//! were parsed, and the artifact's over the bytes the loader read once and
-//! loads (`native::open_checked` calls `Trust::check` with them): what is
-//! verified is what runs.
+//! were parsed, and the artifact's over the bytes the loader loads (the
+//! sealed image, or the bytes read once where there is no memfd;
+//! `native::open_checked` calls `Trust::check` with them): what is verified
+//! is what runs.
 
 mod keys;
 
