@@ -114,7 +114,15 @@ impl Executor {
         // A dropped future still counts as finished (as an error).
         let guard = AbandonedCall(stats);
         let result = match self.slot.current.load_full() {
-            Some(version) => version.execute_async(ctx).await,
+            Some(version) => {
+                match crate::timer::within(ctx.deadline(), version.loaded_off_runtime()).await {
+                    Some(()) => version.execute_async(ctx).await,
+                    None => Err(Error::DeadlineExceeded {
+                        plugin: version.name().to_owned(),
+                        label: ctx.label().to_owned(),
+                    }),
+                }
+            }
             None => Err(self.unavailable()),
         };
         std::mem::forget(guard);

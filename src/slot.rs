@@ -23,6 +23,9 @@ use crate::version::Version;
 pub enum PluginState {
     /// Serving calls.
     Loaded,
+    /// In service, its library not loaded yet: the first call loads it
+    /// (the manager loads on first call).
+    Deferred,
     /// Never loaded successfully (see the error).
     Failed,
     /// Being taken out of service: no new calls, waiting for running ones.
@@ -54,6 +57,7 @@ impl PluginState {
     pub fn as_str(self) -> &'static str {
         match self {
             PluginState::Loaded => "loaded",
+            PluginState::Deferred => "deferred",
             PluginState::Failed => "failed",
             PluginState::Draining => "draining",
             PluginState::Unloaded => "unloaded",
@@ -67,11 +71,13 @@ impl PluginState {
     }
 
     /// Whether a version is in service (routes mounted, listed as the
-    /// plugin's): loaded, or loaded with its process restarting.
+    /// plugin's): loaded, to be loaded by its first call, or loaded with its
+    /// process restarting.
     pub fn in_service(self) -> bool {
         matches!(
             self,
             PluginState::Loaded
+                | PluginState::Deferred
                 | PluginState::Restarting
                 | PluginState::CrashLoop
                 | PluginState::Unreachable
@@ -350,6 +356,9 @@ impl Slot {
                 && let Some(state) = version.down_state()
             {
                 info.state = state;
+            }
+            if let Some(error) = version.load_error() {
+                info.error = Some(error.to_owned());
             }
         }
         info

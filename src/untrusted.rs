@@ -51,7 +51,7 @@ pub(crate) fn copy_open(file: &File, to: &mut File, limit: u64) -> io::Result<()
 }
 
 /// The file's length, if it is at most `limit` (refused at once otherwise).
-fn checked_len(file: &File, limit: u64) -> io::Result<u64> {
+pub(crate) fn checked_len(file: &File, limit: u64) -> io::Result<u64> {
     let len = file.metadata()?.len();
     if len > limit {
         return Err(too_large(len, limit));

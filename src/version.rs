@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 #[cfg(feature = "exec")]
 use crate::exec::{ExecOptions, ExecVersion};
 use crate::manifest::{Isolation, Manifest, Source};
-use crate::native::{self, NativeOptions, NativeVersion};
+use crate::native::{self, Deferred, NativeOptions, NativeVersion};
 #[cfg(feature = "exec")]
 use crate::process::{ProcessOptions, ProcessVersion};
 use crate::signing::{Seal, Trust};
@@ -57,6 +57,8 @@ pub(crate) enum InPlace<'a> {
 /// How a version's calls are carried out: one variant per plugin kind.
 pub(crate) enum Backend {
     Native(NativeVersion),
+    /// A native plugin loaded on its first call (`load_on_first_call`).
+    Deferred(Deferred),
     #[cfg(feature = "exec")]
     Exec(ExecVersion),
     /// A native plugin in a child process (`isolation: "process"`).
@@ -70,8 +72,8 @@ pub(crate) struct Version {
     pub(crate) manifest: Arc<Manifest>,
     backend: Backend,
     /// The unpacked package an exec version runs in (its program's working
-    /// directory, also at restarts); removed when the version goes.
-    #[cfg(feature = "exec")]
+    /// directory, also at restarts), or a deferred version will load from;
+    /// removed when the version goes.
     _files: Option<crate::package::Unpacked>,
 }
 
@@ -83,6 +85,8 @@ pub(crate) struct LoadOptions {
     pub(crate) exec: ExecOptions,
     /// Which signatures loads require and accept.
     pub(crate) trust: Arc<Trust>,
+    /// Native plugins not yet serving are loaded by their first call.
+    pub(crate) load_on_first_call: bool,
     /// Where `remote_git` plugins are built.
     pub(crate) build: crate::build::BuildOptions,
     #[cfg(feature = "exec")]
@@ -155,26 +159,29 @@ impl Version {
     /// Loads what `manifest` asks for, from the plugin directory `dir`:
     /// checked, started and ready to serve.
     /// `seal` is checked against the artifact's bytes as they are read for
-    /// the load, when the host checks signatures.
+    /// the load, when the host checks signatures. With `defer`, a native
+    /// plugin is only registered here and loaded by its first call (see
+    /// `native::Deferred`).
     pub(crate) fn load(
         manifest: Manifest,
         seal: &Seal,
         dir: &Path,
         options: &LoadOptions,
+        defer: bool,
     ) -> Result<Version> {
         let plugin = manifest.name.as_str();
-        let check = |digest: &str| {
-            let signer = options.trust.check(plugin, seal, Some(digest))?;
-            if let Some(signer) = signer {
-                tracing::info!(plugin, %signer, "signature verified");
-            }
-            Ok(())
-        };
-        let check = options
-            .trust
-            .is_on()
-            .then_some(&check as &crate::native::ArtifactCheck<'_>);
+        let signature = options.trust.artifact_check(plugin, seal);
+        let check = signature
+            .as_ref()
+            .map(|c| c as &crate::native::ArtifactCheck<'_>);
         let backend = match Kind::of(&manifest, dir)? {
+            Kind::Native if defer => Backend::Deferred(Deferred::new(
+                &manifest,
+                dir,
+                &options.native,
+                &options.trust,
+                seal,
+            )?),
             Kind::Native => {
                 Backend::Native(NativeVersion::load(&manifest, dir, &options.native, check)?)
             }
@@ -206,10 +213,11 @@ impl Version {
             #[cfg(feature = "exec")]
             Kind::Socket => Backend::Socket(SocketVersion::load(&manifest, dir, &options.socket)?),
         };
+        // It borrows the manifest's name (an opaque type may need dropping).
+        drop(signature);
         Ok(Version {
             manifest: Arc::new(manifest),
             backend,
-            #[cfg(feature = "exec")]
             _files: None,
         })
     }
@@ -220,6 +228,8 @@ impl Version {
     pub(crate) fn keep_files(&mut self, unpacked: Option<crate::package::Unpacked>) {
         match &self.backend {
             Backend::Native(_) => drop(unpacked),
+            // Its first call loads from the unpacked copy.
+            Backend::Deferred(_) => self._files = unpacked,
             // A child process may run in the plugin's directory, also after
             // a restart.
             #[cfg(feature = "exec")]
@@ -270,6 +280,8 @@ impl Version {
     pub(crate) fn in_place(&self, ctx: &Context) -> Option<InPlace<'_>> {
         match &self.backend {
             Backend::Native(native) => native.in_place(ctx).map(InPlace::Native),
+            // Not loaded yet: the async path loads it off the runtime.
+            Backend::Deferred(deferred) => deferred.version()?.in_place(ctx).map(InPlace::Native),
             #[cfg(feature = "exec")]
             Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_) => None,
         }
@@ -281,6 +293,9 @@ impl Version {
         ctx.begin_call();
         let outcome = match (&self.backend, leave) {
             (Backend::Native(native), InPlace::Native(leave)) => native.run_in_place(ctx, leave)?,
+            (Backend::Deferred(deferred), InPlace::Native(leave)) => {
+                deferred.load()?.run_in_place(ctx, leave)?
+            }
             #[cfg(feature = "exec")]
             (Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_), _) => {
                 unreachable!("`in_place` gives no leave to exec, process and socket versions")
@@ -298,6 +313,7 @@ impl Version {
         ctx.begin_call();
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute(ctx)?,
+            Backend::Deferred(deferred) => deferred.load()?.execute(ctx)?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.execute(ctx)?,
             #[cfg(feature = "exec")]
@@ -317,6 +333,8 @@ impl Version {
         // that much and copy it, even for a native plugin called in place.
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute_async(ctx).await?,
+            // The executor had it loaded off the runtime (`needs_loading`).
+            Backend::Deferred(deferred) => deferred.load()?.execute_async(ctx).await?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => Box::pin(exec.execute_async(ctx)).await?,
             #[cfg(feature = "exec")]
@@ -382,6 +400,7 @@ impl Version {
     pub(crate) fn unload(&mut self) -> Ending {
         match &mut self.backend {
             Backend::Native(native) => native.unload(),
+            Backend::Deferred(deferred) => deferred.unload(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.unload(),
             #[cfg(feature = "exec")]
@@ -396,6 +415,7 @@ impl Version {
     pub(crate) fn busy(&self) -> usize {
         match &self.backend {
             Backend::Native(native) => native.busy(),
+            Backend::Deferred(deferred) => deferred.busy(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.busy(),
             #[cfg(feature = "exec")]
@@ -410,6 +430,7 @@ impl Version {
     pub(crate) fn artifact(&self) -> String {
         match &self.backend {
             Backend::Native(native) => native.artifact(),
+            Backend::Deferred(deferred) => deferred.artifact(),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.artifact(),
             #[cfg(feature = "exec")]
@@ -422,7 +443,7 @@ impl Version {
     /// The plugin's process, for kinds that run one.
     pub(crate) fn process(&self) -> Option<ProcessInfo> {
         match &self.backend {
-            Backend::Native(_) => None,
+            Backend::Native(_) | Backend::Deferred(_) => None,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => Some(exec.process()),
             #[cfg(feature = "exec")]
@@ -446,12 +467,54 @@ impl Version {
     pub(crate) fn down_state(&self) -> Option<PluginState> {
         match &self.backend {
             Backend::Native(_) => None,
+            Backend::Deferred(deferred) if deferred.is_pending() => Some(PluginState::Deferred),
+            Backend::Deferred(deferred) => deferred.error().map(|_| PluginState::Failed),
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => exec.down_state(),
             #[cfg(feature = "exec")]
             Backend::Process(process) => process.down_state(),
             #[cfg(feature = "exec")]
             Backend::Socket(socket) => socket.down_state(),
+        }
+    }
+
+    /// Returns once a deferred version no call has loaded yet is loaded
+    /// (or failed to), having the load done on a thread of its own: a load
+    /// takes about a millisecond and its `init` up to `init_timeout`, too
+    /// long for an async runtime's worker. Callers arriving meanwhile wait
+    /// for the same load. The thread holds the version, so draining waits
+    /// for the load.
+    pub(crate) async fn loaded_off_runtime(self: &Arc<Self>) {
+        let Backend::Deferred(deferred) = &self.backend else {
+            return;
+        };
+        if !deferred.is_pending() {
+            return;
+        }
+        if deferred.claim_load() {
+            let version = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("dynplug-load".into())
+                .spawn(move || version.load_deferred());
+            if spawned.is_err() {
+                // No thread to be had: load here rather than never.
+                deferred.load_and_wake();
+            }
+        }
+        deferred.loaded().await;
+    }
+
+    fn load_deferred(&self) {
+        if let Backend::Deferred(deferred) = &self.backend {
+            deferred.load_and_wake();
+        }
+    }
+
+    /// Why a deferred version failed to load on its first call.
+    pub(crate) fn load_error(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Deferred(deferred) => deferred.error(),
+            _ => None,
         }
     }
 }

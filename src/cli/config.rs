@@ -9,6 +9,7 @@
 //! queue_limit = 256          # calls that may wait for a pooled version's workers
 //! drain_timeout = "30s"
 //! allow_downgrades = false
+//! load_on_first_call = false # native libraries loaded by their first call
 //! trusted_keys = "keys"      # a directory of *.pub files, or one file of key lines
 //! require_signatures = false
 //! sockets = ["/run/dynplug/plugins"]  # sockets directories (JSON-RPC, Docker style)
@@ -65,6 +66,7 @@ pub(crate) struct Config {
     #[serde(default, deserialize_with = "duration")]
     pub(crate) drain_timeout: Option<Duration>,
     pub(crate) allow_downgrades: Option<bool>,
+    pub(crate) load_on_first_call: Option<bool>,
     pub(crate) trusted_keys: Option<PathBuf>,
     pub(crate) require_signatures: Option<bool>,
     #[serde(default)]

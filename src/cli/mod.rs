@@ -55,6 +55,10 @@ struct PluginsDir {
     /// Accept a lower version over a serving one (refused by default).
     #[arg(long)]
     allow_downgrades: bool,
+    /// Load each native plugin's library on its first call, not at start
+    /// (listed `deferred` until then): for many plugins of which few are called.
+    #[arg(long)]
+    load_on_first_call: bool,
     #[command(flatten)]
     trust: TrustArgs,
     /// Where `remote_git` plugins are cloned and built [default:
@@ -79,6 +83,7 @@ impl PluginsDir {
         self.queue_limit = self.queue_limit.or(config.queue_limit);
         self.drain_timeout = self.drain_timeout.or(config.drain_timeout);
         self.allow_downgrades |= config.allow_downgrades.unwrap_or(false);
+        self.load_on_first_call |= config.load_on_first_call.unwrap_or(false);
         self.trust.apply(config);
         if self.sockets.is_empty() {
             self.sockets.clone_from(&config.sockets);
@@ -90,8 +95,9 @@ impl PluginsDir {
     }
 
     fn manager(&self) -> dynplug::Result<PluginManager> {
-        let mut builder =
-            PluginManager::builder(self.plugins()).allow_downgrades(self.allow_downgrades);
+        let mut builder = PluginManager::builder(self.plugins())
+            .allow_downgrades(self.allow_downgrades)
+            .load_on_first_call(self.load_on_first_call);
         if let Some(threads) = self.pool_size {
             builder = builder.pool_size(threads.into());
         }

@@ -216,7 +216,16 @@ impl PluginManager {
         // Checked early to avoid a useless load, and again at the swap.
         self.check_routes(slot, &manifest)?;
         let started = Instant::now();
-        let mut version = Version::load(manifest, &opened.seal, opened.dir(), &self.inner.options)?;
+        // Only a first load is deferred: an upgrade is loaded before it
+        // replaces the serving version, which keeps serving if it fails.
+        let defer = self.inner.options.load_on_first_call && slot.current.load().is_none();
+        let mut version = Version::load(
+            manifest,
+            &opened.seal,
+            opened.dir(),
+            &self.inner.options,
+            defer,
+        )?;
         // A native version runs from its own image: the package's unpacked
         // copy goes now. An exec version keeps it (its working directory).
         version.keep_files(opened.into_unpacked());

@@ -20,6 +20,7 @@
 //! the host callbacks, and `ffi::interpose`), `image`, `header`.
 
 mod call;
+mod deferred;
 mod ffi;
 mod header;
 mod image;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use call::InPlace;
+pub(crate) use deferred::Deferred;
 use ffi::Library;
 pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
 #[cfg(feature = "exec")]

@@ -87,6 +87,25 @@ pub(crate) fn read_checked(
     Ok((path, bytes))
 }
 
+/// The checks of [`open_checked`] that need no read of the library's
+/// bytes (where it is, what it is, who can write it, its size), for a
+/// plugin loaded on its first call: its registration fails as its load
+/// would have for these causes.
+pub(super) fn check_library_file(
+    manifest: &Manifest,
+    dir: &Path,
+    options: &NativeOptions,
+) -> Result<()> {
+    let (path, _, file) = open_library(manifest, dir)?;
+    crate::untrusted::checked_len(&file, options.max_library_size).map_err(|source| Error::Io {
+        plugin: manifest.name.clone(),
+        action: "reading",
+        path,
+        source,
+    })?;
+    Ok(())
+}
+
 /// Opens the library a `local_so` manifest names, once it is known to be
 /// inside the plugin directory, a regular file, and writable by nobody
 /// else: the path as the manifest names it, the real plugin directory, and

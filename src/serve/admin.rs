@@ -64,10 +64,15 @@ async fn health(Extract(state): Extract<State>) -> Response {
         .iter()
         .filter(|p| p.state == PluginState::Loaded)
         .count();
+    let deferred = plugins
+        .iter()
+        .filter(|p| p.state == PluginState::Deferred)
+        .count();
     axum::Json(serde_json::json!({
         "status": "ok",
         "plugins": plugins.len(),
         "loaded": loaded,
+        "deferred": deferred,
     }))
     .into_response()
 }

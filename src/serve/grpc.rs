@@ -74,7 +74,7 @@ impl plugins_server::Plugins for Plugins {
         let info = self.0.manager.info(&name).ok_or_else(|| Error::NotFound {
             plugin: name.clone(),
         })?;
-        if info.state != PluginState::Loaded {
+        if !matches!(info.state, PluginState::Loaded | PluginState::Deferred) {
             return Err(Status::unavailable(format!(
                 "{name}: {}{}",
                 info.state.as_str(),

@@ -139,7 +139,8 @@ impl Metrics {
             &mut plugins.iter().map(|p| {
                 (
                     plugin(&p.name),
-                    u8::from(p.state == PluginState::Loaded).to_string(),
+                    u8::from(matches!(p.state, PluginState::Loaded | PluginState::Deferred))
+                        .to_string(),
                 )
             }),
         );

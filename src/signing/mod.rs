@@ -218,6 +218,21 @@ impl Trust {
         }
     }
 
+    /// The check a load runs on its artifact's digest (`None` when this
+    /// host checks no signatures): [`check`](Self::check), logging the signer.
+    pub(crate) fn artifact_check<'a>(
+        &'a self,
+        plugin: &'a str,
+        seal: &'a Seal,
+    ) -> Option<impl Fn(&str) -> Result<()> + 'a> {
+        self.is_on().then_some(move |digest: &str| {
+            if let Some(signer) = self.check(plugin, seal, Some(digest))? {
+                tracing::info!(plugin, %signer, "signature verified");
+            }
+            Ok(())
+        })
+    }
+
     /// Who signed (verified cryptographically), trusted or not, for `verify`.
     pub(crate) fn signer(
         &self,

@@ -1,0 +1,225 @@
+//! Plugins loaded on their first call (`Builder::load_on_first_call`):
+//! registered without mapping anything, loaded (with every check) by the
+//! first call, blocking or async; load failures surface on that call and in
+//! the listing; upgrades are still loaded before they serve.
+
+mod support;
+
+use std::path::Path;
+
+use dynplug::{Context, Error, PluginManager, PluginState};
+use support::{call, install, install_as, manifest, mapped_under};
+
+fn deferred_manager(base: &Path) -> PluginManager {
+    PluginManager::builder(base)
+        .load_on_first_call(true)
+        .build()
+        .unwrap()
+}
+
+fn state(manager: &PluginManager, plugin: &str) -> PluginState {
+    manager.info(plugin).unwrap().state
+}
+
+#[test]
+fn registered_plugins_are_mapped_by_their_first_call() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "hello");
+    install(dir.path(), "counter");
+    let manager = deferred_manager(dir.path());
+    let report = manager.load_plugins().unwrap();
+    assert_eq!(report.loaded, ["counter", "hello"], "{:?}", report.failed);
+    assert_eq!(state(&manager, "hello"), PluginState::Deferred);
+    assert!(mapped_under(dir.path()).is_empty(), "{:?}", mapped_under(dir.path()));
+
+    let mut ctx = Context::new("hello.get");
+    call(&manager, "hello", &mut ctx).unwrap();
+    assert_eq!(ctx.get_str("greeting"), Some("hello, world"));
+    assert_eq!(state(&manager, "hello"), PluginState::Loaded);
+    assert_eq!(state(&manager, "counter"), PluginState::Deferred);
+    assert_eq!(mapped_under(dir.path()).len(), 1, "only hello is mapped");
+
+    // Unloading a plugin never called has nothing to close.
+    manager.unload_all();
+    assert!(mapped_under(dir.path()).is_empty());
+}
+
+#[test]
+fn async_first_calls_load_once_off_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "counter");
+    let manager = deferred_manager(dir.path());
+    manager.load_plugins().unwrap();
+    assert_eq!(state(&manager, "counter"), PluginState::Deferred);
+    let (_, counter) = manager.get_plugin("counter").unwrap();
+    // Sixteen first calls at once on one runtime thread: they wait for one
+    // load (one library, one counter), done on a thread of its own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let counts = runtime.block_on(async {
+        let calls = (0..16).map(|_| {
+            let counter = counter.clone();
+            async move {
+                let mut ctx = Context::new("counter.incr");
+                counter.execute_async(&mut ctx).await.map(|()| ctx)
+            }
+        });
+        futures_join_all(calls).await
+    });
+    let mut seen: Vec<i64> = counts
+        .into_iter()
+        .map(|r| r.unwrap().get_i64("count").unwrap())
+        .collect();
+    seen.sort_unstable();
+    // Every call saw its own increment of the one counter.
+    assert_eq!(seen, (1..=16).collect::<Vec<_>>());
+    assert_eq!(state(&manager, "counter"), PluginState::Loaded);
+    assert_eq!(mapped_under(dir.path()).len(), 1);
+}
+
+/// Polls every future to completion on the current task (no extra crate).
+async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futures.map(|f| Box::pin(f)).collect();
+    let mut outputs: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
+    let mut handles: Vec<Option<_>> = handles.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, output) in handles.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(out) => {
+                        *output = Some(out);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().map(Option::unwrap).collect()
+}
+
+#[test]
+fn a_failed_first_load_names_the_plugin_the_file_and_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    install(base, "hello");
+    install(base, "failing-init");
+    let truncated = install_as(
+        base,
+        "hello",
+        "truncated",
+        Some(&manifest("truncated", "hello", "1.0.0", "")),
+    );
+    let lib = truncated.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
+    let bytes = std::fs::read(&lib).unwrap();
+    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    let manager = deferred_manager(base);
+    let report = manager.load_plugins().unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+
+    let mut ctx = Context::new("hello.get");
+    let error = call(&manager, "truncated", &mut ctx).unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, Error::Unavailable { .. }), "{error:?}");
+    assert!(message.starts_with("truncated: "), "{message}");
+    assert!(message.contains("libhello"), "{message}");
+    assert!(message.contains("not a loadable library"), "{message}");
+    // The outcome is kept: the next call gets the same reason, the listing too.
+    let again = call(&manager, "truncated", &mut ctx).unwrap_err().to_string();
+    assert_eq!(again, message);
+    let info = manager.info("truncated").unwrap();
+    assert_eq!(info.state, PluginState::Failed);
+    assert!(info.error.unwrap().contains("not a loadable library"));
+
+    let error = call(&manager, "failing-init", &mut Context::new("x")).unwrap_err();
+    assert!(error.to_string().contains("init"), "{error}");
+
+    // Everything else serves.
+    call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
+    assert_eq!(mapped_under(base).len(), 1, "{:?}", mapped_under(base));
+}
+
+#[test]
+fn registration_still_refuses_what_it_can_see() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    install(base, "hello");
+    // A FIFO in place of the library: refused at registration, no hang.
+    let fifo = install_as(
+        base,
+        "hello",
+        "fifo",
+        Some(&manifest("fifo", "hello", "1.0.0", "")),
+    );
+    let lib = fifo.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
+    std::fs::remove_file(&lib).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(&lib)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Over the size limit.
+    install_as(
+        base,
+        "hello",
+        "large",
+        Some(&manifest("large", "hello", "1.0.0", "")),
+    );
+    let manager = PluginManager::builder(base)
+        .load_on_first_call(true)
+        .max_library_size(4096)
+        .build()
+        .unwrap();
+    let report = manager.load_plugins().unwrap();
+    let failed: Vec<String> = report
+        .failed
+        .iter()
+        .map(|(name, e)| format!("{name}: {e}"))
+        .collect();
+    // Sorted by name: fifo, hello, large.
+    assert_eq!(report.failed.len(), 3, "{failed:?}");
+    assert!(failed[0].contains("not a regular file"), "{failed:?}");
+    assert!(failed[1].contains("over the limit"), "{failed:?}");
+    assert!(failed[2].contains("over the limit"), "{failed:?}");
+    assert_eq!(state(&manager, "fifo"), PluginState::Failed);
+}
+
+#[test]
+fn upgrades_are_loaded_before_they_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    install_as(
+        base,
+        "hello",
+        "hello",
+        Some(&manifest("hello", "hello", "1.0.0", "")),
+    );
+    let manager = deferred_manager(base);
+    manager.load_plugins().unwrap();
+    call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
+    // A broken 2.0.0: refused at the reload, 1.0.0 keeps serving.
+    let plugin = install_as(
+        base,
+        "hello",
+        "hello",
+        Some(&manifest("hello", "hello", "2.0.0", "")),
+    );
+    let lib = plugin.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
+    let bytes = std::fs::read(&lib).unwrap();
+    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    let error = manager.load_plugin("hello").unwrap_err();
+    assert!(error.to_string().contains("not a loadable library"), "{error}");
+    let info = manager.info("hello").unwrap();
+    assert_eq!(info.version.as_deref(), Some("1.0.0"));
+    assert_eq!(info.state, PluginState::Loaded);
+    call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
+}
