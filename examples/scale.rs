@@ -1,15 +1,18 @@
 //! Many plugins at once: load time, threads, memory, descriptors, mappings,
 //! serving, and shutdown time.
 //!
-//! Run: `cargo run --release --example scale -- --plugins 1000 [--isolation pooled]`
+//! Run: `cargo run --release --example scale -- --plugins 1000 [--isolation pooled]
+//! [--load-on-first-call] [--called N]`
 //!
 //! Installs N copies of the `hello` sample (each with one route of its own,
 //! `/api/p<i>/:name`), then measures, in this order:
 //! * ready: `PluginManager::new` + `load_plugins` (every plugin serving);
 //! * at rest after loading: OS threads of the process, RSS, open descriptors,
 //!   memory mappings;
-//! * one call to every plugin through an `Executor`, and one HTTP request to
-//!   every plugin's route through the façade (a server on 127.0.0.1:0);
+//! * one call to every plugin (or the first `--called N`) through an
+//!   `Executor`, and one HTTP request to each of them through the façade (a
+//!   server on 127.0.0.1:0), which with `--load-on-first-call` is what loads
+//!   them;
 //! * at rest after serving (once idle workers had time to leave);
 //! * shutdown: `Running::shutdown` (every plugin drained and unloaded);
 //!
@@ -42,6 +45,13 @@ struct Args {
     /// attach a profiler).
     #[arg(long, default_value_t = 0)]
     pause_seconds: u64,
+    /// Register the plugins and load each one on its first call
+    /// (`Builder::load_on_first_call`).
+    #[arg(long)]
+    load_on_first_call: bool,
+    /// Call only the first N plugins (all by default).
+    #[arg(long)]
+    called: Option<usize>,
 }
 
 /// CPU time of the whole process so far (user and system), to 10 ms.
@@ -174,7 +184,10 @@ fn main() {
 
     let started = Instant::now();
     let cpu = cpu_time();
-    let manager = PluginManager::new(dir.path()).unwrap();
+    let manager = PluginManager::builder(dir.path())
+        .load_on_first_call(args.load_on_first_call)
+        .build()
+        .unwrap();
     let report = manager.load_plugins().unwrap();
     let ready = started.elapsed();
     let cpu = cpu_time() - cpu;
@@ -187,14 +200,15 @@ fn main() {
     );
     Footprint::now().print("loaded", &base);
 
+    let called = args.called.unwrap_or(args.plugins).min(args.plugins);
     let started = Instant::now();
-    for i in 0..args.plugins {
+    for i in 0..called {
         let (_, executor) = manager.get_plugin(&format!("p{i}")).unwrap();
         let mut ctx = Context::new("hello.get").with("name", "scale");
         executor.execute(&mut ctx).unwrap();
     }
     println!(
-        "one call to each plugin:     {:.1} ms",
+        "one call to each of {called}:      {:.1} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
 
@@ -210,13 +224,13 @@ fn main() {
     };
     let started = Instant::now();
     runtime.block_on(async {
-        for i in 0..args.plugins {
+        for i in 0..called {
             let status = get(addr, &format!("/api/p{i}/scale")).await;
             assert!(status.contains(" 200 "), "p{i}: {status}");
         }
     });
     println!(
-        "one HTTP request to each:    {:.1} ms",
+        "one HTTP request to each:     {:.1} ms",
         started.elapsed().as_secs_f64() * 1e3
     );
     Footprint::now().print("after serving", &base);
