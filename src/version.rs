@@ -55,10 +55,14 @@ pub(crate) enum InPlace<'a> {
 }
 
 /// How a version's calls are carried out: one variant per plugin kind.
+// Without the exec kinds the boxed deferred variant is the only other one;
+// the native variant, on every call's path, stays unboxed.
+#[cfg_attr(not(feature = "exec"), allow(clippy::large_enum_variant))]
 pub(crate) enum Backend {
     Native(NativeVersion),
-    /// A native plugin loaded on its first call (`load_on_first_call`).
-    Deferred(Deferred),
+    /// A native plugin loaded on its first call (`load_on_first_call`);
+    /// boxed: it keeps the manifest and settings to load with (a kilobyte).
+    Deferred(Box<Deferred>),
     #[cfg(feature = "exec")]
     Exec(ExecVersion),
     /// A native plugin in a child process (`isolation: "process"`).
@@ -175,13 +179,13 @@ impl Version {
             .as_ref()
             .map(|c| c as &crate::native::ArtifactCheck<'_>);
         let backend = match Kind::of(&manifest, dir)? {
-            Kind::Native if defer => Backend::Deferred(Deferred::new(
+            Kind::Native if defer => Backend::Deferred(Box::new(Deferred::new(
                 &manifest,
                 dir,
                 &options.native,
                 &options.trust,
                 seal,
-            )?),
+            )?)),
             Kind::Native => {
                 Backend::Native(NativeVersion::load(&manifest, dir, &options.native, check)?)
             }

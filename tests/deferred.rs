@@ -30,7 +30,11 @@ fn registered_plugins_are_mapped_by_their_first_call() {
     let report = manager.load_plugins().unwrap();
     assert_eq!(report.loaded, ["counter", "hello"], "{:?}", report.failed);
     assert_eq!(state(&manager, "hello"), PluginState::Deferred);
-    assert!(mapped_under(dir.path()).is_empty(), "{:?}", mapped_under(dir.path()));
+    assert!(
+        mapped_under(dir.path()).is_empty(),
+        "{:?}",
+        mapped_under(dir.path())
+    );
 
     let mut ctx = Context::new("hello.get");
     call(&manager, "hello", &mut ctx).unwrap();
@@ -80,7 +84,9 @@ fn async_first_calls_load_once_off_the_runtime() {
 }
 
 /// Polls every future to completion on the current task (no extra crate).
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
     let handles: Vec<_> = futures.map(|f| Box::pin(f)).collect();
     let mut outputs: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
     let mut handles: Vec<Option<_>> = handles.into_iter().map(Some).collect();
@@ -134,7 +140,9 @@ fn a_failed_first_load_names_the_plugin_the_file_and_the_cause() {
     assert!(message.contains("libhello"), "{message}");
     assert!(message.contains("not a loadable library"), "{message}");
     // The outcome is kept: the next call gets the same reason, the listing too.
-    let again = call(&manager, "truncated", &mut ctx).unwrap_err().to_string();
+    let again = call(&manager, "truncated", &mut ctx)
+        .unwrap_err()
+        .to_string();
     assert_eq!(again, message);
     let info = manager.info("truncated").unwrap();
     assert_eq!(info.state, PluginState::Failed);
@@ -217,7 +225,10 @@ fn upgrades_are_loaded_before_they_serve() {
     let bytes = std::fs::read(&lib).unwrap();
     std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
     let error = manager.load_plugin("hello").unwrap_err();
-    assert!(error.to_string().contains("not a loadable library"), "{error}");
+    assert!(
+        error.to_string().contains("not a loadable library"),
+        "{error}"
+    );
     let info = manager.info("hello").unwrap();
     assert_eq!(info.version.as_deref(), Some("1.0.0"));
     assert_eq!(info.state, PluginState::Loaded);

@@ -30,8 +30,14 @@ impl PluginManager {
         let Origin::Found(found) = &origin else {
             unreachable!("made above")
         };
-        match Version::load(manifest, &Seal::none(), &found.dir, &self.inner.options, false)
-            .and_then(|version| self.install(&slot, version))
+        match Version::load(
+            manifest,
+            &Seal::none(),
+            &found.dir,
+            &self.inner.options,
+            false,
+        )
+        .and_then(|version| self.install(&slot, version))
         {
             Ok(manifest) => Ok(manifest),
             Err(error) => {

@@ -126,19 +126,29 @@ async fn reload(Extract(state): Extract<State>, Path(name): Path<String>) -> Res
         if !found && !manager.holds(&name) {
             return Err(Error::NotFound { plugin: name });
         }
-        manager.load_plugin(&name)
+        let manifest = manager.load_plugin(&name)?;
+        Ok((serving_state(&manager, &name), manifest))
     })
     .await;
     match loaded {
-        Ok(Ok(manifest)) => axum::Json(serde_json::json!({
+        Ok(Ok((state, manifest))) => axum::Json(serde_json::json!({
             "plugin": manifest.name,
             "version": manifest.version.to_string(),
-            "state": "loaded",
+            "state": state,
         }))
         .into_response(),
         Ok(Err(e)) => e.into_response(),
         Err(e) => super::reply::error_json(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), None),
     }
+}
+
+/// The state of a plugin just loaded: `loaded`, or `deferred` when the
+/// manager loads it on its first call.
+fn serving_state(manager: &crate::PluginManager, name: &str) -> &'static str {
+    manager
+        .info(name)
+        .map_or(PluginState::Loaded, |info| info.state)
+        .as_str()
 }
 
 /// Largest `.plg` accepted by `POST /_dynplug/packages`.
@@ -163,15 +173,16 @@ async fn upload(Extract(state): Extract<State>, body: axum::body::Bytes) -> Resp
             crate::package::DEFAULT_MAX_LIBRARY_SIZE,
         )?;
         let manifest = manager.load_plugin(&installed.manifest.name)?;
-        Ok::<_, Error>((installed, manifest))
+        let state = serving_state(&manager, &manifest.name);
+        Ok::<_, Error>((installed, manifest, state))
     })
     .await;
     match installed {
-        Ok(Ok((installed, manifest))) => axum::Json(serde_json::json!({
+        Ok(Ok((installed, manifest, state))) => axum::Json(serde_json::json!({
             "plugin": manifest.name,
             "version": manifest.version.to_string(),
             "package": installed.path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "state": "loaded",
+            "state": state,
         }))
         .into_response(),
         Ok(Err(e)) => e.into_response(),

@@ -139,8 +139,11 @@ impl Metrics {
             &mut plugins.iter().map(|p| {
                 (
                     plugin(&p.name),
-                    u8::from(matches!(p.state, PluginState::Loaded | PluginState::Deferred))
-                        .to_string(),
+                    u8::from(matches!(
+                        p.state,
+                        PluginState::Loaded | PluginState::Deferred
+                    ))
+                    .to_string(),
                 )
             }),
         );
