@@ -114,15 +114,23 @@ impl Executor {
         // A dropped future still counts as finished (as an error).
         let guard = AbandonedCall(stats);
         let result = match self.slot.current.load_full() {
-            Some(version) => {
-                match crate::timer::within(ctx.deadline(), version.loaded_off_runtime()).await {
-                    Some(()) => version.execute_async(ctx).await,
-                    None => Err(Error::DeadlineExceeded {
-                        plugin: version.name().to_owned(),
-                        label: ctx.label().to_owned(),
-                    }),
-                }
+            // Boxed: only a deferred version's first calls wait for its
+            // load, and every call's future would carry that state.
+            Some(version)
+                if version.needs_loading()
+                    && Box::pin(crate::timer::within(
+                        ctx.deadline(),
+                        version.loaded_off_runtime(),
+                    ))
+                    .await
+                    .is_none() =>
+            {
+                Err(Error::DeadlineExceeded {
+                    plugin: version.name().to_owned(),
+                    label: ctx.label().to_owned(),
+                })
             }
+            Some(version) => version.execute_async(ctx).await,
             None => Err(self.unavailable()),
         };
         std::mem::forget(guard);

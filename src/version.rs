@@ -337,7 +337,7 @@ impl Version {
         // that much and copy it, even for a native plugin called in place.
         let outcome = match &self.backend {
             Backend::Native(native) => native.execute_async(ctx).await?,
-            // The executor had it loaded off the runtime (`needs_loading`).
+            // The executor had it loaded off the runtime (`loaded_off_runtime`).
             Backend::Deferred(deferred) => deferred.load()?.execute_async(ctx).await?,
             #[cfg(feature = "exec")]
             Backend::Exec(exec) => Box::pin(exec.execute_async(ctx)).await?,
@@ -482,6 +482,19 @@ impl Version {
         }
     }
 
+    /// Whether a call would load the version first: a deferred version no
+    /// call has loaded yet.
+    #[inline]
+    pub(crate) fn needs_loading(&self) -> bool {
+        matches!(&self.backend, Backend::Deferred(deferred) if deferred.is_pending())
+    }
+
+    /// Whether this is a deferred version that has not been loaded: no
+    /// call came yet, or the first load failed.
+    pub(crate) fn awaits_first_load(&self) -> bool {
+        matches!(&self.backend, Backend::Deferred(deferred) if deferred.version().is_none())
+    }
+
     /// Returns once a deferred version no call has loaded yet is loaded
     /// (or failed to), having the load done on a thread of its own: a load
     /// takes about a millisecond and its `init` up to `init_timeout`, too
@@ -492,9 +505,6 @@ impl Version {
         let Backend::Deferred(deferred) = &self.backend else {
             return;
         };
-        if !deferred.is_pending() {
-            return;
-        }
         if deferred.claim_load() {
             let version = Arc::clone(self);
             let spawned = std::thread::Builder::new()

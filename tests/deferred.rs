@@ -154,6 +154,20 @@ fn a_failed_first_load_names_the_plugin_the_file_and_the_cause() {
     // Everything else serves.
     call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
     assert_eq!(mapped_under(base).len(), 1, "{:?}", mapped_under(base));
+
+    // Mended and reloaded: deferred again, and its first call loads it.
+    install_as(
+        base,
+        "hello",
+        "truncated",
+        Some(&manifest("truncated", "hello", "1.0.1", "")),
+    );
+    manager.load_plugin("truncated").unwrap();
+    let info = manager.info("truncated").unwrap();
+    assert_eq!(info.state, PluginState::Deferred);
+    assert_eq!(info.error, None);
+    call(&manager, "truncated", &mut Context::new("hello.get")).unwrap();
+    assert_eq!(state(&manager, "truncated"), PluginState::Loaded);
 }
 
 #[test]
@@ -202,6 +216,30 @@ fn registration_still_refuses_what_it_can_see() {
 }
 
 #[test]
+fn plugins_never_called_stay_deferred_across_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    install(base, "hello");
+    let manager = deferred_manager(base);
+    manager.load_plugins().unwrap();
+    // Nothing was loaded, so nothing can be lost: reloads stay deferred.
+    manager.load_plugins().unwrap();
+    install_as(
+        base,
+        "hello",
+        "hello",
+        Some(&manifest("hello", "hello", "2.0.0", "")),
+    );
+    manager.load_plugin("hello").unwrap();
+    let info = manager.info("hello").unwrap();
+    assert_eq!(info.state, PluginState::Deferred);
+    assert_eq!(info.version.as_deref(), Some("2.0.0"));
+    assert!(mapped_under(base).is_empty(), "{:?}", mapped_under(base));
+    call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
+    assert_eq!(mapped_under(base).len(), 1);
+}
+
+#[test]
 fn upgrades_are_loaded_before_they_serve() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
@@ -233,4 +271,15 @@ fn upgrades_are_loaded_before_they_serve() {
     assert_eq!(info.version.as_deref(), Some("1.0.0"));
     assert_eq!(info.state, PluginState::Loaded);
     call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
+    // A good 3.0.0 is loaded at once, not at its first call.
+    install_as(
+        base,
+        "hello",
+        "hello",
+        Some(&manifest("hello", "hello", "3.0.0", "")),
+    );
+    manager.load_plugin("hello").unwrap();
+    let info = manager.info("hello").unwrap();
+    assert_eq!(info.version.as_deref(), Some("3.0.0"));
+    assert_eq!(info.state, PluginState::Loaded);
 }

@@ -216,9 +216,17 @@ impl PluginManager {
         // Checked early to avoid a useless load, and again at the swap.
         self.check_routes(slot, &manifest)?;
         let started = Instant::now();
-        // Only a first load is deferred: an upgrade is loaded before it
-        // replaces the serving version, which keeps serving if it fails.
-        let defer = self.inner.options.load_on_first_call && slot.current.load().is_none();
+        // An upgrade of a version that has served calls is loaded before
+        // it replaces it (which keeps serving if the new one fails); where
+        // nothing was loaded yet (a first load, or a version still waiting
+        // for its first call or whose first load failed), nothing working
+        // can be lost, and the new version is deferred as well.
+        let defer = self.inner.options.load_on_first_call
+            && slot
+                .current
+                .load()
+                .as_ref()
+                .is_none_or(|serving| serving.awaits_first_load());
         let mut version = Version::load(
             manifest,
             &opened.seal,

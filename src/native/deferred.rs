@@ -10,9 +10,9 @@
 //! header, `dlopen`, ABI, `init`) on the bytes read then; what is verified is
 //! still exactly what is loaded. Its outcome is kept: a failed load fails
 //! every call with the reason until the plugin is loaded again (a reload, or
-//! its files change). Only a first load is deferred: an upgrade is loaded
-//! before it replaces the serving version, so a broken upgrade never takes
-//! the place of a working one.
+//! its files change). The manager defers only where nothing loaded serves:
+//! an upgrade of a loaded version is loaded before it replaces it, so a
+//! broken upgrade never takes the place of a working one.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
