@@ -72,6 +72,45 @@ fn list_shows_every_plugin_with_state_and_error() {
 }
 
 #[test]
+fn load_on_first_call_lists_plugins_deferred_and_loads_the_one_called() {
+    let dir = plugins();
+    let base = dir.path().to_str().unwrap();
+    let out = dynplug(&["list", "--plugins", base, "--load-on-first-call"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // The ABI is checked by the load: wrong-abi waits for its first call too.
+    for plugin in ["hello", "counter", "wrong-abi"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(plugin) && l.contains("deferred")),
+            "{stdout}"
+        );
+    }
+    let out = dynplug(&[
+        "call",
+        "--plugins",
+        base,
+        "--load-on-first-call",
+        "hello",
+        "--label",
+        "hello.get",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = dynplug(&[
+        "call",
+        "--plugins",
+        base,
+        "--load-on-first-call",
+        "wrong-abi",
+        "--label",
+        "x",
+    ]);
+    fails_with(&out, "loading it on its first call failed");
+    fails_with(&out, "built against plugin-abi 0.0.9");
+}
+
+#[test]
 fn call_prints_values_as_json_and_fails_with_one_line() {
     let dir = plugins();
     let base = dir.path().to_str().unwrap();

@@ -54,8 +54,13 @@ async fn load(dir: &PluginsDir) -> anyhow::Result<PluginManager> {
     let manager = dir.manager()?;
     let loader = manager.clone();
     let report = tokio::task::spawn_blocking(move || loader.load_plugins()).await??;
+    let how = if dir.load_on_first_call {
+        "registered (each loaded by its first call)"
+    } else {
+        "loaded"
+    };
     tell!(
-        "{} plugin(s) loaded from {}, {} failed",
+        "{} plugin(s) {how} from {}, {} failed",
         report.loaded.len(),
         plugins.display(),
         report.failed.len()

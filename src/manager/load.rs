@@ -353,7 +353,16 @@ impl PluginManager {
                 self.retire(slot, old);
             }
             None => {
-                tracing::info!(plugin = %slot.name, version = %to, "loaded");
+                let deferred = slot
+                    .current
+                    .load()
+                    .as_ref()
+                    .is_some_and(|v| v.needs_loading());
+                if deferred {
+                    tracing::info!(plugin = %slot.name, version = %to, "registered; loads on its first call");
+                } else {
+                    tracing::info!(plugin = %slot.name, version = %to, "loaded");
+                }
                 self.emit(Event::Loaded {
                     plugin: slot.name.clone(),
                     version: to,

@@ -130,11 +130,11 @@ impl Deferred {
         );
         match loaded {
             Ok(version) => {
-                tracing::info!(plugin, elapsed = ?started.elapsed(), "loaded on its first call");
+                tracing::info!(plugin = %plugin, elapsed = ?started.elapsed(), "loaded on its first call");
                 Ok(version)
             }
             Err(error) => {
-                tracing::warn!(plugin, "load on first call failed: {error}");
+                tracing::warn!(plugin = %plugin, "load on first call failed: {error}");
                 Err(error.to_string())
             }
         }
