@@ -79,6 +79,14 @@ impl Executor {
     pub fn execute(&self, ctx: &mut Context) -> Result<()> {
         let current = self.slot.current.load();
         self.counted(|| match current.as_ref() {
+            // A deferred version's first calls: loaded here, or on a thread
+            // of its own while a caller with a deadline waits until then.
+            Some(version) if version.needs_loading() && !version.loaded_within(ctx.deadline()) => {
+                Err(Error::DeadlineExceeded {
+                    plugin: version.name().to_owned(),
+                    label: ctx.label().to_owned(),
+                })
+            }
             Some(version) => version.execute(ctx),
             None => Err(self.unavailable()),
         })

@@ -13,6 +13,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::Context;
 use crate::error::{Error, Result};
@@ -502,8 +503,33 @@ impl Version {
     /// for the same load. The thread holds the version, so draining waits
     /// for the load.
     pub(crate) async fn loaded_off_runtime(self: &Arc<Self>) {
+        if let Some(deferred) = self.load_on_own_thread() {
+            deferred.loaded().await;
+        }
+    }
+
+    /// The blocking [`loaded_off_runtime`](Self::loaded_off_runtime), for a
+    /// blocking call: without a deadline it loads on the caller's thread;
+    /// with one, it waits at most until then (`false`: the deadline passed
+    /// first; the load goes on for the next calls).
+    pub(crate) fn loaded_within(self: &Arc<Self>, deadline: Option<Instant>) -> bool {
         let Backend::Deferred(deferred) = &self.backend else {
-            return;
+            return true;
+        };
+        let Some(deadline) = deadline else {
+            let _ = deferred.load();
+            return true;
+        };
+        self.load_on_own_thread()
+            .is_none_or(|deferred| deferred.wait_until(deadline))
+    }
+
+    /// Has the first caller to ask start the load of a deferred version on
+    /// a `dynplug-load` thread (holding the version, so draining waits for
+    /// the load); the version to wait on.
+    fn load_on_own_thread(self: &Arc<Self>) -> Option<&Deferred> {
+        let Backend::Deferred(deferred) = &self.backend else {
+            return None;
         };
         if deferred.claim_load() {
             let version = Arc::clone(self);
@@ -515,7 +541,7 @@ impl Version {
                 deferred.load_and_wake();
             }
         }
-        deferred.loaded().await;
+        Some(deferred)
     }
 
     fn load_deferred(&self) {

@@ -283,3 +283,43 @@ fn upgrades_are_loaded_before_they_serve() {
     assert_eq!(info.version.as_deref(), Some("3.0.0"));
     assert_eq!(info.state, PluginState::Loaded);
 }
+
+#[test]
+fn a_call_with_a_deadline_waits_for_a_first_load_no_longer_than_that() {
+    let dir = tempfile::tempdir().unwrap();
+    // `init` sleeps 2 s: the calls below give up long before it ends.
+    install_as(
+        dir.path(),
+        "slow",
+        "slow",
+        Some(&manifest(
+            "slow",
+            "slow",
+            "1.0.0",
+            r#""config": {"init_ms": 2000}"#,
+        )),
+    );
+    let manager = deferred_manager(dir.path());
+    manager.load_plugins().unwrap();
+    let (_, slow) = manager.get_plugin("slow").unwrap();
+    let short = || Context::new("count").with_timeout(std::time::Duration::from_millis(50));
+
+    let error = slow.execute(&mut short()).unwrap_err();
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error:?}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let error = runtime
+        .block_on(slow.execute_async(&mut short()))
+        .unwrap_err();
+    assert!(matches!(error, Error::DeadlineExceeded { .. }), "{error:?}");
+    // Both gave up while the load (its `init`) still ran.
+    assert_eq!(state(&manager, "slow"), PluginState::Deferred);
+
+    // A call without a deadline waits for that same load.
+    let mut ctx = Context::new("count");
+    slow.execute(&mut ctx).unwrap();
+    assert_eq!(ctx.get_i64("started"), Some(1), "one library, one load");
+    assert_eq!(state(&manager, "slow"), PluginState::Loaded);
+}

@@ -16,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use super::{NativeOptions, NativeVersion};
@@ -33,10 +33,15 @@ pub(crate) struct Deferred {
     seal: Seal,
     /// Set once, by the first call: the loaded version or why it failed.
     loaded: OnceLock<std::result::Result<NativeVersion, String>>,
-    /// An async caller started a load on a thread of its own.
+    /// A caller with a deadline, or an async one, started a load on a
+    /// thread of its own.
     started: AtomicBool,
     /// Wakes the async callers waiting for that load.
     done: tokio::sync::Notify,
+    /// Wakes the blocking callers waiting for it until their deadline
+    /// (the lock orders their look at `loaded` with the wake-up).
+    woken: Condvar,
+    waiting: Mutex<()>,
 }
 
 impl Deferred {
@@ -59,6 +64,8 @@ impl Deferred {
             loaded: OnceLock::new(),
             started: AtomicBool::new(false),
             done: tokio::sync::Notify::new(),
+            woken: Condvar::new(),
+            waiting: Mutex::new(()),
         })
     }
 
@@ -90,18 +97,38 @@ impl Deferred {
         }
     }
 
-    /// Whether this async caller is the first, the one to start the load
-    /// (then it calls [`load_and_wake`](Self::load_and_wake), on a thread
-    /// of its own).
+    /// Whether this caller is the first to want the load done on a thread
+    /// of its own (then it runs [`load_and_wake`](Self::load_and_wake)
+    /// there).
     pub(crate) fn claim_load(&self) -> bool {
         !self.started.swap(true, Ordering::AcqRel)
     }
 
-    /// Loads (or waits for a blocking caller's load) and wakes the async
-    /// callers waiting in [`loaded`](Self::loaded).
+    /// Loads (or waits for a blocking caller's load) and wakes the callers
+    /// waiting in [`loaded`](Self::loaded) and [`wait_until`](Self::wait_until).
     pub(crate) fn load_and_wake(&self) {
         let _ = self.load();
+        drop(self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        self.woken.notify_all();
         self.done.notify_waiters();
+    }
+
+    /// Blocks until the load a caller claimed has ended (`true`) or
+    /// `deadline` passes (`false`).
+    pub(crate) fn wait_until(&self, deadline: Instant) -> bool {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        while self.is_pending() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            waiting = self
+                .woken
+                .wait_timeout(waiting, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
     }
 
     /// Returns once the load an async caller claimed has ended.
