@@ -323,3 +323,67 @@ fn a_call_with_a_deadline_waits_for_a_first_load_no_longer_than_that() {
     assert_eq!(ctx.get_i64("started"), Some(1), "one library, one load");
     assert_eq!(state(&manager, "slow"), PluginState::Loaded);
 }
+
+#[test]
+fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
+    let dir = support::private_tempdir();
+    let base = dir.path();
+    install(base, "hello");
+    let broken = install_as(
+        base,
+        "hello",
+        "broken",
+        Some(&manifest(
+            "broken",
+            "hello",
+            "1.0.0",
+            r#""http_services": {"driver": "axum", "routes": [{"route": "/api/broken", "method": "GET", "label": "hello.get"}]}"#,
+        )),
+    );
+    let lib = broken.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
+    let bytes = std::fs::read(&lib).unwrap();
+    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    let manager = deferred_manager(base);
+    manager.load_plugins().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let running = dynplug::serve::Server::new(manager.clone())
+            .http("127.0.0.1:0".parse().unwrap())
+            .start()
+            .await
+            .unwrap();
+        let dynplug::serve::Endpoint::Tcp(addr) = running.http_endpoints()[0].clone() else {
+            unreachable!("a TCP endpoint")
+        };
+        let get = |path: &'static str| async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            support::http::exchange(stream, "GET", path, &[], b"").await
+        };
+        // Eight first requests at once: one load, eight answers.
+        let replies: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(get("/api/hello/Ada")))
+            .collect();
+        for reply in replies {
+            let reply = reply.await.unwrap();
+            assert_eq!(
+                reply.status,
+                200,
+                "{:?}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            assert_eq!(reply.json()["greeting"], "hello, Ada");
+        }
+        let reply = get("/api/broken").await;
+        assert_eq!(reply.status, 503);
+        let error = reply.json()["error"].as_str().unwrap().to_owned();
+        assert!(error.contains("not a loadable library"), "{error}");
+        assert!(error.contains("libhello"), "{error}");
+        assert_eq!(state(&manager, "broken"), PluginState::Failed);
+        assert_eq!(state(&manager, "hello"), PluginState::Loaded);
+        running.shutdown().await;
+    });
+}
