@@ -2,7 +2,7 @@
 //! serving, and shutdown time.
 //!
 //! Run: `cargo run --release --example scale -- --plugins 1000 [--isolation pooled]
-//! [--load-on-first-call] [--called N]`
+//! [--load-on-first-call] [--called N] [--unload-idle-after-ms MS]`
 //!
 //! Installs N copies of the `hello` sample (each with one route of its own,
 //! `/api/p<i>/:name`), then measures, in this order:
@@ -52,6 +52,10 @@ struct Args {
     /// Call only the first N plugins (all by default).
     #[arg(long)]
     called: Option<usize>,
+    /// Unload versions idle this long (`Builder::unload_idle_after`): the
+    /// footprint "at rest after serving" then shows what they gave back.
+    #[arg(long)]
+    unload_idle_after_ms: Option<u64>,
 }
 
 /// CPU time of the whole process so far (user and system), to 10 ms.
@@ -184,10 +188,12 @@ fn main() {
 
     let started = Instant::now();
     let cpu = cpu_time();
-    let manager = PluginManager::builder(dir.path())
-        .load_on_first_call(args.load_on_first_call)
-        .build()
-        .unwrap();
+    let mut builder =
+        PluginManager::builder(dir.path()).load_on_first_call(args.load_on_first_call);
+    if let Some(ms) = args.unload_idle_after_ms {
+        builder = builder.unload_idle_after(Duration::from_millis(ms));
+    }
+    let manager = builder.build().unwrap();
     let report = manager.load_plugins().unwrap();
     let ready = started.elapsed();
     let cpu = cpu_time() - cpu;

@@ -80,6 +80,9 @@ pub(crate) struct Version {
     /// directory, also at restarts), or a deferred version will load from;
     /// removed when the version goes.
     _files: Option<crate::package::Unpacked>,
+    /// The fingerprint of the files it was loaded from (see
+    /// `Origin::fingerprint`), when loaded from the plugins directory.
+    pub(crate) files: Option<u64>,
 }
 
 /// What the manager needs to load any kind of plugin.
@@ -224,6 +227,7 @@ impl Version {
             manifest: Arc::new(manifest),
             backend,
             _files: None,
+            files: None,
         })
     }
 
@@ -488,6 +492,22 @@ impl Version {
     #[inline]
     pub(crate) fn needs_loading(&self) -> bool {
         matches!(&self.backend, Backend::Deferred(deferred) if deferred.is_pending())
+    }
+
+    /// Whether unloading this version now and loading it again on its next
+    /// call gives memory back: a loaded native version whose unload unmaps
+    /// its code (see `Builder::unload_idle_after`).
+    pub(crate) fn may_idle_out(&self) -> bool {
+        let native = match &self.backend {
+            Backend::Native(native) => native,
+            Backend::Deferred(deferred) => match deferred.version() {
+                Some(native) => native,
+                None => return false,
+            },
+            #[cfg(feature = "exec")]
+            Backend::Exec(_) | Backend::Process(_) | Backend::Socket(_) => return false,
+        };
+        native.unloads_fully()
     }
 
     /// Whether this is a deferred version that has not been loaded: no

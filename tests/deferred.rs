@@ -387,3 +387,82 @@ fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
         running.shutdown().await;
     });
 }
+
+/// Waits (polling, up to the suite's patience) until `done` holds.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + support::PATIENCE;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn idle_versions_are_unloaded_and_loaded_again_by_their_next_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    install(base, "hello");
+    install(base, "counter");
+    let manager = PluginManager::builder(base)
+        .unload_idle_after(std::time::Duration::from_millis(30))
+        .build()
+        .unwrap();
+    manager.load_plugins().unwrap();
+    assert_eq!(state(&manager, "counter"), PluginState::Deferred);
+    for round in 1..=5 {
+        let unloads = manager.info("counter").unwrap().unloads;
+        let mut ctx = Context::new("counter.incr");
+        call(&manager, "counter", &mut ctx).unwrap();
+        // A new copy each round: its state starts over.
+        assert_eq!(ctx.get_i64("count"), Some(1), "round {round}");
+        wait_until("the idle version to be unloaded", || {
+            manager.info("counter").unwrap().unloads > unloads
+        });
+        assert_eq!(state(&manager, "counter"), PluginState::Deferred);
+        assert!(mapped_under(base).is_empty(), "{:?}", mapped_under(base));
+    }
+    // Never called, never loaded, never unloaded.
+    let hello = manager.info("hello").unwrap();
+    assert_eq!((hello.state, hello.unloads), (PluginState::Deferred, 0));
+}
+
+#[test]
+fn calls_racing_idle_unloads_never_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    install(base, "counter");
+    let manager = PluginManager::builder(base)
+        .unload_idle_after(std::time::Duration::from_millis(10))
+        .build()
+        .unwrap();
+    manager.load_plugins().unwrap();
+    let (_, counter) = manager.get_plugin("counter").unwrap();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..8 {
+                    let unloads = manager.info("counter").unwrap().unloads;
+                    for _ in 0..50 {
+                        counter.execute(&mut Context::new("counter.incr")).unwrap();
+                    }
+                    // Quiet until the reaper unloads it (all four go quiet
+                    // in turn; calls from the others may race the unload).
+                    wait_until("an idle unload", || {
+                        manager.info("counter").unwrap().unloads > unloads
+                    });
+                }
+            });
+        }
+    });
+    let info = manager.info("counter").unwrap();
+    assert_eq!(info.calls.errors, 0);
+    assert_eq!(info.calls.calls, 4 * 8 * 50);
+    assert!(info.unloads >= 8, "{}", info.unloads);
+    assert!(info.retired.is_empty(), "{:?}", info.retired);
+    wait_until("the last version to be unloaded", || {
+        mapped_under(base).is_empty()
+    });
+}

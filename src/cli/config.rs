@@ -10,6 +10,7 @@
 //! drain_timeout = "30s"
 //! allow_downgrades = false
 //! load_on_first_call = false # native libraries loaded by their first call
+//! unload_idle_after = "10m"  # and unloaded when no call came for that long
 //! trusted_keys = "keys"      # a directory of *.pub files, or one file of key lines
 //! require_signatures = false
 //! sockets = ["/run/dynplug/plugins"]  # sockets directories (JSON-RPC, Docker style)
@@ -67,6 +68,8 @@ pub(crate) struct Config {
     pub(crate) drain_timeout: Option<Duration>,
     pub(crate) allow_downgrades: Option<bool>,
     pub(crate) load_on_first_call: Option<bool>,
+    #[serde(default, deserialize_with = "duration")]
+    pub(crate) unload_idle_after: Option<Duration>,
     pub(crate) trusted_keys: Option<PathBuf>,
     pub(crate) require_signatures: Option<bool>,
     #[serde(default)]

@@ -59,6 +59,10 @@ struct PluginsDir {
     /// (listed `deferred` until then): for many plugins of which few are called.
     #[arg(long)]
     load_on_first_call: bool,
+    /// Unload a native plugin no call has reached for this long (e.g. 10m);
+    /// its next call loads it again. Implies --load-on-first-call.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    unload_idle_after: Option<Duration>,
     #[command(flatten)]
     trust: TrustArgs,
     /// Where `remote_git` plugins are cloned and built [default:
@@ -84,6 +88,7 @@ impl PluginsDir {
         self.drain_timeout = self.drain_timeout.or(config.drain_timeout);
         self.allow_downgrades |= config.allow_downgrades.unwrap_or(false);
         self.load_on_first_call |= config.load_on_first_call.unwrap_or(false);
+        self.unload_idle_after = self.unload_idle_after.or(config.unload_idle_after);
         self.trust.apply(config);
         if self.sockets.is_empty() {
             self.sockets.clone_from(&config.sockets);
@@ -106,6 +111,9 @@ impl PluginsDir {
         }
         if let Some(timeout) = self.drain_timeout {
             builder = builder.drain_timeout(timeout);
+        }
+        if let Some(idle) = self.unload_idle_after {
+            builder = builder.unload_idle_after(idle);
         }
         if let Some(cache) = &self.build_cache {
             builder = builder.build_cache(cache);

@@ -54,7 +54,7 @@ async fn load(dir: &PluginsDir) -> anyhow::Result<PluginManager> {
     let manager = dir.manager()?;
     let loader = manager.clone();
     let report = tokio::task::spawn_blocking(move || loader.load_plugins()).await??;
-    let how = if dir.load_on_first_call {
+    let how = if dir.load_on_first_call || dir.unload_idle_after.is_some() {
         "registered (each loaded by its first call)"
     } else {
         "loaded"

@@ -37,6 +37,7 @@ pub struct Builder {
     process_grace: Duration,
     process_backoff: (Duration, Duration),
     load_on_first_call: bool,
+    unload_idle_after: Option<Duration>,
 }
 
 impl Builder {
@@ -63,6 +64,7 @@ impl Builder {
             process_grace: Duration::from_secs(1),
             process_backoff: (Duration::from_millis(100), Duration::from_secs(30)),
             load_on_first_call: false,
+            unload_idle_after: None,
         }
     }
 
@@ -261,6 +263,22 @@ impl Builder {
         self
     }
 
+    /// Unloads a native plugin's loaded version once no call has come for
+    /// `idle`, leaving it registered as with
+    /// [`load_on_first_call`](Self::load_on_first_call) (which this turns
+    /// on): its next call loads it again, from the same files, with every
+    /// check. Its state goes with it (a counter starts over, `init` runs
+    /// again). A version whose unload would not unmap its code is kept
+    /// (`inline` without thread tracking), as is a plugin with an older
+    /// version still mapped (see [`PluginInfo::retired`](crate::PluginInfo)).
+    /// Off by default; one `dynplug-idle` thread when on.
+    #[must_use]
+    pub fn unload_idle_after(mut self, idle: Duration) -> Self {
+        self.unload_idle_after = Some(idle);
+        self.load_on_first_call = true;
+        self
+    }
+
     /// What every load of the manager needs (nobody hears how a pinned
     /// version ends: for `verify`).
     pub(crate) fn load_options(&self) -> LoadOptions {
@@ -372,6 +390,11 @@ impl Builder {
         ));
         let (events, _) = broadcast::channel(self.event_capacity);
         let inner = Arc::new_cyclic(|manager: &Weak<Inner>| {
+            let idle_reaper = self.unload_idle_after.and_then(|idle| {
+                super::idle::start(manager.clone(), idle)
+                    .inspect_err(|e| tracing::warn!("idle versions are not unloaded: {e}"))
+                    .ok()
+            });
             // A version reported pinned ends later, on dynplug's reaper
             // thread; the manager may be gone by then.
             let manager = manager.clone();
@@ -402,6 +425,7 @@ impl Builder {
                 events,
                 changes: std::sync::atomic::AtomicU64::new(0),
                 routes: Mutex::new(super::load::ServedRoutes::default()),
+                idle_reaper,
             }
         });
         Ok(PluginManager { inner })

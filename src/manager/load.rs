@@ -118,7 +118,7 @@ impl PluginManager {
     }
 
     /// Where the plugin `name` comes from now (see [`Origin::locate`]).
-    fn locate(&self, name: &str) -> Option<Origin> {
+    pub(super) fn locate(&self, name: &str) -> Option<Origin> {
         Origin::locate(&self.inner.base, name, &self.inner.packages)
     }
 
@@ -179,6 +179,16 @@ impl PluginManager {
     /// Reads, checks and loads the version in the slot's directory, without
     /// touching the serving one.
     pub(crate) fn prepare(&self, slot: &Slot) -> Result<Version> {
+        self.prepare_as(slot, false)
+    }
+
+    /// [`prepare`](Self::prepare), always deferring a native version's load
+    /// to its first call (an idle version's replacement).
+    pub(super) fn prepare_deferred(&self, slot: &Slot) -> Result<Version> {
+        self.prepare_as(slot, true)
+    }
+
+    fn prepare_as(&self, slot: &Slot, always_defer: bool) -> Result<Version> {
         // A found plugin keeps its finder's origin; the plugins directory's
         // are located anew (a directory or its newest package).
         let origin = match slot.origin() {
@@ -190,7 +200,8 @@ impl PluginManager {
         slot.set_origin(origin.clone());
         // What is tried now is not tried again by the watcher until it
         // changes, whoever tries it (a scan, `load_plugin`, the watcher).
-        slot.status().attempted = Some(origin.fingerprint());
+        let fingerprint = origin.fingerprint();
+        slot.status().attempted = Some(fingerprint);
         let limits =
             crate::package::Limits::for_library(self.inner.options.native.max_library_size);
         let opened = origin.open(&self.inner.unpack_root, limits)?;
@@ -221,12 +232,13 @@ impl PluginManager {
         // nothing was loaded yet (a first load, or a version still waiting
         // for its first call or whose first load failed), nothing working
         // can be lost, and the new version is deferred as well.
-        let defer = self.inner.options.load_on_first_call
-            && slot
-                .current
-                .load()
-                .as_ref()
-                .is_none_or(|serving| serving.awaits_first_load());
+        let defer = always_defer
+            || self.inner.options.load_on_first_call
+                && slot
+                    .current
+                    .load()
+                    .as_ref()
+                    .is_none_or(|serving| serving.awaits_first_load());
         let mut version = Version::load(
             manifest,
             &opened.seal,
@@ -234,6 +246,7 @@ impl PluginManager {
             &self.inner.options,
             defer,
         )?;
+        version.files = Some(fingerprint);
         // A native version runs from its own image: the package's unpacked
         // copy goes now. An exec version keeps it (its working directory).
         version.keep_files(opened.into_unpacked());

@@ -20,6 +20,7 @@ use crate::version::{LoadOptions, Version};
 mod builder;
 #[cfg(feature = "exec")]
 mod found;
+mod idle;
 mod load;
 mod retire;
 
@@ -64,6 +65,9 @@ pub(crate) struct Inner {
     /// Held while a version is swapped in, so that parallel loads cannot
     /// both claim a route; holds the index of the routes served.
     routes: Mutex<load::ServedRoutes>,
+    /// The thread unloading idle versions (`unload_idle_after`), woken to
+    /// end with the manager.
+    idle_reaper: Option<std::thread::Thread>,
 }
 
 impl std::fmt::Debug for PluginManager {
@@ -191,6 +195,9 @@ impl PluginManager {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if let Some(reaper) = &self.idle_reaper {
+            reaper.unpark();
+        }
         // Every version ends here (drained by Arc: one with a call in flight
         // ends when that call returns). Executors that outlive the manager
         // answer Unavailable.

@@ -304,6 +304,14 @@ impl NativeVersion {
             .map_or_else(String::new, Image::describe)
     }
 
+    /// Whether unloading it unmaps its code (or pins it, with the threads
+    /// named): `inline` code in a host without thread tracking is retained
+    /// instead.
+    pub(crate) fn unloads_fully(&self) -> bool {
+        !matches!(self.runner, Runner::Inline)
+            || self.library.as_ref().is_some_and(|l| l.lib().is_some())
+    }
+
     /// Ends the version: `shutdown`, join the workers, then close the
     /// library once nothing holds it (`Ending::Pinned` until then; the
     /// final ending goes to `LateEnding`). The caller has drained the calls.

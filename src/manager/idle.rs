@@ -1,0 +1,117 @@
+//! Unloading versions nobody calls (`Builder::unload_idle_after`): a loaded
+//! native version whose call count has not moved for the idle time, with no
+//! call in flight, is replaced by a deferred version of the same files and
+//! unloaded; its next call loads it again. With loading on first call, what
+//! a host maps follows what is being called, not what was ever called.
+//!
+//! One `dynplug-idle` thread looks every quarter of the idle time (10 ms to
+//! 30 s), holding the manager weakly: it ends with the manager. Idleness is
+//! read from the call counters the calls keep anyway, so calls pay nothing
+//! for it. A version is replaced under the plugin's operation lock, as an
+//! upgrade is, so a call arriving meanwhile is served by one version or the
+//! other and never fails. Skipped: plugins whose files changed since they
+//! were loaded (the watcher or a reload upgrades them), plugins with a
+//! retired version still mapped (a `thread_local!` pinning each copy would
+//! otherwise pile copies up), and versions whose unload would not unmap
+//! them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use super::{Inner, PluginManager};
+use crate::slot::Slot;
+
+/// What the reaper last saw of a plugin: its finished calls, and since when.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Seen {
+    finished: u64,
+    since: Instant,
+}
+
+/// Starts the thread that unloads idle versions of the manager `inner`.
+pub(super) fn start(inner: Weak<Inner>, idle: Duration) -> std::io::Result<std::thread::Thread> {
+    let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
+    let handle = std::thread::Builder::new()
+        .name("dynplug-idle".into())
+        .spawn(move || {
+            let mut seen = HashMap::new();
+            loop {
+                std::thread::park_timeout(tick);
+                let Some(inner) = inner.upgrade() else { return };
+                PluginManager::from_inner(inner).unload_idle(&mut seen, idle);
+            }
+        })?;
+    Ok(handle.thread().clone())
+}
+
+impl PluginManager {
+    /// One look at every plugin: unloads the versions idle for `idle`.
+    fn unload_idle(&self, seen: &mut HashMap<String, Seen>, idle: Duration) {
+        let slots: Vec<Arc<Slot>> = {
+            let slots = self.inner.slots.read().unwrap_or_else(|e| e.into_inner());
+            slots.values().cloned().collect()
+        };
+        let now = Instant::now();
+        seen.retain(|name, _| slots.iter().any(|s| &s.name == name));
+        for slot in slots {
+            let calls = slot.stats.snapshot();
+            let finished = calls.calls - calls.in_flight;
+            let loaded = slot
+                .current
+                .load()
+                .as_ref()
+                .is_some_and(|v| v.may_idle_out());
+            let entry = seen.entry(slot.name.clone()).or_insert(Seen {
+                finished,
+                since: now,
+            });
+            if !loaded || calls.in_flight > 0 || entry.finished != finished {
+                *entry = Seen {
+                    finished,
+                    since: now,
+                };
+                continue;
+            }
+            if now.duration_since(entry.since) >= idle && self.idle_out(&slot, finished) {
+                entry.since = now;
+            }
+        }
+    }
+
+    /// Replaces the slot's loaded version by a deferred one and unloads it,
+    /// if it is still idle (no call finished since `finished`) and its
+    /// files are those it was loaded from.
+    fn idle_out(&self, slot: &Slot, finished: u64) -> bool {
+        let _ops = slot.ops();
+        let calls = slot.stats.snapshot();
+        if calls.in_flight > 0 || calls.calls - calls.in_flight != finished {
+            return false;
+        }
+        if !slot.status().retired.is_empty() {
+            return false;
+        }
+        // Only from the very files the serving version was loaded from: a
+        // change is the watcher's (or a reload's) to load, checked first.
+        let loaded_from = slot.current.load().as_ref().and_then(|v| v.files);
+        let Some(origin) = self.locate(&slot.name) else {
+            return false;
+        };
+        if loaded_from != Some(origin.fingerprint()) {
+            return false;
+        }
+        let version = match self.prepare_deferred(slot) {
+            Ok(version) => version,
+            Err(error) => {
+                tracing::warn!(plugin = %slot.name, "not unloaded when idle: {error}");
+                return false;
+            }
+        };
+        let Some(old) = slot.swap(Some(Arc::new(version))) else {
+            return false;
+        };
+        tracing::info!(plugin = %slot.name, "idle: unloading; its next call loads it again");
+        self.retire(slot, old);
+        true
+    }
+}
