@@ -122,21 +122,22 @@ impl Executor {
         // A dropped future still counts as finished (as an error).
         let guard = AbandonedCall(stats);
         let result = match self.slot.current.load_full() {
-            // Boxed: only a deferred version's first calls wait for its
-            // load, and every call's future would carry that state.
-            Some(version)
-                if version.needs_loading()
-                    && Box::pin(crate::timer::within(
-                        ctx.deadline(),
-                        version.loaded_off_runtime(),
-                    ))
-                    .await
-                    .is_none() =>
-            {
-                Err(Error::DeadlineExceeded {
-                    plugin: version.name().to_owned(),
-                    label: ctx.label().to_owned(),
-                })
+            Some(version) if version.needs_loading() => {
+                // Boxed: only a deferred version's first calls wait for its
+                // load, and every call's future would carry that state.
+                let loading = crate::timer::within(ctx.deadline(), version.loaded_off_runtime());
+                match Box::pin(loading).await {
+                    None => Err(Error::DeadlineExceeded {
+                        plugin: version.name().to_owned(),
+                        label: ctx.label().to_owned(),
+                    }),
+                    // Loaded: in place where a loaded version's call would
+                    // run (not on workers started for one call).
+                    Some(()) => match version.in_place(ctx) {
+                        Some(leave) => version.run_in_place(ctx, leave),
+                        None => version.execute_async(ctx).await,
+                    },
+                }
             }
             Some(version) => version.execute_async(ctx).await,
             None => Err(self.unavailable()),
