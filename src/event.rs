@@ -7,14 +7,16 @@ use serde::Serialize;
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
-    /// A version was loaded and initialised and now takes calls.
+    /// A version was loaded and initialised and now takes calls (with
+    /// `load_on_first_call`: registered, and its first call loads it).
     Loaded {
         /// The plugin.
         plugin: String,
         /// Its version.
         version: String,
     },
-    /// A plugin that was not serving failed to load.
+    /// A plugin that was not serving failed to load (also: a deferred
+    /// version's load on its first call failed).
     Failed {
         /// The plugin.
         plugin: String,

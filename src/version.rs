@@ -85,6 +85,18 @@ pub(crate) struct Version {
     pub(crate) files: Option<u64>,
 }
 
+/// When a native version's library is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Defer {
+    /// Now: checked, started and ready before it serves.
+    No,
+    /// By its first call (`load_on_first_call`).
+    FirstCall,
+    /// By its next call: it replaces a loaded version that was idle (and is
+    /// upgraded as a loaded version is).
+    AfterIdle,
+}
+
 /// What the manager needs to load any kind of plugin.
 #[derive(Debug, Clone)]
 pub(crate) struct LoadOptions {
@@ -175,7 +187,7 @@ impl Version {
         seal: &Seal,
         dir: &Path,
         options: &LoadOptions,
-        defer: bool,
+        defer: Defer,
     ) -> Result<Version> {
         let plugin = manifest.name.as_str();
         let signature = options.trust.artifact_check(plugin, seal);
@@ -183,12 +195,12 @@ impl Version {
             .as_ref()
             .map(|c| c as &crate::native::ArtifactCheck<'_>);
         let backend = match Kind::of(&manifest, dir)? {
-            Kind::Native if defer => Backend::Deferred(Box::new(Deferred::new(
+            Kind::Native if defer != Defer::No => Backend::Deferred(Box::new(Deferred::new(
                 &manifest,
                 dir,
                 &options.native,
-                &options.trust,
-                seal,
+                (&options.trust, seal),
+                defer == Defer::AfterIdle,
             )?)),
             Kind::Native => {
                 Backend::Native(NativeVersion::load(&manifest, dir, &options.native, check)?)
@@ -510,10 +522,19 @@ impl Version {
         native.unloads_fully()
     }
 
-    /// Whether this is a deferred version that has not been loaded: no
-    /// call came yet, or the first load failed.
+    /// Whether this is a deferred version that has never been loaded: no
+    /// call came yet, or the first load failed (a version replacing an idle
+    /// one was loaded before).
     pub(crate) fn awaits_first_load(&self) -> bool {
-        matches!(&self.backend, Backend::Deferred(deferred) if deferred.version().is_none())
+        matches!(&self.backend, Backend::Deferred(deferred)
+            if deferred.version().is_none() && !deferred.is_proven())
+    }
+
+    /// Whether this version replaced an idle one and failed to load again:
+    /// the idle thread tries again with a new one.
+    pub(crate) fn failed_after_idle(&self) -> bool {
+        matches!(&self.backend, Backend::Deferred(deferred)
+            if deferred.is_proven() && deferred.error().is_some())
     }
 
     /// Returns once a deferred version no call has loaded yet is loaded
@@ -529,17 +550,11 @@ impl Version {
     }
 
     /// The blocking [`loaded_off_runtime`](Self::loaded_off_runtime), for a
-    /// blocking call: without a deadline it loads on the caller's thread;
-    /// with one, it waits at most until then (`false`: the deadline passed
-    /// first; the load goes on for the next calls).
+    /// blocking call: it waits for the load at most until `deadline`
+    /// (`false`: the deadline passed first; the load goes on for the next
+    /// calls). The load never runs on the caller's thread, where the
+    /// library's constructors could leave thread-locals behind.
     pub(crate) fn loaded_within(self: &Arc<Self>, deadline: Option<Instant>) -> bool {
-        let Backend::Deferred(deferred) = &self.backend else {
-            return true;
-        };
-        let Some(deadline) = deadline else {
-            let _ = deferred.load();
-            return true;
-        };
         self.load_on_own_thread()
             .is_none_or(|deferred| deferred.wait_until(deadline))
     }

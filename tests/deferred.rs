@@ -36,10 +36,17 @@ fn registered_plugins_are_mapped_by_their_first_call() {
         mapped_under(dir.path())
     );
 
+    let mut events = manager.subscribe();
     let mut ctx = Context::new("hello.get");
     call(&manager, "hello", &mut ctx).unwrap();
     assert_eq!(ctx.get_str("greeting"), Some("hello, world"));
     assert_eq!(state(&manager, "hello"), PluginState::Loaded);
+    // Announced as a load (the façades' route table follows events).
+    support::wait_for_event(
+        &mut events,
+        "the load",
+        |e| matches!(e, dynplug::Event::Loaded { plugin, .. } if plugin == "hello"),
+    );
     assert_eq!(state(&manager, "counter"), PluginState::Deferred);
     assert_eq!(mapped_under(dir.path()).len(), 1, "only hello is mapped");
 
@@ -131,9 +138,20 @@ fn a_failed_first_load_names_the_plugin_the_file_and_the_cause() {
     let manager = deferred_manager(base);
     let report = manager.load_plugins().unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let mut events = manager.subscribe();
 
     let mut ctx = Context::new("hello.get");
     let error = call(&manager, "truncated", &mut ctx).unwrap_err();
+    // Announced once, as a failed load.
+    let event = support::wait_for_event(
+        &mut events,
+        "the failed load",
+        |e| matches!(e, dynplug::Event::Failed { plugin, .. } if plugin == "truncated"),
+    );
+    assert!(
+        format!("{event:?}").contains("not a loadable library"),
+        "{event:?}"
+    );
     let message = error.to_string();
     assert!(matches!(error, Error::Unavailable { .. }), "{error:?}");
     assert!(message.starts_with("truncated: "), "{message}");
@@ -237,6 +255,30 @@ fn plugins_never_called_stay_deferred_across_reloads() {
     assert!(mapped_under(base).is_empty(), "{:?}", mapped_under(base));
     call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
     assert_eq!(mapped_under(base).len(), 1);
+}
+
+#[test]
+fn a_first_load_refuses_a_library_changed_since_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let plugin = install(base, "hello");
+    let manager = deferred_manager(base);
+    manager.load_plugins().unwrap();
+    // Another file in its place (as a copy over it would leave).
+    let lib = plugin.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
+    let next = plugin.join("next.so");
+    std::fs::copy(support::library("counter"), &next).unwrap();
+    std::fs::rename(&next, &lib).unwrap();
+    let error = call(&manager, "hello", &mut Context::new("hello.get")).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("changed since the plugin was registered"),
+        "{message}"
+    );
+    assert!(mapped_under(base).is_empty(), "nothing of it was loaded");
+    // A reload registers the new file.
+    manager.load_plugin("hello").unwrap();
+    assert_eq!(state(&manager, "hello"), PluginState::Deferred);
 }
 
 #[test]
@@ -427,6 +469,27 @@ fn idle_versions_are_unloaded_and_loaded_again_by_their_next_call() {
     // Never called, never loaded, never unloaded.
     let hello = manager.info("hello").unwrap();
     assert_eq!((hello.state, hello.unloads), (PluginState::Deferred, 0));
+
+    // Unloaded while idle, it still worked: a broken upgrade is loaded
+    // before it could serve, refused, and the plugin keeps working.
+    let plugin = install_as(
+        base,
+        "counter",
+        "counter",
+        Some(&manifest("counter", "counter", "2.0.0", "")),
+    );
+    let lib = plugin.join(format!("libcounter.{}", std::env::consts::DLL_EXTENSION));
+    let bytes = std::fs::read(&lib).unwrap();
+    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    let error = manager.load_plugin("counter").unwrap_err();
+    assert!(
+        error.to_string().contains("not a loadable library"),
+        "{error}"
+    );
+    assert_eq!(
+        manager.info("counter").unwrap().version.as_deref(),
+        Some("1.0.0")
+    );
 }
 
 #[test]

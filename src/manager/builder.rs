@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 
 use super::{Inner, PluginManager};
 use crate::error::{Error, Result};
-use crate::native::{LateEnding, NativeOptions, remove_stale};
+use crate::native::{FirstLoad, LateEnding, NativeOptions, remove_stale};
 use crate::version::LoadOptions;
 
 /// Configures a [`PluginManager`].
@@ -282,12 +282,12 @@ impl Builder {
     /// What every load of the manager needs (nobody hears how a pinned
     /// version ends: for `verify`).
     pub(crate) fn load_options(&self) -> LoadOptions {
-        self.load_options_with(LateEnding::ignored())
+        self.load_options_with(LateEnding::ignored(), FirstLoad::ignored())
     }
 
-    fn load_options_with(&self, late: LateEnding) -> LoadOptions {
+    fn load_options_with(&self, late: LateEnding, first_load: FirstLoad) -> LoadOptions {
         LoadOptions {
-            native: self.native_options(late),
+            native: self.native_options(late, first_load),
             trust: Arc::new(crate::signing::Trust::default()),
             load_on_first_call: self.load_on_first_call,
             build: crate::build::BuildOptions {
@@ -339,7 +339,7 @@ impl Builder {
         ))
     }
 
-    fn native_options(&self, late: LateEnding) -> NativeOptions {
+    fn native_options(&self, late: LateEnding, first_load: FirstLoad) -> NativeOptions {
         NativeOptions {
             shadow_dir: self
                 .shadow_dir
@@ -351,6 +351,7 @@ impl Builder {
             init_timeout: self.init_timeout,
             shutdown_timeout: self.shutdown_timeout,
             late,
+            first_load,
         }
     }
 
@@ -390,20 +391,22 @@ impl Builder {
         ));
         let (events, _) = broadcast::channel(self.event_capacity);
         let inner = Arc::new_cyclic(|manager: &Weak<Inner>| {
-            let idle_reaper = self.unload_idle_after.and_then(|idle| {
-                super::idle::start(manager.clone(), idle)
-                    .inspect_err(|e| tracing::warn!("idle versions are not unloaded: {e}"))
-                    .ok()
-            });
             // A version reported pinned ends later, on dynplug's reaper
             // thread; the manager may be gone by then.
-            let manager = manager.clone();
+            let weak = manager.clone();
             let late = LateEnding::new(move |plugin, version, ending| {
-                if let Some(inner) = manager.upgrade() {
+                if let Some(inner) = weak.upgrade() {
                     PluginManager::from_inner(inner).ended_late(plugin, version, ending);
                 }
             });
-            let mut options = self.load_options_with(late);
+            // A deferred version's load ends on a `dynplug-load` thread.
+            let weak = manager.clone();
+            let first_load = FirstLoad::new(move |plugin, version, error| {
+                if let Some(inner) = weak.upgrade() {
+                    PluginManager::from_inner(inner).loaded_on_first_call(plugin, version, error);
+                }
+            });
+            let mut options = self.load_options_with(late, first_load);
             options.trust = trust;
             remove_stale(&options.native.shadow_dir);
             #[cfg(feature = "exec")]
@@ -425,9 +428,16 @@ impl Builder {
                 events,
                 changes: std::sync::atomic::AtomicU64::new(0),
                 routes: Mutex::new(super::load::ServedRoutes::default()),
-                idle_reaper,
+                idle_reaper: std::sync::OnceLock::new(),
             }
         });
+        // Started once the manager exists: it only ever holds it weakly.
+        if let Some(idle) = self.unload_idle_after {
+            match super::idle::start(Arc::downgrade(&inner), idle) {
+                Ok(reaper) => drop(inner.idle_reaper.set(reaper)),
+                Err(e) => tracing::warn!("idle versions will not be unloaded: {e}"),
+            }
+        }
         Ok(PluginManager { inner })
     }
 }

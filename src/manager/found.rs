@@ -12,7 +12,7 @@ use crate::manifest::Manifest;
 use crate::origin::{Found, Origin};
 use crate::signing::Seal;
 use crate::slot::PluginState;
-use crate::version::Version;
+use crate::version::{Defer, Version};
 
 impl PluginManager {
     /// Loads (or reloads) a found plugin.
@@ -35,7 +35,7 @@ impl PluginManager {
             &Seal::none(),
             &found.dir,
             &self.inner.options,
-            false,
+            Defer::No,
         )
         .and_then(|version| self.install(&slot, version))
         {

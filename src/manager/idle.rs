@@ -5,11 +5,17 @@
 //! a host maps follows what is being called, not what was ever called.
 //!
 //! One `dynplug-idle` thread looks every quarter of the idle time (10 ms to
-//! 30 s), holding the manager weakly: it ends with the manager. Idleness is
-//! read from the call counters the calls keep anyway, so calls pay nothing
-//! for it. A version is replaced under the plugin's operation lock, as an
-//! upgrade is, so a call arriving meanwhile is served by one version or the
-//! other and never fails. Skipped: plugins whose files changed since they
+//! 30 s); between looks it holds the manager weakly, so it ends with the
+//! manager. Idleness is read from the call counters the calls keep anyway,
+//! so calls pay nothing for it. A version is replaced under the plugin's
+//! operation lock, as an upgrade is: a call arriving meanwhile is served by
+//! one version or the other. The replacement is marked as replacing a
+//! loaded version (`Defer::AfterIdle`): an upgrade of it is loaded before
+//! it serves, as the upgrade of the version it replaced would have been;
+//! its load refuses a library file other than the one registered; and if
+//! that load fails (a passing error: descriptors, memory, `init` timing
+//! out), it is replaced again after the idle time, so a plugin that worked
+//! does not stay failed. Skipped: plugins whose files changed since they
 //! were loaded (the watcher or a reload upgrades them), plugins with a
 //! retired version still mapped (a `thread_local!` pinning each copy would
 //! otherwise pile copies up), and versions whose unload would not unmap
@@ -22,9 +28,11 @@ use std::time::{Duration, Instant};
 use super::{Inner, PluginManager};
 use crate::slot::Slot;
 
-/// What the reaper last saw of a plugin: its finished calls, and since when.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Seen {
+/// What the reaper last saw of a plugin: which version served, its
+/// finished calls, and since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    version: usize,
     finished: u64,
     since: Instant,
 }
@@ -56,48 +64,57 @@ impl PluginManager {
         seen.retain(|name, _| slots.iter().any(|s| &s.name == name));
         for slot in slots {
             let calls = slot.stats.snapshot();
-            let finished = calls.calls - calls.in_flight;
-            let loaded = slot
-                .current
-                .load()
-                .as_ref()
-                .is_some_and(|v| v.may_idle_out());
-            let entry = seen.entry(slot.name.clone()).or_insert(Seen {
-                finished,
+            let current = slot.current.load_full();
+            let now_seen = Seen {
+                version: current.as_ref().map_or(0, |v| Arc::as_ptr(v) as usize),
+                finished: calls.calls - calls.in_flight,
                 since: now,
-            });
-            if !loaded || calls.in_flight > 0 || entry.finished != finished {
-                *entry = Seen {
-                    finished,
-                    since: now,
-                };
+            };
+            let entry = seen.entry(slot.name.clone()).or_insert(now_seen);
+            // Another version, or calls since the last look: not idle
+            // (a fresh upgrade gets its own idle time).
+            if (entry.version, entry.finished) != (now_seen.version, now_seen.finished)
+                || calls.in_flight > 0
+            {
+                *entry = now_seen;
                 continue;
             }
-            if now.duration_since(entry.since) >= idle && self.idle_out(&slot, finished) {
-                entry.since = now;
+            let due = now.duration_since(entry.since) >= idle
+                && current
+                    .as_ref()
+                    .is_some_and(|v| v.may_idle_out() || v.failed_after_idle());
+            // Not held while it is replaced: draining waits for every holder.
+            drop(current);
+            if due && self.idle_out(&slot, now_seen.version, now_seen.finished) {
+                // Its replacement is another version: it starts its own.
+                seen.remove(&slot.name);
             }
         }
     }
 
-    /// Replaces the slot's loaded version by a deferred one and unloads it,
-    /// if it is still idle (no call finished since `finished`) and its
-    /// files are those it was loaded from.
-    fn idle_out(&self, slot: &Slot, finished: u64) -> bool {
+    /// Replaces the slot's version seen idle (`version`, by address:
+    /// loaded, or a replacement whose load failed) by a deferred one and
+    /// unloads it, if it still serves, no call finished since `finished`,
+    /// and its files are those it was loaded from.
+    fn idle_out(&self, slot: &Slot, version: usize, finished: u64) -> bool {
         let _ops = slot.ops();
         let calls = slot.stats.snapshot();
         if calls.in_flight > 0 || calls.calls - calls.in_flight != finished {
             return false;
         }
+        let files = match slot.current.load().as_ref() {
+            Some(serving) if Arc::as_ptr(serving) as usize == version => serving.files,
+            _ => return false,
+        };
         if !slot.status().retired.is_empty() {
             return false;
         }
         // Only from the very files the serving version was loaded from: a
         // change is the watcher's (or a reload's) to load, checked first.
-        let loaded_from = slot.current.load().as_ref().and_then(|v| v.files);
         let Some(origin) = self.locate(&slot.name) else {
             return false;
         };
-        if loaded_from != Some(origin.fingerprint()) {
+        if files != Some(origin.fingerprint()) {
             return false;
         }
         let version = match self.prepare_deferred(slot) {
@@ -110,7 +127,11 @@ impl PluginManager {
         let Some(old) = slot.swap(Some(Arc::new(version))) else {
             return false;
         };
-        tracing::info!(plugin = %slot.name, "idle: unloading; its next call loads it again");
+        if old.failed_after_idle() {
+            tracing::info!(plugin = %slot.name, "loading it again failed: another try at its next call");
+        } else {
+            tracing::info!(plugin = %slot.name, "idle: unloading; its next call loads it again");
+        }
         self.retire(slot, old);
         true
     }

@@ -15,7 +15,7 @@ use crate::event::Event;
 use crate::manifest::{Manifest, is_path_safe};
 use crate::origin::Origin;
 use crate::slot::{PluginState, Slot};
-use crate::version::Version;
+use crate::version::{Defer, Version};
 
 /// How many plugins `load_plugins` loads at once.
 const LOADERS: usize = 16;
@@ -182,13 +182,14 @@ impl PluginManager {
         self.prepare_as(slot, false)
     }
 
-    /// [`prepare`](Self::prepare), always deferring a native version's load
-    /// to its first call (an idle version's replacement).
+    /// [`prepare`](Self::prepare) of the replacement of a loaded version
+    /// that was idle: deferred to its next call, and upgraded as a loaded
+    /// version is.
     pub(super) fn prepare_deferred(&self, slot: &Slot) -> Result<Version> {
         self.prepare_as(slot, true)
     }
 
-    fn prepare_as(&self, slot: &Slot, always_defer: bool) -> Result<Version> {
+    fn prepare_as(&self, slot: &Slot, after_idle: bool) -> Result<Version> {
         // A found plugin keeps its finder's origin; the plugins directory's
         // are located anew (a directory or its newest package).
         let origin = match slot.origin() {
@@ -232,13 +233,19 @@ impl PluginManager {
         // nothing was loaded yet (a first load, or a version still waiting
         // for its first call or whose first load failed), nothing working
         // can be lost, and the new version is deferred as well.
-        let defer = always_defer
-            || self.inner.options.load_on_first_call
-                && slot
-                    .current
-                    .load()
-                    .as_ref()
-                    .is_none_or(|serving| serving.awaits_first_load());
+        let defer = if after_idle {
+            Defer::AfterIdle
+        } else if self.inner.options.load_on_first_call
+            && slot
+                .current
+                .load()
+                .as_ref()
+                .is_none_or(|serving| serving.awaits_first_load())
+        {
+            Defer::FirstCall
+        } else {
+            Defer::No
+        };
         let mut version = Version::load(
             manifest,
             &opened.seal,
@@ -418,6 +425,26 @@ impl PluginManager {
     }
 
     /// Warns (event and log) when pthread keys run low, every 32 keys past 7/8 of the limit.
+    /// A deferred version's first call has loaded it (announced as
+    /// `Loaded`, with the pthread-key check every load makes) or failed to
+    /// (`Failed`).
+    pub(crate) fn loaded_on_first_call(&self, plugin: &str, version: &str, error: Option<&str>) {
+        let plugin = plugin.to_owned();
+        match error {
+            None => {
+                self.check_tls_budget();
+                self.emit(Event::Loaded {
+                    plugin,
+                    version: version.to_owned(),
+                });
+            }
+            Some(error) => self.emit(Event::Failed {
+                plugin,
+                error: error.to_owned(),
+            }),
+        }
+    }
+
     fn check_tls_budget(&self) {
         let Some(in_use) = crate::native::pthread_keys_in_use() else {
             return;

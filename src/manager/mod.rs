@@ -67,7 +67,7 @@ pub(crate) struct Inner {
     routes: Mutex<load::ServedRoutes>,
     /// The thread unloading idle versions (`unload_idle_after`), woken to
     /// end with the manager.
-    idle_reaper: Option<std::thread::Thread>,
+    idle_reaper: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl std::fmt::Debug for PluginManager {
@@ -195,7 +195,7 @@ impl PluginManager {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(reaper) = &self.idle_reaper {
+        if let Some(reaper) = self.idle_reaper.get() {
             reaper.unpark();
         }
         // Every version ends here (drained by Arc: one with a call in flight

@@ -19,11 +19,37 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
+use super::open::FileId;
 use super::{NativeOptions, NativeVersion};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::signing::{Seal, Trust};
 use crate::version::Ending;
+
+/// Hears how a deferred version's first load went: `(plugin, version,
+/// error)`, `None` for a success (the manager announces it).
+#[derive(Clone)]
+pub(crate) struct FirstLoad(Arc<HearFirstLoad>);
+
+/// `(plugin, version, error)`.
+type HearFirstLoad = dyn Fn(&str, &str, Option<&str>) + Send + Sync;
+
+impl FirstLoad {
+    pub(crate) fn new(f: impl Fn(&str, &str, Option<&str>) + Send + Sync + 'static) -> FirstLoad {
+        FirstLoad(Arc::new(f))
+    }
+
+    /// Nobody listens (`verify`).
+    pub(crate) fn ignored() -> FirstLoad {
+        FirstLoad::new(|_, _, _| {})
+    }
+}
+
+impl std::fmt::Debug for FirstLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FirstLoad")
+    }
+}
 
 pub(crate) struct Deferred {
     manifest: Manifest,
@@ -31,36 +57,42 @@ pub(crate) struct Deferred {
     options: NativeOptions,
     trust: Arc<Trust>,
     seal: Seal,
+    /// The library file as registered: a load refuses another one.
+    file: FileId,
+    /// Replaces a version that was loaded and served (it was idle): an
+    /// upgrade of it is loaded before the swap, as of a loaded version.
+    proven: bool,
     /// Set once, by the first call: the loaded version or why it failed.
     loaded: OnceLock<std::result::Result<NativeVersion, String>>,
-    /// A caller with a deadline, or an async one, started a load on a
-    /// thread of its own.
+    /// A caller started the load on a thread of its own.
     started: AtomicBool,
     /// Wakes the async callers waiting for that load.
     done: tokio::sync::Notify,
-    /// Wakes the blocking callers waiting for it until their deadline
-    /// (the lock orders their look at `loaded` with the wake-up).
+    /// Wakes the blocking callers waiting for it (the lock orders their
+    /// look at `loaded` with the wake-up).
     woken: Condvar,
     waiting: Mutex<()>,
 }
 
 impl Deferred {
     /// Registers the plugin after the checks that need no read of the
-    /// library's bytes.
+    /// library's bytes (`proven`: it replaces a loaded version).
     pub(crate) fn new(
         manifest: &Manifest,
         dir: &Path,
         options: &NativeOptions,
-        trust: &Arc<Trust>,
-        seal: &Seal,
+        (trust, seal): (&Arc<Trust>, &Seal),
+        proven: bool,
     ) -> Result<Deferred> {
-        super::open::check_library_file(manifest, dir, options)?;
+        let file = super::open::check_library_file(manifest, dir, options)?;
         Ok(Deferred {
             manifest: manifest.clone(),
             dir: dir.to_owned(),
             options: options.clone(),
             trust: Arc::clone(trust),
             seal: seal.clone(),
+            file,
+            proven,
             loaded: OnceLock::new(),
             started: AtomicBool::new(false),
             done: tokio::sync::Notify::new(),
@@ -85,10 +117,26 @@ impl Deferred {
         self.loaded.get()?.as_ref().err().map(String::as_str)
     }
 
+    /// Whether it replaces a version that was loaded (see `proven`).
+    pub(crate) fn is_proven(&self) -> bool {
+        self.proven
+    }
+
     /// The loaded version, loading it on this thread if no call did yet
     /// (callers arriving meanwhile wait for that load).
     pub(crate) fn load(&self) -> Result<&NativeVersion> {
-        match self.loaded.get_or_init(|| self.load_now()) {
+        let mut loaded_here = false;
+        let loaded = self.loaded.get_or_init(|| {
+            loaded_here = true;
+            self.load_now()
+        });
+        // Announced once it is what calls and the listing see.
+        if loaded_here {
+            let version = self.manifest.version.to_string();
+            let error = loaded.as_ref().err().map(String::as_str);
+            (self.options.first_load.0)(&self.manifest.name, &version, error);
+        }
+        match loaded {
             Ok(version) => Ok(version),
             Err(reason) => Err(Error::Unavailable {
                 plugin: self.manifest.name.clone(),
@@ -115,18 +163,22 @@ impl Deferred {
 
     /// Blocks until the load a caller claimed has ended (`true`) or
     /// `deadline` passes (`false`).
-    pub(crate) fn wait_until(&self, deadline: Instant) -> bool {
+    pub(crate) fn wait_until(&self, deadline: Option<Instant>) -> bool {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         while self.is_pending() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            waiting = self
-                .woken
-                .wait_timeout(waiting, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            waiting = match deadline {
+                None => self.woken.wait(waiting).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.woken
+                        .wait_timeout(waiting, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
         true
     }
@@ -148,13 +200,39 @@ impl Deferred {
     fn load_now(&self) -> std::result::Result<NativeVersion, String> {
         let plugin = self.manifest.name.as_str();
         let started = Instant::now();
+        // The files registered, not others put there since: those are a
+        // reload's to load (the watcher's), checked before they serve.
+        let file = super::open::check_library_file(&self.manifest, &self.dir, &self.options);
+        if let Ok(now) = &file
+            && *now != self.file
+        {
+            let path = self.manifest.library_path(&self.dir).unwrap_or_default();
+            let error = format!(
+                "{plugin}: {}: changed since the plugin was registered; reload the plugin \
+                 (the watcher does) to load the new file",
+                path.display()
+            );
+            tracing::warn!(plugin = %plugin, "load on first call refused: {error}");
+            return Err(error);
+        }
         let check = self.trust.artifact_check(plugin, &self.seal);
-        let loaded = NativeVersion::load(
-            &self.manifest,
-            &self.dir,
-            &self.options,
-            check.as_ref().map(|c| c as &super::ArtifactCheck<'_>),
-        );
+        // A panic must not leave the load unset: callers wait for it.
+        let loaded = file.and_then(|_| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                NativeVersion::load(
+                    &self.manifest,
+                    &self.dir,
+                    &self.options,
+                    check.as_ref().map(|c| c as &super::ArtifactCheck<'_>),
+                )
+            }))
+            .unwrap_or_else(|panic| {
+                Err(Error::Unavailable {
+                    plugin: plugin.to_owned(),
+                    reason: format!("loading panicked: {}", panic_text(&*panic)),
+                })
+            })
+        });
         match loaded {
             Ok(version) => {
                 tracing::info!(plugin = %plugin, elapsed = ?started.elapsed(), "loaded on its first call");
@@ -190,4 +268,13 @@ impl Deferred {
             _ => Ending::Unloaded,
         }
     }
+}
+
+/// A panic's message, as far as it is text.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use call::InPlace;
-pub(crate) use deferred::Deferred;
+pub(crate) use deferred::{Deferred, FirstLoad};
 use ffi::Library;
 pub(crate) use ffi::{PTHREAD_KEYS_MAX, pthread_keys_in_use};
 #[cfg(feature = "exec")]
@@ -112,6 +112,8 @@ pub(crate) struct NativeOptions {
     pub(crate) init_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) late: LateEnding,
+    /// Hears how a deferred version's first load went.
+    pub(crate) first_load: FirstLoad,
 }
 
 /// Whether this process sees what plugin code leaves on threads, which is

@@ -90,20 +90,47 @@ pub(crate) fn read_checked(
 /// The checks of [`open_checked`] that need no read of the library's
 /// bytes (where it is, what it is, who can write it, its size), for a
 /// plugin loaded on its first call: its registration fails as its load
-/// would have for these causes.
+/// would have for these causes. Returns which file it is, to tell later
+/// whether it is still the same.
 pub(super) fn check_library_file(
     manifest: &Manifest,
     dir: &Path,
     options: &NativeOptions,
-) -> Result<()> {
+) -> Result<FileId> {
     let (path, _, file) = open_library(manifest, dir)?;
-    crate::untrusted::checked_len(&file, options.max_library_size).map_err(|source| Error::Io {
+    let io = |source| Error::Io {
         plugin: manifest.name.clone(),
         action: "reading",
-        path,
+        path: path.clone(),
         source,
-    })?;
-    Ok(())
+    };
+    crate::untrusted::checked_len(&file, options.max_library_size).map_err(io)?;
+    file.metadata().map(|m| FileId::of(&m)).map_err(io)
+}
+
+/// Which file, in which state: device, inode, length and modification time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct FileId {
+    node: (u64, u64),
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileId {
+    fn of(metadata: &std::fs::Metadata) -> FileId {
+        #[cfg(unix)]
+        let node = {
+            use std::os::unix::fs::MetadataExt;
+            (metadata.dev(), metadata.ino())
+        };
+        #[cfg(not(unix))]
+        let node = (0, 0);
+        FileId {
+            node,
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+        }
+    }
 }
 
 /// Opens the library a `local_so` manifest names, once it is known to be

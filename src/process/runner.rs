@@ -111,6 +111,8 @@ fn run(socket: &Path) -> Result<(), (u8, String)> {
         // The runner reports nothing after its one version's unload: the
         // process exits.
         late: crate::native::LateEnding::ignored(),
+        // Its library is loaded now, never on a first call.
+        first_load: crate::native::FirstLoad::ignored(),
     };
     let version =
         NativeVersion::load_bytes(&manifest, &spec.dir, &options, bytes).map_err(|e| {
