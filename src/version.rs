@@ -571,9 +571,9 @@ impl Version {
             let spawned = std::thread::Builder::new()
                 .name("dynplug-load".into())
                 .spawn(move || version.load_deferred());
-            if spawned.is_err() {
-                // No thread to be had: load here rather than never.
-                deferred.load_and_wake();
+            if let Err(e) = spawned {
+                // Never on the caller's thread (perhaps a runtime worker).
+                deferred.cannot_load(&e);
             }
         }
         Some(deferred)

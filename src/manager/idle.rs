@@ -63,8 +63,16 @@ impl PluginManager {
         let now = Instant::now();
         seen.retain(|name, _| slots.iter().any(|s| &s.name == name));
         for slot in slots {
+            // The manager was dropped (this pass holds the last reference):
+            // unloading is its `Drop`'s now.
+            if Arc::strong_count(&self.inner) == 1 {
+                return;
+            }
             let calls = slot.stats.snapshot();
             let current = slot.current.load_full();
+            // A replacement whose load failed is tried again `idle` after
+            // the failure, called or not.
+            let failed = current.as_ref().is_some_and(|v| v.failed_after_idle());
             let now_seen = Seen {
                 version: current.as_ref().map_or(0, |v| Arc::as_ptr(v) as usize),
                 finished: calls.calls - calls.in_flight,
@@ -73,19 +81,18 @@ impl PluginManager {
             let entry = seen.entry(slot.name.clone()).or_insert(now_seen);
             // Another version, or calls since the last look: not idle
             // (a fresh upgrade gets its own idle time).
-            if (entry.version, entry.finished) != (now_seen.version, now_seen.finished)
-                || calls.in_flight > 0
+            if entry.version != now_seen.version
+                || !failed && (entry.finished != now_seen.finished || calls.in_flight > 0)
             {
                 *entry = now_seen;
                 continue;
             }
             let due = now.duration_since(entry.since) >= idle
-                && current
-                    .as_ref()
-                    .is_some_and(|v| v.may_idle_out() || v.failed_after_idle());
+                && (failed || current.as_ref().is_some_and(|v| v.may_idle_out()));
             // Not held while it is replaced: draining waits for every holder.
             drop(current);
-            if due && self.idle_out(&slot, now_seen.version, now_seen.finished) {
+            let finished = (!failed).then_some(now_seen.finished);
+            if due && self.idle_out(&slot, now_seen.version, finished) {
                 // Its replacement is another version: it starts its own.
                 seen.remove(&slot.name);
             }
@@ -94,12 +101,15 @@ impl PluginManager {
 
     /// Replaces the slot's version seen idle (`version`, by address:
     /// loaded, or a replacement whose load failed) by a deferred one and
-    /// unloads it, if it still serves, no call finished since `finished`,
-    /// and its files are those it was loaded from.
-    fn idle_out(&self, slot: &Slot, version: usize, finished: u64) -> bool {
+    /// unloads it, if it still serves, no call finished since `finished`
+    /// (`None`: a failed replacement, whose failing calls count), and its
+    /// files are those it was loaded from.
+    fn idle_out(&self, slot: &Slot, version: usize, finished: Option<u64>) -> bool {
         let _ops = slot.ops();
         let calls = slot.stats.snapshot();
-        if calls.in_flight > 0 || calls.calls - calls.in_flight != finished {
+        if let Some(finished) = finished
+            && (calls.in_flight > 0 || calls.calls - calls.in_flight != finished)
+        {
             return false;
         }
         let files = match slot.current.load().as_ref() {
@@ -111,13 +121,14 @@ impl PluginManager {
         }
         // Only from the very files the serving version was loaded from: a
         // change is the watcher's (or a reload's) to load, checked first.
-        let Some(origin) = self.locate(&slot.name) else {
+        // (`prepare_deferred` checks again, on what it reads.)
+        let Some(files) = files.filter(|files| {
+            self.locate(&slot.name)
+                .is_some_and(|origin| origin.fingerprint() == *files)
+        }) else {
             return false;
         };
-        if files != Some(origin.fingerprint()) {
-            return false;
-        }
-        let version = match self.prepare_deferred(slot) {
+        let version = match self.prepare_deferred(slot, files) {
             Ok(version) => version,
             Err(error) => {
                 tracing::warn!(plugin = %slot.name, "not unloaded when idle: {error}");

@@ -179,17 +179,19 @@ impl PluginManager {
     /// Reads, checks and loads the version in the slot's directory, without
     /// touching the serving one.
     pub(crate) fn prepare(&self, slot: &Slot) -> Result<Version> {
-        self.prepare_as(slot, false)
+        self.prepare_as(slot, None)
     }
 
     /// [`prepare`](Self::prepare) of the replacement of a loaded version
     /// that was idle: deferred to its next call, and upgraded as a loaded
-    /// version is.
-    pub(super) fn prepare_deferred(&self, slot: &Slot) -> Result<Version> {
-        self.prepare_as(slot, true)
+    /// version is; only from the files with the fingerprint `files` (those
+    /// the idle version was loaded from).
+    pub(super) fn prepare_deferred(&self, slot: &Slot, files: u64) -> Result<Version> {
+        self.prepare_as(slot, Some(files))
     }
 
-    fn prepare_as(&self, slot: &Slot, after_idle: bool) -> Result<Version> {
+    /// `after_idle`: see [`prepare_deferred`](Self::prepare_deferred).
+    fn prepare_as(&self, slot: &Slot, after_idle: Option<u64>) -> Result<Version> {
         // A found plugin keeps its finder's origin; the plugins directory's
         // are located anew (a directory or its newest package).
         let origin = match slot.origin() {
@@ -202,6 +204,13 @@ impl PluginManager {
         // What is tried now is not tried again by the watcher until it
         // changes, whoever tries it (a scan, `load_plugin`, the watcher).
         let fingerprint = origin.fingerprint();
+        if after_idle.is_some_and(|files| files != fingerprint) {
+            // Changed since: the watcher's (or a reload's) to load, eagerly.
+            return Err(Error::Unavailable {
+                plugin: slot.name.clone(),
+                reason: "its files changed since it was loaded".into(),
+            });
+        }
         slot.status().attempted = Some(fingerprint);
         let limits =
             crate::package::Limits::for_library(self.inner.options.native.max_library_size);
@@ -233,7 +242,7 @@ impl PluginManager {
         // nothing was loaded yet (a first load, or a version still waiting
         // for its first call or whose first load failed), nothing working
         // can be lost, and the new version is deferred as well.
-        let defer = if after_idle {
+        let defer = if after_idle.is_some() {
             Defer::AfterIdle
         } else if self.inner.options.load_on_first_call
             && slot
@@ -424,7 +433,6 @@ impl PluginManager {
         }
     }
 
-    /// Warns (event and log) when pthread keys run low, every 32 keys past 7/8 of the limit.
     /// A deferred version's first call has loaded it (announced as
     /// `Loaded`, with the pthread-key check every load makes) or failed to
     /// (`Failed`).
@@ -445,6 +453,7 @@ impl PluginManager {
         }
     }
 
+    /// Warns (event and log) when pthread keys run low, every 32 keys past 7/8 of the limit.
     fn check_tls_budget(&self) {
         let Some(in_use) = crate::native::pthread_keys_in_use() else {
             return;

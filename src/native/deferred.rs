@@ -153,12 +153,20 @@ impl Deferred {
     }
 
     /// Loads (or waits for a blocking caller's load) and wakes the callers
-    /// waiting in [`loaded`](Self::loaded) and [`wait_until`](Self::wait_until).
+    /// waiting in [`loaded`](Self::loaded) and [`wait_until`](Self::wait_until),
+    /// whatever happens (a guard wakes them).
     pub(crate) fn load_and_wake(&self) {
+        let _wake = Wake(self);
         let _ = self.load();
-        drop(self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
-        self.woken.notify_all();
-        self.done.notify_waiters();
+    }
+
+    /// The claimed load cannot run (no thread for it): that is its outcome.
+    pub(crate) fn cannot_load(&self, why: &std::io::Error) {
+        let _wake = Wake(self);
+        let _ = self.loaded.set(Err(format!(
+            "{}: no thread to load it on: {why}",
+            self.manifest.name
+        )));
     }
 
     /// Blocks until the load a caller claimed has ended (`true`) or
@@ -197,7 +205,23 @@ impl Deferred {
         }
     }
 
+    /// [`try_load`](Self::try_load); a panic is its failure: the load must
+    /// end for its waiters.
     fn load_now(&self) -> std::result::Result<NativeVersion, String> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.try_load())).unwrap_or_else(
+            |panic| {
+                let error = format!(
+                    "{}: loading panicked: {}",
+                    self.manifest.name,
+                    panic_text(&*panic)
+                );
+                tracing::warn!(plugin = %self.manifest.name, "{error}");
+                Err(error)
+            },
+        )
+    }
+
+    fn try_load(&self) -> std::result::Result<NativeVersion, String> {
         let plugin = self.manifest.name.as_str();
         let started = Instant::now();
         // The files registered, not others put there since: those are a
@@ -216,22 +240,13 @@ impl Deferred {
             return Err(error);
         }
         let check = self.trust.artifact_check(plugin, &self.seal);
-        // A panic must not leave the load unset: callers wait for it.
         let loaded = file.and_then(|_| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                NativeVersion::load(
-                    &self.manifest,
-                    &self.dir,
-                    &self.options,
-                    check.as_ref().map(|c| c as &super::ArtifactCheck<'_>),
-                )
-            }))
-            .unwrap_or_else(|panic| {
-                Err(Error::Unavailable {
-                    plugin: plugin.to_owned(),
-                    reason: format!("loading panicked: {}", panic_text(&*panic)),
-                })
-            })
+            NativeVersion::load(
+                &self.manifest,
+                &self.dir,
+                &self.options,
+                check.as_ref().map(|c| c as &super::ArtifactCheck<'_>),
+            )
         });
         match loaded {
             Ok(version) => {
@@ -277,4 +292,18 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
         .copied()
         .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("(no message)")
+}
+
+/// Wakes a deferred version's waiters when dropped.
+struct Wake<'a>(&'a Deferred);
+
+impl Drop for Wake<'_> {
+    fn drop(&mut self) {
+        let deferred = self.0;
+        // Taken once: a blocking waiter that saw the load pending is
+        // waiting by now.
+        drop(deferred.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        deferred.woken.notify_all();
+        deferred.done.notify_waiters();
+    }
 }
