@@ -224,30 +224,16 @@ impl Deferred {
     fn try_load(&self) -> std::result::Result<NativeVersion, String> {
         let plugin = self.manifest.name.as_str();
         let started = Instant::now();
-        // The files registered, not others put there since: those are a
-        // reload's to load (the watcher's), checked before they serve.
-        let file = super::open::check_library_file(&self.manifest, &self.dir, &self.options);
-        if let Ok(now) = &file
-            && *now != self.file
-        {
-            let path = self.manifest.library_path(&self.dir).unwrap_or_default();
-            let error = format!(
-                "{plugin}: {}: changed since the plugin was registered; reload the plugin \
-                 (the watcher does) to load the new file",
-                path.display()
-            );
-            tracing::warn!(plugin = %plugin, "load on first call refused: {error}");
-            return Err(error);
-        }
         let check = self.trust.artifact_check(plugin, &self.seal);
-        let loaded = file.and_then(|_| {
-            NativeVersion::load(
-                &self.manifest,
-                &self.dir,
-                &self.options,
-                check.as_ref().map(|c| c as &super::ArtifactCheck<'_>),
-            )
-        });
+        // The file registered, checked on the descriptor the load reads:
+        // another one put there since is a reload's (the watcher's) to load.
+        let loaded = NativeVersion::load_registered(
+            &self.manifest,
+            &self.dir,
+            &self.options,
+            check.as_ref().map(|c| c as &super::ArtifactCheck<'_>),
+            &self.file,
+        );
         match loaded {
             Ok(version) => {
                 tracing::info!(plugin = %plugin, elapsed = ?started.elapsed(), "loaded on its first call");

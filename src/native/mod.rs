@@ -139,7 +139,20 @@ impl NativeVersion {
         options: &NativeOptions,
         check: Option<&ArtifactCheck<'_>>,
     ) -> Result<NativeVersion> {
-        let opened = open::open_checked(manifest, dir, options, check)?;
+        let opened = open::open_checked(manifest, dir, options, check, None)?;
+        Self::start(manifest, options, opened)
+    }
+
+    /// [`load`](Self::load) of the library file `registered`, and no other
+    /// (a deferred version's load).
+    fn load_registered(
+        manifest: &Manifest,
+        dir: &Path,
+        options: &NativeOptions,
+        check: Option<&ArtifactCheck<'_>>,
+        registered: &open::FileId,
+    ) -> Result<NativeVersion> {
+        let opened = open::open_checked(manifest, dir, options, check, Some(registered))?;
         Self::start(manifest, options, opened)
     }
 

@@ -21,11 +21,14 @@ pub(crate) fn inspect(bytes: &[u8]) -> std::result::Result<(), String> {
 /// Checks everything about a native plugin that can be checked without
 /// running it (manifest mode, artifact, checksum, header) and loads it from
 /// an image of exactly the checked bytes.
+/// With `registered`, only that file is loaded (a plugin registered to be
+/// loaded on its first call): another one in its place is a reload's.
 pub(super) fn open_checked(
     manifest: &Manifest,
     dir: &Path,
     options: &NativeOptions,
     check: Option<&ArtifactCheck<'_>>,
+    registered: Option<&FileId>,
 ) -> Result<(Library, Image)> {
     let (path, real_dir, file) = open_library(manifest, dir)?;
     let io = |action, source| Error::Io {
@@ -34,6 +37,18 @@ pub(super) fn open_checked(
         path: path.clone(),
         source,
     };
+    if let Some(registered) = registered {
+        let now = file.metadata().map_err(|e| io("reading", e))?;
+        if FileId::of(&now) != *registered {
+            return Err(io(
+                "loading",
+                std::io::Error::other(
+                    "changed since the plugin was registered; reload the plugin (the \
+                     watcher does) to load the new file",
+                ),
+            ));
+        }
+    }
     // On Linux the kernel copies the file into a memfd, which is sealed and
     // then checked through a read-only mapping: the bytes checked are the
     // pages `dlopen` maps, and they never pass through this process (a
@@ -305,7 +320,7 @@ fn open_error(e: OpenError, plugin: &str, path: &Path) -> Error {
 /// checked, loaded from an image, its ABI checked, and it is closed again.
 /// The constructors of a library that passed the checks on its bytes run.
 pub(crate) fn verify(manifest: &Manifest, dir: &Path, options: &NativeOptions) -> Result<()> {
-    let (library, image) = open_checked(manifest, dir, options, None)?;
+    let (library, image) = open_checked(manifest, dir, options, None, None)?;
     Closing::new(library, Some(image)).close_now();
     Ok(())
 }
