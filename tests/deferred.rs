@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 
 use dynplug::{Context, Error, PluginManager, PluginState};
-use support::{call, install, install_as, manifest, mapped_under};
+use support::{call, eventually, install, install_as, manifest, mapped_under};
 
 fn deferred_manager(base: &Path) -> PluginManager {
     PluginManager::builder(base)
@@ -69,55 +69,28 @@ fn async_first_calls_load_once_off_the_runtime() {
         .enable_all()
         .build()
         .unwrap();
-    let counts = runtime.block_on(async {
-        let calls = (0..16).map(|_| {
-            let counter = counter.clone();
-            async move {
-                let mut ctx = Context::new("counter.incr");
-                counter.execute_async(&mut ctx).await.map(|()| ctx)
-            }
-        });
-        futures_join_all(calls).await
+    let mut seen: Vec<i64> = runtime.block_on(async {
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut ctx = Context::new("counter.incr");
+                    counter.execute_async(&mut ctx).await.map(|()| ctx)
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for call in calls {
+            let ctx = call.await.unwrap().unwrap();
+            seen.push(ctx.get_i64("count").unwrap());
+        }
+        seen
     });
-    let mut seen: Vec<i64> = counts
-        .into_iter()
-        .map(|r| r.unwrap().get_i64("count").unwrap())
-        .collect();
     seen.sort_unstable();
     // Every call saw its own increment of the one counter.
     assert_eq!(seen, (1..=16).collect::<Vec<_>>());
     assert_eq!(state(&manager, "counter"), PluginState::Loaded);
     assert_eq!(mapped_under(dir.path()).len(), 1);
-}
-
-/// Polls every future to completion on the current task (no extra crate).
-async fn futures_join_all<F: std::future::Future>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<F::Output> {
-    let handles: Vec<_> = futures.map(|f| Box::pin(f)).collect();
-    let mut outputs: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
-    let mut handles: Vec<Option<_>> = handles.into_iter().map(Some).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (slot, output) in handles.iter_mut().zip(outputs.iter_mut()) {
-            if let Some(future) = slot {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(out) => {
-                        *output = Some(out);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().map(Option::unwrap).collect()
 }
 
 #[test]
@@ -132,9 +105,7 @@ fn a_failed_first_load_names_the_plugin_the_file_and_the_cause() {
         "truncated",
         Some(&manifest("truncated", "hello", "1.0.0", "")),
     );
-    let lib = truncated.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
-    let bytes = std::fs::read(&lib).unwrap();
-    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    support::truncate_library(&truncated, "hello");
     let manager = deferred_manager(base);
     let report = manager.load_plugins().unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
@@ -301,9 +272,7 @@ fn upgrades_are_loaded_before_they_serve() {
         "hello",
         Some(&manifest("hello", "hello", "2.0.0", "")),
     );
-    let lib = plugin.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
-    let bytes = std::fs::read(&lib).unwrap();
-    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    support::truncate_library(&plugin, "hello");
     let error = manager.load_plugin("hello").unwrap_err();
     assert!(
         error.to_string().contains("not a loadable library"),
@@ -382,9 +351,7 @@ fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
             r#""http_services": {"driver": "axum", "routes": [{"route": "/api/broken", "method": "GET", "label": "hello.get"}]}"#,
         )),
     );
-    let lib = broken.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
-    let bytes = std::fs::read(&lib).unwrap();
-    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    support::truncate_library(&broken, "hello");
     let manager = deferred_manager(base);
     manager.load_plugins().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -430,18 +397,6 @@ fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
     });
 }
 
-/// Waits (polling, up to the suite's patience) until `done` holds.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + support::PATIENCE;
-    while !done() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn idle_versions_are_unloaded_and_loaded_again_by_their_next_call() {
     let dir = tempfile::tempdir().unwrap();
@@ -460,7 +415,7 @@ fn idle_versions_are_unloaded_and_loaded_again_by_their_next_call() {
         call(&manager, "counter", &mut ctx).unwrap();
         // A new copy each round: its state starts over.
         assert_eq!(ctx.get_i64("count"), Some(1), "round {round}");
-        wait_until("the idle version to be unloaded", || {
+        eventually("the idle version to be unloaded", || {
             manager.info("counter").unwrap().unloads > unloads
         });
         assert_eq!(state(&manager, "counter"), PluginState::Deferred);
@@ -470,17 +425,15 @@ fn idle_versions_are_unloaded_and_loaded_again_by_their_next_call() {
     let hello = manager.info("hello").unwrap();
     assert_eq!((hello.state, hello.unloads), (PluginState::Deferred, 0));
 
-    // Unloaded while idle, it still worked: a broken upgrade is loaded
-    // before it could serve, refused, and the plugin keeps working.
+    // Unloaded while idle, it still counts as loaded: a broken upgrade is
+    // loaded before it could serve, refused, and 1.0.0 stays in service.
     let plugin = install_as(
         base,
         "counter",
         "counter",
         Some(&manifest("counter", "counter", "2.0.0", "")),
     );
-    let lib = plugin.join(format!("libcounter.{}", std::env::consts::DLL_EXTENSION));
-    let bytes = std::fs::read(&lib).unwrap();
-    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    support::truncate_library(&plugin, "counter");
     let error = manager.load_plugin("counter").unwrap_err();
     assert!(
         error.to_string().contains("not a loadable library"),
@@ -513,7 +466,7 @@ fn calls_racing_idle_unloads_never_fail() {
                     }
                     // Quiet until the reaper unloads it (all four go quiet
                     // in turn; calls from the others may race the unload).
-                    wait_until("an idle unload", || {
+                    eventually("an idle unload", || {
                         manager.info("counter").unwrap().unloads > unloads
                     });
                 }
@@ -525,7 +478,7 @@ fn calls_racing_idle_unloads_never_fail() {
     assert_eq!(info.calls.calls, 4 * 8 * 50);
     assert!(info.unloads >= 8, "{}", info.unloads);
     assert!(info.retired.is_empty(), "{:?}", info.retired);
-    wait_until("the last version to be unloaded", || {
+    eventually("the last version to be unloaded", || {
         mapped_under(base).is_empty()
     });
 }

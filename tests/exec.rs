@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dynplug::{Context, Error, Event, PluginManager, PluginState};
-use support::{PATIENCE, wait_for_event};
+use support::{PATIENCE, eventually, wait_for_event};
 
 /// The Python standard-library REST plugin.
 fn python_fixture() -> PathBuf {
@@ -41,15 +41,6 @@ fn call(manager: &PluginManager, plugin: &str, ctx: &mut Context) -> Result<(), 
 
 fn pid_of(manager: &PluginManager, plugin: &str) -> Option<u32> {
     manager.info(plugin)?.process?.pid
-}
-
-/// Waits until `check` holds, failing after [`PATIENCE`] with `what`.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn alive(pid: u32) -> bool {

@@ -237,11 +237,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
         "truncated",
         Some(&manifest("truncated", "hello", "1.0.0", "")),
     );
-    let lib = truncated.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
-    let bytes = std::fs::read(&lib).unwrap();
-    // Cut inside the loadable segments (a debug build keeps megabytes of
-    // debug info at the end, which dlopen never reads).
-    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+    support::truncate_library(&truncated, "hello");
     // A manifest whose library is missing.
     let missing = base.join("missing");
     std::fs::create_dir(&missing).unwrap();

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dynplug::{Context, Error, Event, PluginManager, PluginState, Value};
-use support::{PATIENCE, wait_for_event};
+use support::{PATIENCE, eventually, wait_for_event};
 
 /// A manager over `dir` whose process plugins run in the `dynplug` binary.
 fn manager(dir: &Path) -> PluginManager {
@@ -34,14 +34,6 @@ fn install(base: &Path, sample: &str, name: &str, isolation: &str, extra: &str) 
 
 fn pid_of(manager: &PluginManager, plugin: &str) -> Option<u32> {
     manager.info(plugin)?.process?.pid
-}
-
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn alive(pid: u32) -> bool {

@@ -192,9 +192,7 @@ fn bad_drops_keep_the_old_version_serving() {
         (
             "truncated library",
             Box::new(|plugin_dir: &std::path::Path| {
-                let path = plugin_dir.join(&lib);
-                let bytes = std::fs::read(&path).unwrap();
-                std::fs::write(&path, &bytes[..16 * 1024]).unwrap();
+                support::truncate_library(plugin_dir, "counter");
             }),
             "not a loadable library",
         ),

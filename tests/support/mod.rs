@@ -184,6 +184,25 @@ pub fn install_as(base: &Path, sample: &str, name: &str, manifest: Option<&str>)
     base.join(name)
 }
 
+/// Cuts the library of the plugin directory `dir` (a copy of `sample`) to
+/// its first 16 KiB: a truncated library, cut inside its loadable segments
+/// (a debug build keeps megabytes of debug info at the end, which dlopen
+/// never reads).
+pub fn truncate_library(dir: &Path, sample: &str) {
+    let lib = dir.join(library(sample).file_name().unwrap());
+    let bytes = std::fs::read(&lib).unwrap();
+    std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
+}
+
+/// Waits until `check` holds, failing after [`PATIENCE`] with `what`.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Moves `staging` to `dest` the way an operator should: the old directory is
 /// renamed away (to a dot name, which dynplug ignores) and the new one renamed
 /// in right after, so a watcher sees one change.
