@@ -1,7 +1,8 @@
 //! Plugins loaded on their first call (`Builder::load_on_first_call`):
-//! registered without mapping anything, loaded (with every check) by the
-//! first call, blocking or async; load failures surface on that call and in
-//! the listing; upgrades are still loaded before they serve.
+//! registered without mapping anything (after checking the file and its
+//! header), loaded (with every check) by the first call, blocking or async;
+//! load failures surface on that call and in the listing; upgrades are
+//! still loaded before they serve.
 
 mod support;
 
@@ -19,6 +20,15 @@ fn deferred_manager(base: &Path) -> PluginManager {
 
 fn state(manager: &PluginManager, plugin: &str) -> PluginState {
     manager.info(plugin).unwrap().state
+}
+
+/// A manifest whose `sha256` the library does not match: a fault only a
+/// load finds (registration checks the file and its header, not a digest).
+fn bad_sum(name: &str, sample: &str, version: &str, extra: &str) -> String {
+    let manifest = manifest(name, sample, version, extra);
+    let path = format!(r#""path": "lib{}""#, sample.replace('-', "_"));
+    let with_sum = format!(r#"{path}, "sha256": "{}""#, "0".repeat(64));
+    manifest.replacen(&path, &with_sum, 1)
 }
 
 #[test]
@@ -99,43 +109,40 @@ fn a_failed_first_load_names_the_plugin_the_file_and_the_cause() {
     let base = dir.path();
     install(base, "hello");
     install(base, "failing-init");
-    let truncated = install_as(
+    install_as(
         base,
         "hello",
-        "truncated",
-        Some(&manifest("truncated", "hello", "1.0.0", "")),
+        "bad-sum",
+        Some(&bad_sum("bad-sum", "hello", "1.0.0", "")),
     );
-    support::truncate_library(&truncated, "hello");
     let manager = deferred_manager(base);
     let report = manager.load_plugins().unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     let mut events = manager.subscribe();
 
     let mut ctx = Context::new("hello.get");
-    let error = call(&manager, "truncated", &mut ctx).unwrap_err();
+    let error = call(&manager, "bad-sum", &mut ctx).unwrap_err();
     // Announced once, as a failed load.
     let event = support::wait_for_event(
         &mut events,
         "the failed load",
-        |e| matches!(e, dynplug::Event::Failed { plugin, .. } if plugin == "truncated"),
+        |e| matches!(e, dynplug::Event::Failed { plugin, .. } if plugin == "bad-sum"),
     );
     assert!(
-        format!("{event:?}").contains("not a loadable library"),
+        format!("{event:?}").contains("sha256 mismatch"),
         "{event:?}"
     );
     let message = error.to_string();
     assert!(matches!(error, Error::Unavailable { .. }), "{error:?}");
-    assert!(message.starts_with("truncated: "), "{message}");
+    assert!(message.starts_with("bad-sum: "), "{message}");
     assert!(message.contains("libhello"), "{message}");
-    assert!(message.contains("not a loadable library"), "{message}");
+    assert!(message.contains("sha256 mismatch"), "{message}");
     // The outcome is kept: the next call gets the same reason, the listing too.
-    let again = call(&manager, "truncated", &mut ctx)
-        .unwrap_err()
-        .to_string();
+    let again = call(&manager, "bad-sum", &mut ctx).unwrap_err().to_string();
     assert_eq!(again, message);
-    let info = manager.info("truncated").unwrap();
+    let info = manager.info("bad-sum").unwrap();
     assert_eq!(info.state, PluginState::Failed);
-    assert!(info.error.unwrap().contains("not a loadable library"));
+    assert!(info.error.unwrap().contains("sha256 mismatch"));
 
     let error = call(&manager, "failing-init", &mut Context::new("x")).unwrap_err();
     assert!(error.to_string().contains("init"), "{error}");
@@ -148,15 +155,15 @@ fn a_failed_first_load_names_the_plugin_the_file_and_the_cause() {
     install_as(
         base,
         "hello",
-        "truncated",
-        Some(&manifest("truncated", "hello", "1.0.1", "")),
+        "bad-sum",
+        Some(&manifest("bad-sum", "hello", "1.0.1", "")),
     );
-    manager.load_plugin("truncated").unwrap();
-    let info = manager.info("truncated").unwrap();
+    manager.load_plugin("bad-sum").unwrap();
+    let info = manager.info("bad-sum").unwrap();
     assert_eq!(info.state, PluginState::Deferred);
     assert_eq!(info.error, None);
-    call(&manager, "truncated", &mut Context::new("hello.get")).unwrap();
-    assert_eq!(state(&manager, "truncated"), PluginState::Loaded);
+    call(&manager, "bad-sum", &mut Context::new("hello.get")).unwrap();
+    assert_eq!(state(&manager, "bad-sum"), PluginState::Loaded);
 }
 
 #[test]
@@ -202,6 +209,41 @@ fn registration_still_refuses_what_it_can_see() {
     assert!(failed[1].contains("over the limit"), "{failed:?}");
     assert!(failed[2].contains("over the limit"), "{failed:?}");
     assert_eq!(state(&manager, "fifo"), PluginState::Failed);
+    manager.unload_all();
+
+    // The header is read at registration: a truncated library, a
+    // non-plugin and another ABI are refused before any call, each naming
+    // the plugin, the file and the cause, and nothing is mapped.
+    let truncated = install_as(
+        base,
+        "hello",
+        "truncated",
+        Some(&manifest("truncated", "hello", "1.0.0", "")),
+    );
+    support::truncate_library(&truncated, "hello");
+    install(base, "wrong-abi");
+    let manager = deferred_manager(base);
+    let report = manager.load_plugins().unwrap();
+    let failed: std::collections::BTreeMap<String, String> = report
+        .failed
+        .iter()
+        .map(|(name, e)| (name.clone(), e.to_string()))
+        .collect();
+    let names: Vec<&str> = failed.keys().map(String::as_str).collect();
+    assert_eq!(names, ["fifo", "truncated", "wrong-abi"], "{failed:?}");
+    let truncated = &failed["truncated"];
+    assert!(truncated.starts_with("truncated: "), "{truncated}");
+    assert!(truncated.contains("libhello"), "{truncated}");
+    assert!(truncated.contains("not a loadable library"), "{truncated}");
+    assert!(
+        failed["wrong-abi"].contains("ABI"),
+        "{}",
+        failed["wrong-abi"]
+    );
+    assert_eq!(state(&manager, "truncated"), PluginState::Failed);
+    assert_eq!(state(&manager, "hello"), PluginState::Deferred);
+    assert!(mapped_under(base).is_empty(), "{:?}", mapped_under(base));
+    call(&manager, "large", &mut Context::new("hello.get")).unwrap();
 }
 
 #[test]
@@ -265,19 +307,16 @@ fn upgrades_are_loaded_before_they_serve() {
     let manager = deferred_manager(base);
     manager.load_plugins().unwrap();
     call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
-    // A broken 2.0.0: refused at the reload, 1.0.0 keeps serving.
-    let plugin = install_as(
+    // A broken 2.0.0 (a fault only a load finds): refused at the reload,
+    // 1.0.0 keeps serving.
+    install_as(
         base,
         "hello",
         "hello",
-        Some(&manifest("hello", "hello", "2.0.0", "")),
+        Some(&bad_sum("hello", "hello", "2.0.0", "")),
     );
-    support::truncate_library(&plugin, "hello");
     let error = manager.load_plugin("hello").unwrap_err();
-    assert!(
-        error.to_string().contains("not a loadable library"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("sha256 mismatch"), "{error}");
     let info = manager.info("hello").unwrap();
     assert_eq!(info.version.as_deref(), Some("1.0.0"));
     assert_eq!(info.state, PluginState::Loaded);
@@ -340,18 +379,17 @@ fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
     let dir = support::private_tempdir();
     let base = dir.path();
     install(base, "hello");
-    let broken = install_as(
+    install_as(
         base,
         "hello",
         "broken",
-        Some(&manifest(
+        Some(&bad_sum(
             "broken",
             "hello",
             "1.0.0",
             r#""http_services": {"driver": "axum", "routes": [{"route": "/api/broken", "method": "GET", "label": "hello.get"}]}"#,
         )),
     );
-    support::truncate_library(&broken, "hello");
     let manager = deferred_manager(base);
     manager.load_plugins().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -389,7 +427,7 @@ fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
         let reply = get("/api/broken").await;
         assert_eq!(reply.status, 503);
         let error = reply.json()["error"].as_str().unwrap().to_owned();
-        assert!(error.contains("not a loadable library"), "{error}");
+        assert!(error.contains("sha256 mismatch"), "{error}");
         assert!(error.contains("libhello"), "{error}");
         assert_eq!(state(&manager, "broken"), PluginState::Failed);
         assert_eq!(state(&manager, "hello"), PluginState::Loaded);
@@ -427,18 +465,14 @@ fn idle_versions_are_unloaded_and_loaded_again_by_their_next_call() {
 
     // Unloaded while idle, it still counts as loaded: a broken upgrade is
     // loaded before it could serve, refused, and 1.0.0 stays in service.
-    let plugin = install_as(
+    install_as(
         base,
         "counter",
         "counter",
-        Some(&manifest("counter", "counter", "2.0.0", "")),
+        Some(&bad_sum("counter", "counter", "2.0.0", "")),
     );
-    support::truncate_library(&plugin, "counter");
     let error = manager.load_plugin("counter").unwrap_err();
-    assert!(
-        error.to_string().contains("not a loadable library"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("sha256 mismatch"), "{error}");
     assert_eq!(
         manager.info("counter").unwrap().version.as_deref(),
         Some("1.0.0")

@@ -102,25 +102,39 @@ pub(crate) fn read_checked(
     Ok((path, bytes))
 }
 
-/// The checks of [`open_checked`] that need no read of the library's
-/// bytes (where it is, what it is, who can write it, its size), for a
-/// plugin loaded on its first call: its registration fails as its load
-/// would have for these causes. Returns which file it is, to tell later
-/// whether it is still the same.
+/// The checks of [`open_checked`] that run none of the library's code and
+/// need no digest of it, for a plugin loaded on its first call: where the
+/// file is, what it is, who can write it, its size, and its header (a
+/// truncated file, a non-plugin or another ABI). Its registration fails as
+/// its load would have for these causes. The checksum and the signature
+/// are checked by the load, on the bytes it loads (as everything here is
+/// again). Returns which file it is, to tell later whether it is still the
+/// same.
 pub(super) fn check_library_file(
     manifest: &Manifest,
     dir: &Path,
     options: &NativeOptions,
 ) -> Result<FileId> {
     let (path, _, file) = open_library(manifest, dir)?;
-    let io = |source| Error::Io {
+    let io = |action, source| Error::Io {
         plugin: manifest.name.clone(),
-        action: "reading",
+        action,
         path: path.clone(),
         source,
     };
-    crate::untrusted::checked_len(&file, options.max_library_size).map_err(io)?;
-    file.metadata().map(|m| FileId::of(&m)).map_err(io)
+    // Read into the heap: the fastest of three ways measured (1,000
+    // registrations on 16 threads: 90-110 ms, against 210 ms through a
+    // memfd image and 360-390 ms through fresh anonymous mappings, whose
+    // page setup and teardown serialize). The price: each registering
+    // thread's allocator arena keeps about one library's size of free
+    // memory, which later allocations reuse.
+    let bytes = crate::untrusted::read_open(&file, options.max_library_size)
+        .map_err(|e| io("reading", e))?;
+    header::inspect(&bytes).map_err(|refusal| refused(manifest, &path, refusal))?;
+    drop(bytes);
+    file.metadata()
+        .map(|m| FileId::of(&m))
+        .map_err(|e| io("reading", e))
 }
 
 /// Which file, in which state: device, inode, length and modification time.
@@ -226,30 +240,37 @@ pub(super) fn check_bytes(
             found,
         });
     }
-    header::inspect(bytes).map_err(|refusal| match refusal {
+    header::inspect(bytes).map_err(|refusal| refused(manifest, &path, refusal))
+}
+
+/// The error for bytes the header check refused.
+fn refused(manifest: &Manifest, path: &Path, refusal: Refusal) -> Error {
+    let plugin = manifest.name.clone();
+    let path = path.to_owned();
+    match refusal {
         Refusal::NotALibrary(message) => Error::BadLibrary {
-            plugin: plugin.clone(),
-            path: path.clone(),
+            plugin,
+            path,
             message,
         },
         Refusal::MissingRoot => Error::MissingRoot {
-            plugin: plugin.clone(),
-            path: path.clone(),
+            plugin,
+            path,
             symbol: plugin_abi::ffi::ROOT_SYMBOL,
         },
         Refusal::BadRoot(why) => Error::AbiMismatch {
-            plugin: plugin.clone(),
-            path: path.clone(),
+            plugin,
+            path,
             found: format!("a malformed root: {why}"),
             expected: ffi::expected_abi(),
         },
         Refusal::Abi(info) => Error::AbiMismatch {
-            plugin: plugin.clone(),
-            path: path.clone(),
+            plugin,
+            path,
             found: info.describe(),
             expected: ffi::expected_abi(),
         },
-    })
+    }
 }
 
 /// Puts checked bytes in an image and opens it.
