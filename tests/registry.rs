@@ -30,7 +30,10 @@ impl Host {
         let run = support::private_tempdir();
         let manager = PluginManager::new(plugins.path()).unwrap();
         let registry = configure(
-            Registry::new(run.path().join("registry.sock")).probe(Duration::from_millis(50), 3),
+            // Quick probes, but a plugin is dropped only after a second
+            // without an answer: a loaded machine can stall a probe for
+            // more than 150 ms, and a dropped plugin fails the next call.
+            Registry::new(run.path().join("registry.sock")).probe(Duration::from_millis(50), 20),
         );
         let running = Server::new(manager.clone())
             .http("127.0.0.1:0".parse().unwrap())
