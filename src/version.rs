@@ -530,6 +530,14 @@ impl Version {
             if deferred.version().is_none() && !deferred.is_proven())
     }
 
+    /// Whether this is a version never loaded whose library file is no
+    /// longer the one registered (an upgrade replaced it in place): it
+    /// could never load.
+    pub(crate) fn lost_its_file(&self) -> bool {
+        self.awaits_first_load()
+            && matches!(&self.backend, Backend::Deferred(deferred) if !deferred.file_still_there())
+    }
+
     /// Whether this version replaced an idle one and failed to load again:
     /// the idle thread tries again with a new one.
     pub(crate) fn failed_after_idle(&self) -> bool {

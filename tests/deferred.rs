@@ -221,6 +221,14 @@ fn registration_still_refuses_what_it_can_see() {
         Some(&manifest("truncated", "hello", "1.0.0", "")),
     );
     support::truncate_library(&truncated, "hello");
+    let text = install_as(
+        base,
+        "hello",
+        "not-a-plugin",
+        Some(&manifest("not-a-plugin", "hello", "1.0.0", "")),
+    );
+    let lib = text.join(format!("libhello.{}", std::env::consts::DLL_EXTENSION));
+    std::fs::write(&lib, "#!/bin/sh\necho not a library\n").unwrap();
     install(base, "wrong-abi");
     let manager = deferred_manager(base);
     let report = manager.load_plugins().unwrap();
@@ -230,7 +238,16 @@ fn registration_still_refuses_what_it_can_see() {
         .map(|(name, e)| (name.clone(), e.to_string()))
         .collect();
     let names: Vec<&str> = failed.keys().map(String::as_str).collect();
-    assert_eq!(names, ["fifo", "truncated", "wrong-abi"], "{failed:?}");
+    assert_eq!(
+        names,
+        ["fifo", "not-a-plugin", "truncated", "wrong-abi"],
+        "{failed:?}"
+    );
+    assert!(
+        failed["not-a-plugin"].contains("not a loadable library"),
+        "{}",
+        failed["not-a-plugin"]
+    );
     let truncated = &failed["truncated"];
     assert!(truncated.starts_with("truncated: "), "{truncated}");
     assert!(truncated.contains("libhello"), "{truncated}");
@@ -332,6 +349,55 @@ fn upgrades_are_loaded_before_they_serve() {
     let info = manager.info("hello").unwrap();
     assert_eq!(info.version.as_deref(), Some("3.0.0"));
     assert_eq!(info.state, PluginState::Loaded);
+}
+
+#[test]
+fn a_broken_upgrade_of_a_plugin_never_loaded_is_its_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    install(base, "hello");
+    let manager = deferred_manager(base);
+    manager.load_plugins().unwrap();
+    let mut events = manager.subscribe();
+    // 2.0.0 takes the place of 1.0.0's files, truncated: 1.0.0, never
+    // loaded, could not load any more either.
+    let plugin = install_as(
+        base,
+        "hello",
+        "hello",
+        Some(&manifest("hello", "hello", "2.0.0", "")),
+    );
+    support::truncate_library(&plugin, "hello");
+    let error = manager.load_plugin("hello").unwrap_err();
+    assert!(
+        error.to_string().contains("not a loadable library"),
+        "{error}"
+    );
+    support::wait_for_event(
+        &mut events,
+        "the failure",
+        |e| matches!(e, dynplug::Event::Failed { plugin, .. } if plugin == "hello"),
+    );
+    let info = manager.info("hello").unwrap();
+    assert_eq!(info.state, PluginState::Failed);
+    assert!(info.error.unwrap().contains("not a loadable library"));
+    // Calls get the cause, not "changed since the plugin was registered".
+    let error = call(&manager, "hello", &mut Context::new("hello.get")).unwrap_err();
+    assert!(
+        error.to_string().contains("not a loadable library"),
+        "{error}"
+    );
+    // Mended: registered again, and loaded by its first call.
+    install_as(
+        base,
+        "hello",
+        "hello",
+        Some(&manifest("hello", "hello", "3.0.0", "")),
+    );
+    manager.load_plugin("hello").unwrap();
+    assert_eq!(state(&manager, "hello"), PluginState::Deferred);
+    call(&manager, "hello", &mut Context::new("hello.get")).unwrap();
+    assert_eq!(state(&manager, "hello"), PluginState::Loaded);
 }
 
 #[test]

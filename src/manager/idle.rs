@@ -92,9 +92,16 @@ impl PluginManager {
             // Not held while it is replaced: draining waits for every holder.
             drop(current);
             let finished = (!failed).then_some(now_seen.finished);
-            if due && self.idle_out(&slot, now_seen.version, finished) {
-                // Its replacement is another version: it starts its own.
-                seen.remove(&slot.name);
+            if due {
+                if self.idle_out(&slot, now_seen.version, finished) {
+                    // Its replacement is another version: it starts its own.
+                    seen.remove(&slot.name);
+                } else {
+                    // Not now (a call came, or its files cannot be
+                    // registered again): another try one idle time later,
+                    // not at every tick.
+                    entry.since = now;
+                }
             }
         }
     }

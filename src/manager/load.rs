@@ -402,6 +402,18 @@ impl PluginManager {
     }
 
     pub(crate) fn record_failure(&self, slot: &Slot, error: &Error) {
+        // A version never loaded whose library the failed upgrade replaced
+        // in place could never load: nothing working is kept, and the
+        // plugin is listed with this failure, not as deferred.
+        if slot
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|v| v.lost_its_file())
+            && let Some(old) = slot.swap(None)
+        {
+            self.retire(slot, old);
+        }
         let serving = slot
             .current
             .load()
