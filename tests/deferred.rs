@@ -496,6 +496,11 @@ fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
         assert!(error.contains("sha256 mismatch"), "{error}");
         assert!(error.contains("libhello"), "{error}");
         assert_eq!(state(&manager, "broken"), PluginState::Failed);
+        // The route stays its own, and keeps saying why (not 404 once the
+        // route table has seen the failure).
+        let again = get("/api/broken").await;
+        assert_eq!(again.status, 503);
+        assert_eq!(again.json()["error"].as_str(), Some(error.as_str()));
         assert_eq!(state(&manager, "hello"), PluginState::Loaded);
         running.shutdown().await;
     });
