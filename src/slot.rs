@@ -231,6 +231,11 @@ pub(crate) struct Slot {
     /// versions swap in order. Per plugin: a plugin whose `init` hangs
     /// holds up only itself (until `init_timeout`), never the others.
     ops: Mutex<()>,
+    /// Held while a version is swapped in and announced, and while a
+    /// deferred version's first load is announced: that announcement
+    /// follows the registration's, and is made only for the version in
+    /// service. Never held while waiting for anything.
+    announce: Mutex<()>,
 }
 
 /// Call counters of one plugin, across its versions. Two relaxed atomic
@@ -302,6 +307,7 @@ impl Slot {
                 attempted: None,
             }),
             ops: Mutex::new(()),
+            announce: Mutex::new(()),
         }
     }
 
@@ -319,6 +325,11 @@ impl Slot {
     /// Serialises loads and unloads of this plugin (see `ops`).
     pub(crate) fn ops(&self) -> MutexGuard<'_, ()> {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Orders announcements of this plugin's versions (see `announce`).
+    pub(crate) fn announce(&self) -> MutexGuard<'_, ()> {
+        self.announce.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn status(&self) -> MutexGuard<'_, Status> {

@@ -530,6 +530,11 @@ impl Version {
             if deferred.version().is_none() && !deferred.is_proven())
     }
 
+    /// Whether this is the deferred version a first-load hook was told of.
+    pub(crate) fn is_deferred(&self, which: usize) -> bool {
+        matches!(&self.backend, Backend::Deferred(deferred) if deferred.is(which))
+    }
+
     /// Whether this is a version never loaded whose library file is no
     /// longer the one registered (an upgrade replaced it in place): it
     /// could never load.

@@ -441,6 +441,59 @@ fn a_call_with_a_deadline_waits_for_a_first_load_no_longer_than_that() {
 }
 
 #[test]
+fn a_version_replaced_while_it_loads_is_not_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let slow = |version: &str| {
+        install_as(
+            base,
+            "slow",
+            "slow",
+            Some(&manifest(
+                "slow",
+                "slow",
+                version,
+                r#""config": {"init_ms": 300}"#,
+            )),
+        );
+    };
+    slow("1.0.0");
+    let manager = deferred_manager(base);
+    manager.load_plugins().unwrap();
+    let mut events = manager.subscribe();
+    // A first call that gives up at once leaves 1.0.0's load (its 300 ms
+    // `init`) running.
+    let (_, executor) = manager.get_plugin("slow").unwrap();
+    let mut quick = Context::new("count").with_timeout(std::time::Duration::from_millis(1));
+    executor.execute(&mut quick).unwrap_err();
+    // 2.0.0 takes its place meanwhile (never loaded: registered), and the
+    // reload returns once 1.0.0, drained, is unloaded: its load is over.
+    slow("2.0.0");
+    manager.load_plugin("slow").unwrap();
+    let mut seen = Vec::new();
+    while let Some(event) = events.try_recv().unwrap() {
+        seen.push(format!("{event:?}"));
+    }
+    assert!(
+        seen.iter().any(|e| e.contains("Upgraded")),
+        "the re-registration is announced: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e.contains("Loaded") && e.contains("1.0.0")),
+        "1.0.0 was replaced while it loaded: {seen:?}"
+    );
+    assert_eq!(state(&manager, "slow"), PluginState::Deferred);
+    let mut ctx = Context::new("count");
+    call(&manager, "slow", &mut ctx).unwrap();
+    assert_eq!(
+        manager.info("slow").unwrap().version.as_deref(),
+        Some("2.0.0")
+    );
+}
+
+#[test]
 fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
     let dir = support::private_tempdir();
     let base = dir.path();

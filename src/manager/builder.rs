@@ -403,9 +403,10 @@ impl Builder {
             });
             // A deferred version's load ends on a `dynplug-load` thread.
             let weak = manager.clone();
-            let first_load = FirstLoad::new(move |plugin, version, error| {
+            let first_load = FirstLoad::new(move |plugin, version, error, which| {
                 if let Some(inner) = weak.upgrade() {
-                    PluginManager::from_inner(inner).loaded_on_first_call(plugin, version, error);
+                    PluginManager::from_inner(inner)
+                        .loaded_on_first_call(plugin, version, error, which);
                 }
             });
             let mut options = self.load_options_with(late, first_load);

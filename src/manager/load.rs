@@ -348,6 +348,9 @@ impl PluginManager {
     pub(crate) fn install(&self, slot: &Slot, version: Version) -> Result<Arc<Manifest>> {
         let manifest = Arc::clone(&version.manifest);
         let to = manifest.version.to_string();
+        // Until this version is announced: its first load, which may end
+        // any time after the swap, is announced after it.
+        let announcing = slot.announce();
         let old = {
             // Parallel loads (load_plugins) must not both claim a route.
             let mut served = self.inner.routes.lock().unwrap_or_else(|e| e.into_inner());
@@ -379,6 +382,7 @@ impl PluginManager {
                     from,
                     to,
                 });
+                drop(announcing);
                 self.retire(slot, old);
             }
             None => {
@@ -447,8 +451,28 @@ impl PluginManager {
 
     /// A deferred version's first call has loaded it (announced as
     /// `Loaded`, with the pthread-key check every load makes) or failed to
-    /// (`Failed`).
-    pub(crate) fn loaded_on_first_call(&self, plugin: &str, version: &str, error: Option<&str>) {
+    /// (`Failed`). Only for the version in service (`which`): one replaced
+    /// while it loaded is no news.
+    pub(crate) fn loaded_on_first_call(
+        &self,
+        plugin: &str,
+        version: &str,
+        error: Option<&str>,
+        which: usize,
+    ) {
+        let Some(slot) = self.slot(plugin) else {
+            return;
+        };
+        let _announcing = slot.announce();
+        if !slot
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|serving| serving.is_deferred(which))
+        {
+            tracing::debug!(plugin, version, "replaced while it loaded: not announced");
+            return;
+        }
         let plugin = plugin.to_owned();
         match error {
             None => {

@@ -29,21 +29,24 @@ use crate::signing::{Seal, Trust};
 use crate::version::Ending;
 
 /// Hears how a deferred version's first load went: `(plugin, version,
-/// error)`, `None` for a success (the manager announces it).
+/// error, which)`, `None` for a success, `which` the loaded [`Deferred`]'s
+/// address (see [`Deferred::is`]); the manager announces it.
 #[derive(Clone)]
 pub(crate) struct FirstLoad(Arc<HearFirstLoad>);
 
-/// `(plugin, version, error)`.
-type HearFirstLoad = dyn Fn(&str, &str, Option<&str>) + Send + Sync;
+/// `(plugin, version, error, which)`.
+type HearFirstLoad = dyn Fn(&str, &str, Option<&str>, usize) + Send + Sync;
 
 impl FirstLoad {
-    pub(crate) fn new(f: impl Fn(&str, &str, Option<&str>) + Send + Sync + 'static) -> FirstLoad {
+    pub(crate) fn new(
+        f: impl Fn(&str, &str, Option<&str>, usize) + Send + Sync + 'static,
+    ) -> FirstLoad {
         FirstLoad(Arc::new(f))
     }
 
     /// Nobody listens (`verify`).
     pub(crate) fn ignored() -> FirstLoad {
-        FirstLoad::new(|_, _, _| {})
+        FirstLoad::new(|_, _, _, _| {})
     }
 }
 
@@ -125,6 +128,11 @@ impl Deferred {
         super::open::is_registered_file(&self.manifest, &self.dir, &self.file)
     }
 
+    /// Whether this is the registration a [`FirstLoad`] hook was told of.
+    pub(crate) fn is(&self, which: usize) -> bool {
+        std::ptr::from_ref(self) as usize == which
+    }
+
     /// Whether it replaces a version that was loaded (see `proven`).
     pub(crate) fn is_proven(&self) -> bool {
         self.proven
@@ -142,7 +150,8 @@ impl Deferred {
         if loaded_here {
             let version = self.manifest.version.to_string();
             let error = loaded.as_ref().err().map(String::as_str);
-            (self.options.first_load.0)(&self.manifest.name, &version, error);
+            let which = std::ptr::from_ref(self) as usize;
+            (self.options.first_load.0)(&self.manifest.name, &version, error, which);
         }
         match loaded {
             Ok(version) => Ok(version),
