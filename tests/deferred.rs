@@ -264,6 +264,65 @@ fn registration_still_refuses_what_it_can_see() {
 }
 
 #[test]
+fn registration_applies_the_trust_policy_as_far_as_it_can_without_a_digest() {
+    let alice = dynplug::signing::SecretKey::generate("alice").unwrap();
+    let mallory = dynplug::signing::SecretKey::generate("mallory").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let plugin = |name: &str| {
+        install_as(
+            base,
+            "hello",
+            name,
+            Some(&manifest(name, "hello", "1.0.0", "")),
+        )
+    };
+    for (name, key) in [
+        ("by-alice", &alice),
+        ("by-mallory", &mallory),
+        ("tampered", &alice),
+    ] {
+        dynplug::signing::sign_dir(plugin(name), key).unwrap();
+    }
+    plugin("unsigned");
+    // Signed, then its library replaced by another plugin's: only a digest
+    // of the bytes tells, so only the load can.
+    let lib = format!("libhello.{}", std::env::consts::DLL_EXTENSION);
+    std::fs::copy(support::library("counter"), base.join("tampered").join(lib)).unwrap();
+    let manager = PluginManager::builder(base)
+        .load_on_first_call(true)
+        .trusted_keys([alice.public()])
+        .require_signatures(true)
+        .build()
+        .unwrap();
+    let report = manager.load_plugins().unwrap();
+    let failed: std::collections::BTreeMap<String, String> = report
+        .failed
+        .iter()
+        .map(|(name, e)| (name.clone(), e.to_string()))
+        .collect();
+    let names: Vec<&str> = failed.keys().map(String::as_str).collect();
+    assert_eq!(names, ["by-mallory", "unsigned"], "{failed:?}");
+    assert!(
+        failed["by-mallory"].contains("not among the trusted keys"),
+        "{failed:?}"
+    );
+    assert!(
+        failed["unsigned"].contains("not signed, and this host requires signatures"),
+        "{failed:?}"
+    );
+    assert_eq!(state(&manager, "unsigned"), PluginState::Failed);
+    assert_eq!(state(&manager, "tampered"), PluginState::Deferred);
+    call(&manager, "by-alice", &mut Context::new("hello.get")).unwrap();
+    let error = call(&manager, "tampered", &mut Context::new("hello.get")).unwrap_err();
+    assert!(
+        error.to_string().contains("signature does not match"),
+        "{error}"
+    );
+    assert_eq!(state(&manager, "tampered"), PluginState::Failed);
+}
+
+#[test]
 fn plugins_never_called_stay_deferred_across_reloads() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();

@@ -89,6 +89,10 @@ impl Deferred {
         (trust, seal): (&Arc<Trust>, &Seal),
         proven: bool,
     ) -> Result<Deferred> {
+        // The trust policy's verdicts that need no digest of the library
+        // (unsigned where signatures are required, a key not trusted) are
+        // given now; the signature is verified by the load, on its bytes.
+        trust.precheck(&manifest.name, seal)?;
         let file = super::open::check_library_file(manifest, dir, options)?;
         Ok(Deferred {
             manifest: manifest.clone(),

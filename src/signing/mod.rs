@@ -118,6 +118,24 @@ impl Seal {
         &self,
         artifact_sha256: Option<&str>,
     ) -> std::result::Result<Option<PublicKey>, String> {
+        let Some((key, signature)) = self.parse()? else {
+            return Ok(None);
+        };
+        let message = message(&self.manifest_sha256, artifact_sha256);
+        key.key
+            .verify(message.as_bytes(), &signature)
+            .map_err(|_| {
+                format!(
+                    "does not match: the manifest or the artifact changed after key {} signed it",
+                    key.fingerprint()
+                )
+            })?;
+        Ok(Some(key))
+    }
+
+    /// The key and signature the signature file holds, not yet verified;
+    /// `None` when unsigned; why not when it cannot be read or parsed.
+    fn parse(&self) -> std::result::Result<Option<(PublicKey, Signature)>, String> {
         let file = match &self.signature {
             None => return Ok(None),
             Some(Err(why)) => return Err(why.clone()),
@@ -135,16 +153,7 @@ impl Seal {
         let signature = keys::unhex::<64>(&file.signature)
             .map(|bytes| Signature::from_bytes(&bytes))
             .ok_or("signature: not 128 hex digits")?;
-        let message = message(&self.manifest_sha256, artifact_sha256);
-        key.key
-            .verify(message.as_bytes(), &signature)
-            .map_err(|_| {
-                format!(
-                    "does not match: the manifest or the artifact changed after key {} signed it",
-                    key.fingerprint()
-                )
-            })?;
-        Ok(Some(key))
+        Ok(Some((key, signature)))
     }
 }
 
@@ -188,15 +197,35 @@ impl Trust {
         seal: &Seal,
         artifact_sha256: Option<&str>,
     ) -> Result<Option<Signer>> {
+        self.judge(plugin, seal, seal.verify(artifact_sha256))
+    }
+
+    /// What can be decided before the artifact is read (a plugin loaded on
+    /// its first call is registered without a digest of it): no signature
+    /// where one is required, a signature file that cannot be read or
+    /// parsed, a key not trusted. Whether the signature verifies over the
+    /// bytes is [`check`](Self::check)'s, at the load.
+    pub(crate) fn precheck(&self, plugin: &str, seal: &Seal) -> Result<()> {
+        if !self.is_on() {
+            return Ok(());
+        }
+        let key = seal.parse().map(|parsed| parsed.map(|(key, _)| key));
+        self.judge(plugin, seal, key).map(drop)
+    }
+
+    /// The policy's verdict on a seal's signer (`None`: unsigned).
+    fn judge(
+        &self,
+        plugin: &str,
+        seal: &Seal,
+        signer: std::result::Result<Option<PublicKey>, String>,
+    ) -> Result<Option<Signer>> {
         let refuse = |reason: String| Error::Signature {
             plugin: plugin.to_owned(),
             path: seal.path.clone(),
             reason,
         };
-        match seal
-            .verify(artifact_sha256)
-            .map_err(|why| refuse(format!("signature {why}")))?
-        {
+        match signer.map_err(|why| refuse(format!("signature {why}")))? {
             None if self.require => Err(refuse(format!(
                 "not signed, and this host requires signatures (trusted keys: {})",
                 self.source
