@@ -83,7 +83,13 @@ pub(crate) struct Version {
     /// The fingerprint of the files it was loaded from (see
     /// `Origin::fingerprint`), when loaded from the plugins directory.
     pub(crate) files: Option<u64>,
+    /// Which version this is, never reused in the process (an address
+    /// can be, once a version is freed).
+    serial: u64,
 }
+
+/// The next [`Version::serial`].
+static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// When a native version's library is loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +246,13 @@ impl Version {
             backend,
             _files: None,
             files: None,
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// Which version this is: distinct for every version of the process.
+    pub(crate) fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// Keeps the unpacked package the version was loaded from, if its kind
@@ -538,9 +550,13 @@ impl Version {
     /// Whether this is a version never loaded whose library file is no
     /// longer the one registered (an upgrade replaced it in place): it
     /// could never load.
+    /// A load under way is left to finish: it may have opened the old file
+    /// before it was replaced (and fails with its own cause otherwise).
     pub(crate) fn lost_its_file(&self) -> bool {
         self.awaits_first_load()
-            && matches!(&self.backend, Backend::Deferred(deferred) if !deferred.file_still_there())
+            && matches!(&self.backend, Backend::Deferred(deferred)
+                if (!deferred.load_claimed() || deferred.error().is_some())
+                    && !deferred.file_still_there())
     }
 
     /// Whether this version replaced an idle one and failed to load again:

@@ -512,7 +512,7 @@ fn a_version_replaced_while_it_loads_is_not_announced() {
                 "slow",
                 "slow",
                 version,
-                r#""config": {"init_ms": 300}"#,
+                r#""config": {"init_ms": 2000}"#,
             )),
         );
     };
@@ -520,8 +520,9 @@ fn a_version_replaced_while_it_loads_is_not_announced() {
     let manager = deferred_manager(base);
     manager.load_plugins().unwrap();
     let mut events = manager.subscribe();
-    // A first call that gives up at once leaves 1.0.0's load (its 300 ms
-    // `init`) running.
+    // A first call that gives up at once leaves 1.0.0's load (its 2 s
+    // `init`: time for the reload below to start, however busy the
+    // machine) running.
     let (_, executor) = manager.get_plugin("slow").unwrap();
     let mut quick = Context::new("count").with_timeout(std::time::Duration::from_millis(1));
     executor.execute(&mut quick).unwrap_err();
@@ -550,6 +551,45 @@ fn a_version_replaced_while_it_loads_is_not_announced() {
         manager.info("slow").unwrap().version.as_deref(),
         Some("2.0.0")
     );
+}
+
+#[test]
+fn a_broken_upgrade_leaves_a_first_load_under_way_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let slow = |version: &str| {
+        install_as(
+            base,
+            "slow",
+            "slow",
+            Some(&manifest(
+                "slow",
+                "slow",
+                version,
+                r#""config": {"init_ms": 2000}"#,
+            )),
+        )
+    };
+    slow("1.0.0");
+    let manager = deferred_manager(base);
+    manager.load_plugins().unwrap();
+    // 1.0.0's load starts (it opens its file at once, then runs a 2 s
+    // `init`), and a truncated 2.0.0 takes the place of its files.
+    let (_, executor) = manager.get_plugin("slow").unwrap();
+    let mut quick = Context::new("count").with_timeout(std::time::Duration::from_millis(1));
+    executor.execute(&mut quick).unwrap_err();
+    support::truncate_library(&slow("2.0.0"), "slow");
+    let error = manager.load_plugin("slow").unwrap_err();
+    assert!(
+        error.to_string().contains("not a loadable library"),
+        "{error}"
+    );
+    // The load under way had the old file: it ends and serves.
+    let mut ctx = Context::new("count");
+    call(&manager, "slow", &mut ctx).unwrap();
+    let info = manager.info("slow").unwrap();
+    assert_eq!(info.version.as_deref(), Some("1.0.0"));
+    assert_eq!(info.state, PluginState::Loaded);
 }
 
 #[test]

@@ -32,7 +32,8 @@ use crate::slot::Slot;
 /// finished calls, and since when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
-    version: usize,
+    /// `Version::serial` (0: none).
+    version: u64,
     finished: u64,
     since: Instant,
 }
@@ -74,7 +75,7 @@ impl PluginManager {
             // the failure, called or not.
             let failed = current.as_ref().is_some_and(|v| v.failed_after_idle());
             let now_seen = Seen {
-                version: current.as_ref().map_or(0, |v| Arc::as_ptr(v) as usize),
+                version: current.as_ref().map_or(0, |v| v.serial()),
                 finished: calls.calls - calls.in_flight,
                 since: now,
             };
@@ -106,12 +107,12 @@ impl PluginManager {
         }
     }
 
-    /// Replaces the slot's version seen idle (`version`, by address:
+    /// Replaces the slot's version seen idle (`version`, by serial:
     /// loaded, or a replacement whose load failed) by a deferred one and
     /// unloads it, if it still serves, no call finished since `finished`
     /// (`None`: a failed replacement, whose failing calls count), and its
     /// files are those it was loaded from.
-    fn idle_out(&self, slot: &Slot, version: usize, finished: Option<u64>) -> bool {
+    fn idle_out(&self, slot: &Slot, version: u64, finished: Option<u64>) -> bool {
         let _ops = slot.ops();
         let calls = slot.stats.snapshot();
         if let Some(finished) = finished
@@ -120,7 +121,7 @@ impl PluginManager {
             return false;
         }
         let files = match slot.current.load().as_ref() {
-            Some(serving) if Arc::as_ptr(serving) as usize == version => serving.files,
+            Some(serving) if serving.serial() == version => serving.files,
             _ => return false,
         };
         if !slot.status().retired.is_empty() {

@@ -166,6 +166,11 @@ impl Deferred {
         }
     }
 
+    /// Whether a caller has claimed its load (it is under way, or over).
+    pub(crate) fn load_claimed(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
     /// Whether this caller is the first to want the load done on a thread
     /// of its own (then it runs [`load_and_wake`](Self::load_and_wake)
     /// there).
