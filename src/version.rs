@@ -550,6 +550,7 @@ impl Version {
     /// Whether this is a version never loaded whose library file is no
     /// longer the one registered (an upgrade replaced it in place): it
     /// could never load.
+    ///
     /// A load under way is left to finish: it may have opened the old file
     /// before it was replaced (and fails with its own cause otherwise).
     pub(crate) fn lost_its_file(&self) -> bool {
