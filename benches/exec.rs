@@ -209,11 +209,7 @@ async fn ours_call(executor: &Executor) {
 }
 
 fn throughput(manager: &PluginManager, name: &str) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     let (_, executor) = manager.get_plugin(name).unwrap();
     let run = Duration::from_secs(3);
     let calls = runtime.block_on(async {

@@ -214,13 +214,7 @@ fn registration_still_refuses_what_it_can_see() {
     // The header is read at registration: a truncated library, a
     // non-plugin and another ABI are refused before any call, each naming
     // the plugin, the file and the cause, and nothing is mapped.
-    let truncated = install_as(
-        base,
-        "hello",
-        "truncated",
-        Some(&manifest("truncated", "hello", "1.0.0", "")),
-    );
-    support::truncate_library(&truncated, "hello");
+    support::install_truncated(base, "truncated");
     let text = install_as(
         base,
         "hello",
@@ -459,21 +453,63 @@ fn a_broken_upgrade_of_a_plugin_never_loaded_is_its_failure() {
     assert_eq!(state(&manager, "hello"), PluginState::Loaded);
 }
 
+/// Holds a `slow` plugin's first load inside its `init` until released:
+/// tests wait on its state, not on a slow `init` outlasting them.
+struct Gate {
+    dir: tempfile::TempDir,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hold"), b"").unwrap();
+        Gate { dir }
+    }
+
+    /// The manifest config of a `slow` whose `init` it holds.
+    fn config(&self) -> String {
+        let path = |name: &str| self.dir.path().join(name).display().to_string();
+        format!(
+            r#""config": {{"init_file": "{}", "init_hold_file": "{}"}}"#,
+            path("entered"),
+            path("hold")
+        )
+    }
+
+    /// Returns once a load is inside `init` (its library read and mapped).
+    fn wait_entered(&self) {
+        let entered = self.dir.path().join("entered");
+        eventually("the load to enter init", || entered.exists());
+    }
+
+    fn release(&self) {
+        std::fs::remove_file(self.dir.path().join("hold")).unwrap();
+    }
+}
+
+/// `slow` at `version` in `base`, with manifest `extra`.
+fn install_slow(base: &Path, version: &str, extra: &str) -> std::path::PathBuf {
+    install_as(
+        base,
+        "slow",
+        "slow",
+        Some(&manifest("slow", "slow", version, extra)),
+    )
+}
+
+/// Starts `slow`'s first load with a call that gives up at once.
+fn start_first_load(manager: &PluginManager) {
+    let (_, executor) = manager.get_plugin("slow").unwrap();
+    let mut quick = Context::new("count").with_timeout(std::time::Duration::from_millis(1));
+    executor.execute(&mut quick).unwrap_err();
+}
+
 #[test]
 fn a_call_with_a_deadline_waits_for_a_first_load_no_longer_than_that() {
     let dir = tempfile::tempdir().unwrap();
-    // `init` sleeps 2 s: the calls below give up long before it ends.
-    install_as(
-        dir.path(),
-        "slow",
-        "slow",
-        Some(&manifest(
-            "slow",
-            "slow",
-            "1.0.0",
-            r#""config": {"init_ms": 2000}"#,
-        )),
-    );
+    // The calls below give up while `init` is held.
+    let gate = Gate::new();
+    install_slow(dir.path(), "1.0.0", &gate.config());
     let manager = deferred_manager(dir.path());
     manager.load_plugins().unwrap();
     let (_, slow) = manager.get_plugin("slow").unwrap();
@@ -493,6 +529,7 @@ fn a_call_with_a_deadline_waits_for_a_first_load_no_longer_than_that() {
     assert_eq!(state(&manager, "slow"), PluginState::Deferred);
 
     // A call without a deadline waits for that same load.
+    gate.release();
     let mut ctx = Context::new("count");
     slow.execute(&mut ctx).unwrap();
     assert_eq!(ctx.get_i64("started"), Some(1), "one library, one load");
@@ -503,33 +540,26 @@ fn a_call_with_a_deadline_waits_for_a_first_load_no_longer_than_that() {
 fn a_version_replaced_while_it_loads_is_not_announced() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
-    let slow = |version: &str| {
-        install_as(
-            base,
-            "slow",
-            "slow",
-            Some(&manifest(
-                "slow",
-                "slow",
-                version,
-                r#""config": {"init_ms": 2000}"#,
-            )),
-        );
-    };
-    slow("1.0.0");
+    let gate = Gate::new();
+    install_slow(base, "1.0.0", &gate.config());
     let manager = deferred_manager(base);
     manager.load_plugins().unwrap();
     let mut events = manager.subscribe();
-    // A first call that gives up at once leaves 1.0.0's load (its 2 s
-    // `init`: time for the reload below to start, however busy the
-    // machine) running.
-    let (_, executor) = manager.get_plugin("slow").unwrap();
-    let mut quick = Context::new("count").with_timeout(std::time::Duration::from_millis(1));
-    executor.execute(&mut quick).unwrap_err();
-    // 2.0.0 takes its place meanwhile (never loaded: registered), and the
-    // reload returns once 1.0.0, drained, is unloaded: its load is over.
-    slow("2.0.0");
-    manager.load_plugin("slow").unwrap();
+    start_first_load(&manager);
+    gate.wait_entered();
+    // 2.0.0 takes its place meanwhile (never loaded: registered). The
+    // reload returns once 1.0.0, drained, is unloaded, so 1.0.0's load is
+    // let go only once 2.0.0 is in service.
+    install_slow(base, "2.0.0", "");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            eventually("2.0.0 in service", || {
+                manager.info("slow").unwrap().version.as_deref() == Some("2.0.0")
+            });
+            gate.release();
+        });
+        manager.load_plugin("slow").unwrap();
+    });
     let mut seen = Vec::new();
     while let Some(event) = events.try_recv().unwrap() {
         seen.push(format!("{event:?}"));
@@ -557,34 +587,22 @@ fn a_version_replaced_while_it_loads_is_not_announced() {
 fn a_broken_upgrade_leaves_a_first_load_under_way_alone() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path();
-    let slow = |version: &str| {
-        install_as(
-            base,
-            "slow",
-            "slow",
-            Some(&manifest(
-                "slow",
-                "slow",
-                version,
-                r#""config": {"init_ms": 2000}"#,
-            )),
-        )
-    };
-    slow("1.0.0");
+    let gate = Gate::new();
+    install_slow(base, "1.0.0", &gate.config());
     let manager = deferred_manager(base);
     manager.load_plugins().unwrap();
-    // 1.0.0's load starts (it opens its file at once, then runs a 2 s
-    // `init`), and a truncated 2.0.0 takes the place of its files.
-    let (_, executor) = manager.get_plugin("slow").unwrap();
-    let mut quick = Context::new("count").with_timeout(std::time::Duration::from_millis(1));
-    executor.execute(&mut quick).unwrap_err();
-    support::truncate_library(&slow("2.0.0"), "slow");
+    // 1.0.0's load has read its file and waits in `init` while a
+    // truncated 2.0.0 takes the place of its files.
+    start_first_load(&manager);
+    gate.wait_entered();
+    support::truncate_library(&install_slow(base, "2.0.0", ""), "slow");
     let error = manager.load_plugin("slow").unwrap_err();
     assert!(
         error.to_string().contains("not a loadable library"),
         "{error}"
     );
     // The load under way had the old file: it ends and serves.
+    gate.release();
     let mut ctx = Context::new("count");
     call(&manager, "slow", &mut ctx).unwrap();
     let info = manager.info("slow").unwrap();
@@ -610,11 +628,7 @@ fn the_http_facade_loads_on_the_first_request_and_reports_a_failed_load() {
     );
     let manager = deferred_manager(base);
     manager.load_plugins().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     runtime.block_on(async {
         let running = dynplug::serve::Server::new(manager.clone())
             .http("127.0.0.1:0".parse().unwrap())

@@ -127,11 +127,7 @@ fn rust_samples_serve_both_protocols_on_tcp_and_unix() {
     let manager = PluginManager::new(dir.path()).unwrap();
     let report = manager.load_plugins().unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = support::runtime();
     for name in &names {
         let (_, executor) = manager.get_plugin(name).unwrap();
         let mut ctx = Context::new("greet").with("name", "Ada");

@@ -231,13 +231,7 @@ fn broken_plugins_fail_with_clear_errors_while_the_rest_load() {
     install(base, "failing-init");
     install(base, "wrong-abi");
     // A truncated library.
-    let truncated = install_as(
-        base,
-        "hello",
-        "truncated",
-        Some(&manifest("truncated", "hello", "1.0.0", "")),
-    );
-    support::truncate_library(&truncated, "hello");
+    support::install_truncated(base, "truncated");
     // A manifest whose library is missing.
     let missing = base.join("missing");
     std::fs::create_dir(&missing).unwrap();

@@ -194,6 +194,28 @@ pub fn truncate_library(dir: &Path, sample: &str) {
     std::fs::write(&lib, &bytes[..16 * 1024]).unwrap();
 }
 
+/// `hello` installed as `name` with its library cut short (see
+/// [`truncate_library`]).
+pub fn install_truncated(base: &Path, name: &str) -> PathBuf {
+    let dir = install_as(
+        base,
+        "hello",
+        name,
+        Some(&manifest(name, "hello", "1.0.0", "")),
+    );
+    truncate_library(&dir, "hello");
+    dir
+}
+
+/// A multi-threaded tokio runtime of two workers with every driver.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Waits until `check` holds, failing after [`PATIENCE`] with `what`.
 pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;

@@ -10,7 +10,9 @@
 //!
 //! Its `init` and `shutdown` can be made slow through the manifest's config:
 //! `init_ms` (sleep that long in `init`, after creating `init_file` if
-//! given) and `shutdown_ms` (sleep that long in `shutdown`).
+//! given), `init_hold_file` (then block while that file exists, for at most
+//! a minute, so a test ends the `init` when it is ready) and `shutdown_ms`
+//! (sleep that long in `shutdown`).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,6 +30,12 @@ fn init(config: &Value) -> Result<(), PluginError> {
     let ms = |key: &str| get(key).and_then(Value::as_i64).unwrap_or(0).max(0);
     SHUTDOWN_MS.store(ms("shutdown_ms"), Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(ms("init_ms") as u64));
+    if let Some(path) = get("init_hold_file").and_then(Value::as_str) {
+        let start = Instant::now();
+        while std::path::Path::new(path).exists() && start.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
     Ok(())
 }
 
