@@ -12,7 +12,7 @@ use super::State;
 use super::metrics::{Latency, Metrics};
 use crate::manifest::Route;
 use crate::route::{Method, Router};
-use crate::{Executor, PluginManager, PluginState, Value};
+use crate::{Executor, PluginManager, Value};
 
 /// The default route of plugins found in a sockets directory or
 /// registered (they have no manifest routes): `POST /plugins/<name>/<method>`,
@@ -59,13 +59,10 @@ impl RouteTable {
             ..RouteTable::default()
         };
         for info in manager.list() {
-            // A plugin whose process restarts keeps its routes: they answer
-            // 503 meanwhile, not 404. So does a plugin whose first load
-            // failed: its version still holds them and answers with the
-            // cause (a plugin that failed with no version is skipped below).
-            if !info.state.in_service() && info.state != PluginState::Failed {
-                continue;
-            }
+            // Whatever its state, a plugin with a version keeps that
+            // version's routes: a restarting process, or a first load that
+            // failed, answers 503 with why, not 404. Without a version
+            // (failed to load, unloaded, draining) it has none.
             let Ok((manifest, executor)) = manager.get_plugin(&info.name) else {
                 continue;
             };
