@@ -520,8 +520,12 @@ impl Version {
 
     /// Whether unloading this version now and loading it again on its next
     /// call gives memory back: a loaded native version whose unload unmaps
-    /// its code (see `Builder::unload_idle_after`).
+    /// its code (see `Builder::unload_idle_after`). Not one built from a
+    /// `remote_git` source: registering it again would fetch and build.
     pub(crate) fn may_idle_out(&self) -> bool {
+        if !matches!(self.manifest.source, Source::LocalSo { .. }) {
+            return false;
+        }
         let native = match &self.backend {
             Backend::Native(native) => native,
             Backend::Deferred(deferred) => match deferred.version() {

@@ -99,6 +99,7 @@ fn built_from_git_cached_rebuilt_on_a_moved_branch_and_failing_clearly() {
     std::fs::write(&lib, source.replace("\"hello,", "\"moved,")).unwrap();
     git(&repo, &["commit", "--quiet", "-am", "moved"]);
     assert_eq!(greeting(&call(&plugins, &cache)), "moved, Ada");
+    idle_unloads_leave_it_loaded(&plugins, &cache);
 
     // A commit that does not compile: the error has the compiler's words.
     std::fs::write(&lib, format!("{source}\nfn broken( {{\n")).unwrap();
@@ -127,6 +128,35 @@ fn built_from_git_cached_rebuilt_on_a_moved_branch_and_failing_clearly() {
     .unwrap()
     .count();
     assert_eq!(builds, 2, "one kept build per commit that compiled");
+}
+
+/// With idle unloads on, a plugin built from git stays loaded (registering
+/// it again would fetch, and maybe build): `counter` beside it is unloaded
+/// three times meanwhile. Its build is in `cache`, so no cargo runs here.
+fn idle_unloads_leave_it_loaded(plugins: &Path, cache: &Path) {
+    use dynplug::{Context, PluginState};
+    support::install(plugins, "counter");
+    let manager = dynplug::PluginManager::builder(plugins)
+        .build_cache(cache)
+        .unload_idle_after(std::time::Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let report = manager.load_plugins().unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let mut ctx = Context::new("fromsource.hello").with("name", "Ada");
+    support::call(&manager, "built", &mut ctx).unwrap();
+    assert_eq!(ctx.get_str("greeting"), Some("moved, Ada"));
+    for _ in 0..3 {
+        let unloads = manager.info("counter").unwrap().unloads;
+        support::call(&manager, "counter", &mut Context::new("counter.incr")).unwrap();
+        support::eventually("counter to be unloaded when idle", || {
+            manager.info("counter").unwrap().unloads > unloads
+        });
+    }
+    let built = manager.info("built").unwrap();
+    assert_eq!((built.state, built.unloads), (PluginState::Loaded, 0));
+    drop(manager);
+    std::fs::remove_dir_all(plugins.join("counter")).unwrap();
 }
 
 /// A build that takes too long is killed at the build timeout, and it
