@@ -29,12 +29,14 @@ use super::{Inner, PluginManager};
 use crate::slot::Slot;
 
 /// What the reaper last saw of a plugin: which version served, its
-/// finished calls, and since when.
+/// finished calls, whether it was a replacement whose load failed, and
+/// since when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
     /// `Version::serial` (0: none).
     version: u64,
     finished: u64,
+    failed: bool,
     since: Instant,
 }
 
@@ -77,12 +79,15 @@ impl PluginManager {
             let now_seen = Seen {
                 version: current.as_ref().map_or(0, |v| v.serial()),
                 finished: calls.calls - calls.in_flight,
+                failed,
                 since: now,
             };
             let entry = seen.entry(slot.name.clone()).or_insert(now_seen);
-            // Another version, or calls since the last look: not idle
-            // (a fresh upgrade gets its own idle time).
+            // Another version, a load that failed since the last look, or
+            // calls since then: not idle (a fresh upgrade gets its own idle
+            // time, a failure its own wait).
             if entry.version != now_seen.version
+                || entry.failed != failed
                 || !failed && (entry.finished != now_seen.finished || calls.in_flight > 0)
             {
                 *entry = now_seen;

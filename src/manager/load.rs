@@ -262,6 +262,15 @@ impl PluginManager {
             &self.inner.options,
             defer,
         )?;
+        // Registered again after an idle unload, it serves as proven: what
+        // it registered must be the files it was loaded from, not ones
+        // that replaced them while it read them.
+        if after_idle.is_some() && origin.fingerprint() != fingerprint {
+            return Err(Error::Unavailable {
+                plugin: slot.name.clone(),
+                reason: "its files changed while they were registered again".into(),
+            });
+        }
         version.files = Some(fingerprint);
         // A native version runs from its own image: the package's unpacked
         // copy goes now. An exec version keeps it (its working directory).

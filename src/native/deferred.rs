@@ -189,10 +189,17 @@ impl Deferred {
     /// The claimed load cannot run (no thread for it): that is its outcome.
     pub(crate) fn cannot_load(&self, why: &std::io::Error) {
         let _wake = Wake(self);
-        let _ = self.loaded.set(Err(format!(
-            "{}: no thread to load it on: {why}",
-            self.manifest.name
-        )));
+        let error = format!(
+            "{}: no thread to load {} on: {why}",
+            self.manifest.name,
+            self.artifact()
+        );
+        // Announced as a failed load would be (the caller gets it too).
+        if self.loaded.set(Err(error.clone())).is_ok() {
+            let version = self.manifest.version.to_string();
+            let which = std::ptr::from_ref(self) as usize;
+            (self.options.first_load.0)(&self.manifest.name, &version, Some(&error), which);
+        }
     }
 
     /// Blocks until the load a caller claimed has ended (`true`) or
@@ -237,8 +244,9 @@ impl Deferred {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.try_load())).unwrap_or_else(
             |panic| {
                 let error = format!(
-                    "{}: loading panicked: {}",
+                    "{}: loading {} panicked: {}",
                     self.manifest.name,
+                    self.artifact(),
                     panic_text(&*panic)
                 );
                 tracing::warn!(plugin = %self.manifest.name, "{error}");

@@ -37,17 +37,21 @@ pub(super) fn open_checked(
         path: path.clone(),
         source,
     };
-    if let Some(registered) = registered
-        && FileId::of_file(&file).map_err(|e| io("reading", e))? != *registered
-    {
-        return Err(io(
-            "loading",
-            std::io::Error::other(
-                "changed since the plugin was registered; reload the plugin (the \
-                 watcher does) to load the new file",
-            ),
-        ));
-    }
+    // Checked before the copy and again after it: a file rewritten in
+    // place meanwhile is not the one registered.
+    let still_registered = |file: &std::fs::File| match registered {
+        Some(registered) if FileId::of_file(file).map_err(|e| io("reading", e))? != *registered => {
+            Err(io(
+                "loading",
+                std::io::Error::other(
+                    "changed since the plugin was registered; reload the plugin (the \
+                     watcher does) to load the new file",
+                ),
+            ))
+        }
+        _ => Ok(()),
+    };
+    still_registered(&file)?;
     // On Linux the kernel copies the file into a memfd, which is sealed and
     // then checked through a read-only mapping: the bytes checked are the
     // pages `dlopen` maps, and they never pass through this process (a
@@ -57,6 +61,7 @@ pub(super) fn open_checked(
         Ok(mut memfd) => {
             crate::untrusted::copy_open(&file, &mut memfd, options.max_library_size)
                 .map_err(|e| io("reading", e))?;
+            still_registered(&file)?;
             drop(file);
             let image = Image::sealed(memfd).map_err(|e| io("preparing an image of", e))?;
             let bytes = image.map().map_err(|e| io("preparing an image of", e))?;
@@ -73,6 +78,7 @@ pub(super) fn open_checked(
     // exactly them, so what is checked is what is loaded.
     let bytes = crate::untrusted::read_open(&file, options.max_library_size)
         .map_err(|e| io("reading", e))?;
+    still_registered(&file)?;
     drop(file);
     let checked = check_bytes(manifest, &path, &bytes, check)?;
     open_bytes(manifest, &path, &real_dir, options, bytes, &checked)
