@@ -964,3 +964,79 @@ async fn tls_and_client_certificates_name_clients() {
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     running.shutdown().await;
 }
+
+/// A connection that never says anything, a body declared and never sent,
+/// and a gRPC message declared and never sent are each cut off in bounded
+/// time, freeing their slots. (Before: the silent connection lasted the
+/// idle time, the stalled bodies forever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_and_stalled_bodies_are_cut_off() {
+    let (_dir, manager) = plugins();
+    let running = Server::new(manager)
+        .http(loopback())
+        .grpc(loopback())
+        .max_connections(3)
+        .header_read_timeout(Duration::from_millis(300))
+        .body_timeout(Duration::from_millis(300))
+        .idle_timeout(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    let addr = tcp(running.http_endpoints());
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    assert!(closed_by_server(&mut silent).await < Duration::from_secs(5));
+
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(
+            b"GET /api/hello/x HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100\r\n\r\nonly this",
+        )
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), stalled.read_exact(&mut head))
+        .await
+        .expect("answered before 10 s")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 408");
+
+    // gRPC: a 4 MiB message declared (its 5-byte prefix), nothing after.
+    let grpc = tcp(running.grpc_endpoints());
+    let stream = TcpStream::connect(grpc).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    let exec = axum::http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/dynplug.v1.Plugins/Exec")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(exec, false).unwrap();
+    send.send_data(axum::body::Bytes::from_static(&[0, 0, 0x40, 0, 0]), false)
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered before 10 s")
+        .unwrap();
+    let status = match response.headers().get("grpc-status") {
+        Some(status) => status.clone(),
+        None => {
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+            let trailers = tokio::time::timeout(Duration::from_secs(10), body.trailers())
+                .await
+                .expect("trailers before 10 s")
+                .unwrap()
+                .expect("trailers");
+            trailers["grpc-status"].clone()
+        }
+    };
+    assert_ne!(status, "0", "the call cannot have succeeded");
+
+    // Every slot is free again.
+    let reply = request(addr, "GET", "/api/hello/after", &[]).await;
+    assert_eq!(reply.status, 200);
+    running.shutdown().await;
+}

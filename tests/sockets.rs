@@ -222,6 +222,10 @@ async fn found_plugins_are_called_over_http_and_grpc_vanish_and_come_back() {
     assert_eq!(reply.status, 404, "-32601 is HTTP 404");
     let reply = host.post("/plugins/group/Echo", "[1]").await;
     assert_eq!(reply.status, 400, "params are an object");
+    // Parsed JSON is many times its size: over 1 MiB is refused unread.
+    let big = format!(r#"{{"a": [{}0]}}"#, "0,".repeat(600_000));
+    let reply = host.post("/plugins/group/Echo", &big).await;
+    assert_eq!(reply.status, 413, "{:?}", reply.json());
     // Docker style: `{"Err": ...}` is the plugin's error.
     let reply = host
         .post("/plugins/volumes/VolumeDriver.Create", r#"{"Name":"v1"}"#)

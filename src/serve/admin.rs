@@ -22,10 +22,7 @@ pub(crate) fn router() -> Router<State> {
         .route("/plugins", get(list))
         .route("/plugins/{name}", get(one).delete(unload))
         .route("/plugins/{name}/reload", post(reload))
-        .route(
-            "/packages",
-            post(upload).layer(axum::extract::DefaultBodyLimit::max(UPLOAD_LIMIT)),
-        )
+        .route("/packages", post(upload))
         .route("/events", get(events))
 }
 
@@ -157,7 +154,7 @@ const UPLOAD_LIMIT: usize = 256 * 1024 * 1024;
 /// Installs the `.plg` in the body into the plugins directory (checked,
 /// written atomically) and loads it. Uploading code is running code: only
 /// when the management API is guarded by a token or clients.
-async fn upload(Extract(state): Extract<State>, body: axum::body::Bytes) -> Response {
+async fn upload(Extract(state): Extract<State>, body: axum::body::Body) -> Response {
     if !state.management_guarded() {
         return Error::Forbidden {
             plugin: String::new(),
@@ -165,6 +162,14 @@ async fn upload(Extract(state): Extract<State>, body: axum::body::Bytes) -> Resp
         }
         .into_response();
     }
+    // Read once allowed: a refused upload buffers nothing.
+    let body = match axum::body::to_bytes(body, UPLOAD_LIMIT).await {
+        Ok(body) => body,
+        Err(e) => {
+            let message = format!("reading the package: {e}");
+            return super::reply::error_json(super::reply::body_error_status(&e), &message, None);
+        }
+    };
     let manager = state.manager.clone();
     let installed = tokio::task::spawn_blocking(move || {
         let installed = crate::package::install(

@@ -31,6 +31,8 @@ pub(crate) struct Limits {
     pub(crate) max_connections: Option<usize>,
     pub(crate) header_read_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    pub(crate) body_timeout: Duration,
+    pub(crate) write_timeout: Duration,
     pub(crate) max_header_bytes: usize,
     pub(crate) max_headers: usize,
     pub(crate) max_concurrent_streams: u32,
@@ -45,6 +47,8 @@ impl Default for Limits {
             max_connections: None,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             max_concurrent_streams: 100,
@@ -61,6 +65,8 @@ pub(crate) struct Settings {
     tls: Option<TlsAcceptor>,
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    body_timeout: Duration,
+    write_timeout: Duration,
 }
 
 impl Settings {
@@ -95,6 +101,8 @@ impl Settings {
             tls,
             handshake_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
+            body_timeout: limits.body_timeout,
+            write_timeout: limits.write_timeout,
         }
     }
 }
@@ -121,10 +129,49 @@ fn reads_peer(path: &str) -> bool {
     crate::manifest::is_reserved_path(path) || path.starts_with("/plugins.PluginRegistry/")
 }
 
-/// The connection's bytes, holding its slot of the connection cap until dropped.
+/// The connection's bytes, holding its slot of the connection cap until
+/// dropped. A write that cannot go on for `write_timeout` (a client that
+/// stopped reading) fails, which ends the connection.
 struct Conn {
     io: Io,
     _slot: OwnedSemaphorePermit,
+    write_timeout: Duration,
+    /// Armed while a write waits; cleared by any progress.
+    stalled_since: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Conn {
+    fn new(io: Io, slot: OwnedSemaphorePermit, write_timeout: Duration) -> Conn {
+        Conn {
+            io,
+            _slot: slot,
+            write_timeout,
+            stalled_since: None,
+        }
+    }
+
+    /// `poll` is a write's (or flush's) answer: pending for too long is an error.
+    fn bound_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled_since = None;
+            return poll;
+        }
+        let timeout = self.write_timeout;
+        let timer = self
+            .stalled_since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing of the response for the write timeout",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 enum Io {
@@ -135,7 +182,7 @@ enum Io {
 
 macro_rules! delegate {
     ($self:ident, $io:ident => $call:expr) => {
-        match &mut $self.get_mut().io {
+        match &mut $self.io {
             Io::Tcp($io) => {
                 let $io = Pin::new($io);
                 $call
@@ -158,7 +205,8 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        delegate!(self, io => io.poll_read(cx, buf))
+        let this = self.get_mut();
+        delegate!(this, io => io.poll_read(cx, buf))
     }
 }
 
@@ -168,7 +216,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        delegate!(self, io => io.poll_write(cx, buf))
+        let this = self.get_mut();
+        let poll = delegate!(this, io => io.poll_write(cx, buf));
+        this.bound_write(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -176,7 +226,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        delegate!(self, io => io.poll_write_vectored(cx, bufs))
+        let this = self.get_mut();
+        let poll = delegate!(this, io => io.poll_write_vectored(cx, bufs));
+        this.bound_write(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -188,11 +240,15 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => io.poll_flush(cx))
+        let this = self.get_mut();
+        let poll = delegate!(this, io => io.poll_flush(cx));
+        this.bound_write(cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, io => io.poll_shutdown(cx))
+        let this = self.get_mut();
+        let poll = delegate!(this, io => io.poll_shutdown(cx));
+        this.bound_write(cx, poll)
     }
 }
 
@@ -226,14 +282,19 @@ impl Drop for InFlight {
 /// Resolves once a whole `timeout` passed with no request in flight and
 /// none starting or ending: the connection is then closed after between one
 /// and two `timeout`s of idleness. Two relaxed stores per request, no wake-up.
-async fn idle(activity: &Activity, timeout: Duration) {
+/// The first period is `first` (if shorter): a connection that starts no
+/// request that soon (one that says nothing, or never finishes its first
+/// head or its HTTP/2 preface) is closed then.
+async fn idle(activity: &Activity, first: Duration, timeout: Duration) {
+    let mut period = first.min(timeout);
     loop {
-        tokio::time::sleep(timeout).await;
+        tokio::time::sleep(period).await;
         if !activity.touched.swap(false, Ordering::Relaxed)
             && activity.in_flight.load(Ordering::Relaxed) == 0
         {
             return;
         }
+        period = timeout;
     }
 }
 
@@ -244,6 +305,7 @@ struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
     peer: Option<Peer>,
+    body_timeout: Duration,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
@@ -271,7 +333,9 @@ where
         }
         // Both façades are always ready (an axum router, and `HttpService`):
         // `call` without `poll_ready` is within their contract.
-        let future = self.inner.clone().call(request.map(axum::body::Body::new));
+        let body_timeout = self.body_timeout;
+        let request = request.map(|body| axum::body::Body::new(Timed::new(body, body_timeout)));
+        let future = self.inner.clone().call(request);
         TrackedFuture {
             inner: future,
             guard: Some(guard),
@@ -300,6 +364,76 @@ where
             unreachable!("polled after completion")
         };
         Poll::Ready(response.map(|r| r.map(|inner| Counted { inner, guard })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that must have arrived whole `timeout` after it was
+    /// first waited for: a client that declares a body and sends it slowly,
+    /// or not at all, cannot hold its request (and its connection) open.
+    /// No timer for a body that is there when it is read.
+    struct Timed<B> {
+        #[pin]
+        inner: B,
+        timeout: Duration,
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<B> Timed<B> {
+    fn new(inner: B, timeout: Duration) -> Timed<B> {
+        Timed {
+            inner,
+            timeout,
+            deadline: None,
+        }
+    }
+}
+
+/// What a [`Timed`] body that ran out of time fails with.
+#[derive(Debug)]
+pub(crate) struct BodyTimedOut(Duration);
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request body did not arrive within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+impl<B> http_body::Body for Timed<B>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, Self::Error>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let timeout = *this.timeout;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -369,6 +503,7 @@ pub(crate) fn spawn<S, B>(
             inner: service,
             activity: Arc::clone(&activity),
             peer,
+            body_timeout: settings.body_timeout,
         };
         let mut connection = pin!(
             settings
@@ -390,7 +525,7 @@ pub(crate) fn spawn<S, B>(
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                () = idle(&activity, settings.idle_timeout), if !closing => {
+                () = idle(&activity, settings.handshake_timeout, settings.idle_timeout), if !closing => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
@@ -446,5 +581,50 @@ async fn handshake(
             (Io::Tls(Box::new(tls)), peer)
         }
     };
-    Some((Conn { io, _slot: slot }, peer))
+    Some((Conn::new(io, slot, settings.write_timeout), peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_write_the_client_never_reads_fails_at_the_write_timeout() {
+        let (server, _client) = UnixStream::pair().unwrap();
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let mut conn = Conn::new(Io::Unix(server), slot, Duration::from_millis(100));
+        // Far more than the socket buffers hold, and nobody reads.
+        let response = vec![0u8; 64 << 20];
+        let written = tokio::time::timeout(Duration::from_secs(10), conn.write_all(&response))
+            .await
+            .expect("the write timeout ended the write");
+        assert_eq!(written.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn writes_that_progress_are_not_cut_off() {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let mut conn = Conn::new(Io::Unix(server), slot, Duration::from_millis(100));
+        let reader = tokio::spawn(async move {
+            let mut read = 0;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match client.read(&mut buf).await.unwrap() {
+                    0 => return read,
+                    n => read += n,
+                }
+            }
+        });
+        conn.write_all(&vec![1u8; 8 << 20]).await.unwrap();
+        drop(conn);
+        assert_eq!(reader.await.unwrap(), 8 << 20);
+    }
 }

@@ -46,14 +46,16 @@ pub(crate) fn executor(state: &State, plugin: &str) -> Result<Executor, Status> 
     Ok(state.manager.get_plugin(plugin)?.1)
 }
 
-/// The call's deadline: the request's, the client's `grpc-timeout`, or the server's.
+/// The call's deadline: the request's, the client's `grpc-timeout`, or the
+/// server's, whichever is shortest: a client may shorten the server's
+/// timeout, never lengthen it (nor lift it).
 pub(crate) fn timeout(state: &State, metadata: &MetadataMap, timeout_ms: u64) -> Duration {
     let asked = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
     let header = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
-    [asked, header]
+    [asked, header, Some(state.timeout)]
         .into_iter()
         .flatten()
         .min()

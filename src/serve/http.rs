@@ -270,7 +270,7 @@ async fn facade(state: State, request: Request) -> Response {
         Err(e) => {
             let message = format!("reading the request body: {e}");
             return error_json(
-                StatusCode::PAYLOAD_TOO_LARGE,
+                super::reply::body_error_status(&e),
                 &message,
                 Some(&target.plugin),
             );
@@ -326,6 +326,15 @@ async fn default_route(
         },
         _ => String::new(),
     };
+    // Parsed JSON takes many times its size: the same limit as the `json` value.
+    if body.len() > JSON_LIMIT {
+        let message = format!("the body is over {JSON_LIMIT} bytes of JSON");
+        return error_json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &message,
+            Some(&target.plugin),
+        );
+    }
     let values = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::Map::new()
     } else {

@@ -84,3 +84,19 @@ impl IntoResponse for Error {
         response
     }
 }
+
+/// Why a request body could not be read, as a status: too slow (408),
+/// broken off (400), or else too large (413: the only error of the limit).
+pub(crate) fn body_error_status(error: &axum::Error) -> StatusCode {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.is::<super::conn::BodyTimedOut>() {
+            return StatusCode::REQUEST_TIMEOUT;
+        }
+        if e.is::<hyper::Error>() {
+            return StatusCode::BAD_REQUEST;
+        }
+        cause = e.source();
+    }
+    StatusCode::PAYLOAD_TOO_LARGE
+}

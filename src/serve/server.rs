@@ -205,10 +205,30 @@ impl Server {
 
     /// How long a client may take to send a request's headers (default
     /// 10 s), and a TLS handshake. An HTTP/1.1 connection waiting for its
-    /// next request is closed after this long too.
+    /// next request is closed after this long too, and so is a connection
+    /// that starts no request that soon after it opened (or after its TLS
+    /// handshake).
     #[must_use]
     pub fn header_read_timeout(mut self, timeout: Duration) -> Server {
         self.limits.header_read_timeout = timeout;
+        self
+    }
+
+    /// How long a request's body may take to arrive whole, counted from
+    /// when its handler first waits for it (default 60 s): a client that
+    /// declares a body and sends it slowly or not at all gets 408 (a gRPC
+    /// call, an error status) instead of holding its connection.
+    #[must_use]
+    pub fn body_timeout(mut self, timeout: Duration) -> Server {
+        self.limits.body_timeout = timeout;
+        self
+    }
+
+    /// How long a response write may wait for the client to read (default
+    /// 30 s): a client that stops reading loses its connection then.
+    #[must_use]
+    pub fn write_timeout(mut self, timeout: Duration) -> Server {
+        self.limits.write_timeout = timeout;
         self
     }
 
