@@ -296,8 +296,8 @@ impl Library {
     /// the library, and asks the loader whether it still has it. Nothing of
     /// it may be referenced afterwards, which `self` by value and the
     /// absence of plugin-made data in the host ensure.
-    pub(crate) fn close(mut self, keys: Vec<interpose::Key>) -> Closed {
-        for key in keys {
+    pub(crate) fn close(mut self, keys: super::pins::Keys) -> Closed {
+        for key in keys.own {
             interpose::delete_key(key);
         }
         let error = self
@@ -306,6 +306,11 @@ impl Library {
             .map_or(Ok(()), libloading::Library::close)
             .err()
             .map(|e| e.to_string());
+        for (key, dtor) in keys.foreign {
+            if !interpose::is_mapped(dtor.addr()) {
+                interpose::delete_key(key);
+            }
+        }
         let lookup = loaded::Lookup {
             name: &self.name,
             anchor: self.anchor,

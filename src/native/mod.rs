@@ -409,7 +409,7 @@ impl Closing {
     /// dynplug's), returning `Ending::Pinned` with the threads by name.
     fn close(self, late: impl FnOnce(Ending) + Send + 'static) -> Ending {
         let Some(lib) = self.library.lib() else {
-            return self.finish(Vec::new());
+            return self.finish(pins::Keys::default());
         };
         match pins::retire(lib, self, move |closing, keys| late(closing.finish(keys))) {
             Retired::Free(closing, keys) => closing.finish(keys),
@@ -441,7 +441,7 @@ impl Closing {
     }
 
     /// Deletes `keys`, `dlclose`s, and asks the loader whether it is gone.
-    fn finish(self, keys: Vec<ffi::interpose::Key>) -> Ending {
+    fn finish(self, keys: pins::Keys) -> Ending {
         let tracked = self.library.lib().is_some();
         let closed = self.library.close(keys);
         if let Some(image) = self.image {

@@ -41,7 +41,20 @@ pub(crate) struct LibId(u64);
 
 /// Runs once nothing of a retired library is held any more, with the keys
 /// it created (still to delete).
-type Finish = Box<dyn FnOnce(Vec<Key>) + Send>;
+type Finish = Box<dyn FnOnce(Keys) + Send>;
+
+/// The pthread keys a library's code created, as it is closed.
+#[derive(Default)]
+pub(crate) struct Keys {
+    /// With their destructor in the library (or none): deleted before
+    /// `dlclose`, so no thread exit calls into the unmapped code.
+    pub(crate) own: Vec<Key>,
+    /// With their destructor in another library, created while this one's
+    /// code ran (a shared library it calls): deleted after `dlclose` only
+    /// if that destructor's code went with it; a library still loaded
+    /// keeps its key (deleting it would pull it from under its owner).
+    pub(crate) foreign: Vec<(Key, KeyDtor)>,
+}
 
 struct Lib {
     /// Where it is mapped (start, end).
@@ -94,7 +107,7 @@ impl Registry {
     }
 
     /// Retired libraries nothing holds any more, taken out with their keys.
-    fn released(&mut self) -> Vec<(Finish, Vec<Key>)> {
+    fn released(&mut self) -> Vec<(Finish, Keys)> {
         let free: Vec<LibId> = self
             .libs
             .iter()
@@ -110,15 +123,22 @@ impl Registry {
     }
 
     /// Removes a library that nothing holds; returns its keys.
-    fn forget(&mut self, lib: LibId) -> Vec<Key> {
+    fn forget(&mut self, lib: LibId) -> Keys {
         let Some(entry) = self.libs.remove(&lib) else {
-            return Vec::new();
+            return Keys::default();
         };
         self.spans.remove(&entry.span.0);
-        let keys: Vec<Key> = entry.keys.iter().map(|&(key, _)| key).collect();
-        for key in &keys {
-            self.keys.remove(key);
-            key_bit(*key, false);
+        let (start, end) = entry.span;
+        let mut keys = Keys::default();
+        for (key, dtor) in entry.keys {
+            self.keys.remove(&key);
+            key_bit(key, false);
+            match dtor {
+                Some(dtor) if !(start..end).contains(&dtor.addr()) => {
+                    keys.foreign.push((key, dtor));
+                }
+                _ => keys.own.push(key),
+            }
         }
         keys
     }
@@ -190,7 +210,9 @@ impl Drop for Held {
             *released.entry(lib).or_default() += 1;
         }
         for (lib, key, dtor) in self.values.drain(..) {
-            interpose::release_value(key, dtor);
+            if still_owns(lib, key) {
+                interpose::release_value(key, dtor);
+            }
             *released.entry(lib).or_default() += 1;
         }
         settle(tid, released);
@@ -319,10 +341,19 @@ fn release_retired() {
     if retired.is_empty() {
         return;
     }
-    // Run them with no borrow held: a destructor may register another.
+    // Run them with no borrow held: a destructor may register another, or
+    // set its value again. As glibc stops after four rounds, so does this:
+    // what is still there after that stays held (until the thread exits).
+    let mut budget = HELD
+        .try_with(|held| {
+            let held = held.borrow();
+            4 * (held.dtors.len() + held.values.len())
+        })
+        .unwrap_or(0);
     let mut released: BTreeMap<LibId, usize> = BTreeMap::new();
     let mut tid = 0;
-    loop {
+    while budget > 0 {
+        budget -= 1;
         let next = HELD.try_with(|held| {
             let mut held = held.borrow_mut();
             tid = held.tid();
@@ -346,13 +377,22 @@ fn release_retired() {
                 *released.entry(lib).or_default() += 1;
             }
             Ok(Some(Err((lib, key, dtor)))) => {
-                interpose::release_value(key, dtor);
+                if still_owns(lib, key) {
+                    interpose::release_value(key, dtor);
+                }
                 *released.entry(lib).or_default() += 1;
             }
             _ => break,
         }
     }
     settle(tid, released);
+}
+
+/// Whether `key` is still the one `lib`'s code created: a key it deleted
+/// (and glibc may have handed to someone else since) is not released with
+/// its old destructor.
+fn still_owns(lib: LibId, key: Key) -> bool {
+    registry().keys.get(&key) == Some(&lib)
 }
 
 /// Records `count` more holdings of `lib` by this thread.
@@ -401,10 +441,18 @@ pub(crate) fn key_created(key: Key, dtor: Option<KeyDtor>) {
     }
     let running = RUNNING.get();
     let mut registry = registry();
-    let owner = dtor
-        .and_then(|d| registry.owner_of(d.addr()))
-        .or_else(|| (running != 0).then_some(LibId(running)))
-        .filter(|lib| registry.libs.contains_key(lib));
+    let owner = match dtor.map(|d| registry.owner_of(d.addr())) {
+        // Its destructor is a plugin's code: that plugin's key.
+        Some(Some(lib)) => Some(lib),
+        // Another library's destructor, set up while plugin code ran (a
+        // shared library it calls): the values pin that plugin, and its
+        // close deletes the key only if the destructor went with it.
+        Some(None) => (running != 0).then_some(LibId(running)),
+        // No destructor: no thread exit ever calls into anything, and the
+        // key may be any library's: not ours to delete.
+        None => None,
+    }
+    .filter(|lib| registry.libs.contains_key(lib));
     let Some(lib) = owner else { return };
     if let Some(entry) = registry.libs.get_mut(&lib) {
         entry.keys.push((key, dtor));
@@ -473,7 +521,7 @@ pub(crate) struct Holder {
 /// What `retire` found.
 pub(crate) enum Retired<T> {
     /// Nothing holds the library: close it now, after deleting these keys.
-    Free(T, Vec<Key>),
+    Free(T, Keys),
     /// These threads hold it: `finish` runs (on a thread of dynplug's) once
     /// they let go.
     Pinned(Vec<Holder>),
@@ -485,12 +533,12 @@ pub(crate) enum Retired<T> {
 pub(crate) fn retire<T: Send + 'static>(
     lib: LibId,
     held: T,
-    finish: impl FnOnce(T, Vec<Key>) + Send + 'static,
+    finish: impl FnOnce(T, Keys) + Send + 'static,
 ) -> Retired<T> {
     let holders: Vec<(i32, usize)> = {
         let mut registry = registry();
         let Some(entry) = registry.libs.get_mut(&lib) else {
-            return Retired::Free(held, Vec::new());
+            return Retired::Free(held, Keys::default());
         };
         entry.retired = true;
         if entry.holders.is_empty() {
@@ -622,6 +670,36 @@ mod tests {
         assert_eq!(registry.owner_of(0xfff), None);
         registry.forget(LibId(1));
         assert_eq!(registry.owner_of(0x1800), None);
+    }
+
+    // Different bodies: identical ones could be folded into one address.
+    extern "C" fn inside(_: *mut std::ffi::c_void) {
+        std::hint::black_box(1);
+    }
+    extern "C" fn elsewhere(_: *mut std::ffi::c_void) {
+        std::hint::black_box(2);
+    }
+
+    #[test]
+    fn keys_with_a_destructor_elsewhere_are_told_apart_at_close() {
+        let mut registry = Registry::new();
+        let inside = KeyDtor::new(inside);
+        let elsewhere = KeyDtor::new(elsewhere);
+        let span = (inside.addr(), inside.addr() + 1);
+        let mut entry = lib(span);
+        entry.keys = vec![(7, Some(inside)), (8, Some(elsewhere)), (9, None)];
+        registry.spans.insert(span.0, (span.1, LibId(1)));
+        registry.libs.insert(LibId(1), entry);
+        for key in [7, 8, 9] {
+            registry.keys.insert(key, LibId(1));
+        }
+        let keys = registry.forget(LibId(1));
+        assert_eq!(keys.own, [7, 9]);
+        assert_eq!(
+            keys.foreign.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            [8]
+        );
+        assert!(registry.keys.is_empty());
     }
 
     #[test]

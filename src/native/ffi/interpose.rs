@@ -55,6 +55,11 @@ impl ThreadDtor {
 pub(crate) struct KeyDtor(DtorFn);
 
 impl KeyDtor {
+    #[cfg(test)]
+    pub(crate) fn new(dtor: DtorFn) -> KeyDtor {
+        KeyDtor(dtor)
+    }
+
     /// Where its code is, to tell whose it is.
     pub(crate) fn addr(self) -> usize {
         self.0 as *const () as usize
@@ -193,6 +198,14 @@ pub(crate) fn delete_key(key: Key) {
     // SAFETY: `pins` hands out only keys created by plugin code of a
     // library being closed, which no thread holds a value of.
     unsafe { libc::pthread_key_delete(key) };
+}
+
+/// Whether `addr` is inside a library the loader has mapped.
+pub(crate) fn is_mapped(addr: usize) -> bool {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: `dladdr` only reads the loader's tables for the address
+    // (mapped or not) and writes the struct it is given.
+    unsafe { libc::dladdr(addr as *const std::ffi::c_void, info.as_mut_ptr()) != 0 }
 }
 
 /// The calling thread's kernel id.
