@@ -218,6 +218,11 @@ pub(crate) struct Status {
     /// What the watcher last tried to load, so an unchanged directory is not
     /// loaded (or reported) again.
     pub(crate) attempted: Option<u64>,
+    /// Versions being unloaded by `retire` now, until their ending is recorded.
+    pub(crate) ending: Vec<String>,
+    /// Versions whose late ending (the reaper's) came before their pinned
+    /// report was recorded: recorded, and announced, right after it.
+    pub(crate) ended_early: Vec<(String, crate::version::Ending)>,
 }
 
 pub(crate) struct Slot {
@@ -305,6 +310,8 @@ impl Slot {
                 unloads: 0,
                 retired: Vec::new(),
                 attempted: None,
+                ending: Vec::new(),
+                ended_early: Vec::new(),
             }),
             ops: Mutex::new(()),
             announce: Mutex::new(()),

@@ -135,6 +135,7 @@ impl PluginManager {
             unreachable!("strong count was 1 and no new clone can appear after the swap");
         };
         let artifact = old.artifact();
+        slot.status().ending.push(version.clone());
         let event = match old.unload() {
             Ending::Unloaded => Event::Unloaded { plugin, version },
             Ending::Retained => Event::Retained { plugin, version },
@@ -161,12 +162,22 @@ impl PluginManager {
         let serving = slot.current.load().is_some();
         let event = {
             let mut status = slot.status();
-            if let Some(at) = status
+            let pinned = status
                 .retired
                 .iter()
-                .position(|r| r.version == version && r.state == PluginState::Pinned)
-            {
-                status.retired.remove(at);
+                .position(|r| r.version == version && r.state == PluginState::Pinned);
+            match pinned {
+                Some(at) => {
+                    status.retired.remove(at);
+                }
+                // The reaper was quicker than `retire`'s `ended`: that
+                // records this right after the pinned report, so the events
+                // come in order.
+                None if status.ending.iter().any(|v| v == version) => {
+                    status.ended_early.push((version.to_owned(), ending));
+                    return;
+                }
+                None => {}
             }
             let (plugin, version) = (plugin.to_owned(), version.to_owned());
             let (state, error, event) = match ending {
@@ -218,6 +229,7 @@ impl PluginManager {
             Event::Pinned { reason, .. } => tracing::info!(plugin = %slot.name, "pinned: {reason}"),
             _ => tracing::info!(plugin = %slot.name, "{}", state.as_str()),
         }
+        let mut early = None;
         {
             let mut status = slot.status();
             match &event {
@@ -233,12 +245,28 @@ impl PluginManager {
                 }
                 _ => {}
             }
+            if let Event::Unloaded { version, .. }
+            | Event::Retained { version, .. }
+            | Event::Leaked { version, .. }
+            | Event::Pinned { version, .. } = &event
+                && let Some(at) = status.ending.iter().position(|v| v == version)
+            {
+                status.ending.remove(at);
+            }
+            if let Event::Pinned { version, .. } = &event
+                && let Some(at) = status.ended_early.iter().position(|(v, _)| v == version)
+            {
+                early = Some(status.ended_early.remove(at));
+            }
             if !serving {
                 status.state = state;
                 status.error = error;
             }
         }
         self.emit(event);
+        if let Some((version, ending)) = early {
+            self.ended_late(&slot.name, &version, ending);
+        }
         state
     }
 }
