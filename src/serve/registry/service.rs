@@ -24,6 +24,9 @@ use crate::{Event, EventsError};
 struct Registered {
     endpoint: PathBuf,
     capabilities: Vec<&'static str>,
+    /// Who registered it: only that user may unregister or replace it (the
+    /// management API can still unload it).
+    uid: u32,
 }
 
 pub(crate) struct Service {
@@ -247,6 +250,19 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
                 .is_some_and(|i| i.state.in_service())
         };
         if let Some(known) = table.get(&name)
+            && known.uid != uid
+        {
+            // Another user's name stays theirs until it is unregistered
+            // (by them, or by the probes once its endpoint stops answering).
+            return Err(Refusal::Taken.status(
+                &self.stats,
+                format!(
+                    "{name}: registered by uid {}, not by the caller (uid {uid})",
+                    known.uid
+                ),
+            ));
+        }
+        if let Some(known) = table.get(&name)
             && known.endpoint == endpoint
             && known.capabilities == capabilities
             && serving()
@@ -301,6 +317,7 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
         let registered = Registered {
             endpoint: endpoint.clone(),
             capabilities: capabilities.clone(),
+            uid,
         };
         if table.insert(name.clone(), registered).is_none() {
             self.stats.registered.fetch_add(1, Ordering::Relaxed);
@@ -311,7 +328,7 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
     }
 
     async fn unregister(&self, request: Request<PluginInfo>) -> Result<Response<()>, Status> {
-        self.check_caller(request.extensions().get::<Peer>())?;
+        let uid = self.check_caller(request.extensions().get::<Peer>())?;
         let info = request.into_inner();
         if info.name.is_empty() {
             return Err(Refusal::Invalid.status(&self.stats, "name is empty".into()));
@@ -320,6 +337,12 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
         let Some(known) = known else {
             return Err(Status::not_found(format!("{}: not registered", info.name)));
         };
+        if known.uid != uid {
+            return Err(Status::permission_denied(format!(
+                "{}: registered by uid {}, not by the caller (uid {uid})",
+                info.name, known.uid
+            )));
+        }
         if !info.endpoint.is_empty() {
             // Compared as given (its socket may be gone already), links in
             // its directories resolved when they can be.
