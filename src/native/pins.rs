@@ -503,8 +503,15 @@ pub(crate) fn value_set(key: Key) {
         held.values.push((lib, key, dtor));
         Some(tid)
     });
-    if let Ok(Some(tid)) = new {
-        hold(lib, tid);
+    match new {
+        Ok(Some(tid)) => hold(lib, tid),
+        Ok(None) => {}
+        // The thread is past its own exit work (its `HELD` is gone, say a
+        // plugin destructor run from `Held::drop` set the key): glibc will
+        // call the key's destructor after everything dynplug sees. Held
+        // for good, so the library is never closed under it (reported
+        // pinned by an exited thread, as glibc's own holds are).
+        Err(_) => hold(lib, interpose::thread_id()),
     }
 }
 
