@@ -597,6 +597,61 @@ fn goplugin_servers_are_socket_plugins_too() {
     drop(servers);
 }
 
+/// `peer_uid`: a server that runs as the user named is spoken to; one that
+/// does not (a path swapped for another service's socket, say) is refused
+/// on connection, with both users named.
+#[test]
+fn a_socket_whose_server_runs_as_another_user_is_refused() {
+    let plugins = tempfile::tempdir().unwrap();
+    let run = support::private_tempdir();
+    let sock = run.path().join("exec-grpc.sock");
+    let _server = ChildGuard(
+        Command::new(support::built().join("exec-grpc"))
+            .arg("--socket")
+            .arg(&sock)
+            .spawn()
+            .unwrap(),
+    );
+    let us = rustix::process::geteuid().as_raw();
+    let other = us.wrapping_add(4242);
+    for (name, uid) in [("mine", us), ("theirs", other)] {
+        let dir = plugins.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("plugin.json"),
+            format!(
+                r#"{{"name": "{name}", "version": "1.0.0", "source": {{"mode": "socket", "path": "{}", "protocol": "grpc", "peer_uid": {uid}}}}}"#,
+                sock.display()
+            ),
+        )
+        .unwrap();
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "exec-grpc never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let manager = PluginManager::new(plugins.path()).unwrap();
+    let report = manager.load_plugins().unwrap();
+    let mut ctx = Context::new("greet").with("name", "Ada");
+    support::call(&manager, "mine", &mut ctx).unwrap();
+    assert_eq!(ctx.get_str("greeting"), Some("hello, Ada"));
+    let refused = match report.failed.iter().find(|(name, _)| name == "theirs") {
+        Some((_, error)) => error.to_string(),
+        None => {
+            let mut ctx = Context::new("greet").with("name", "Ada");
+            support::call(&manager, "theirs", &mut ctx)
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    assert!(
+        refused.contains(&format!("runs as uid {us}, not uid {other}")),
+        "{refused}"
+    );
+    manager.unload_all();
+}
+
 /// A found socket never takes a name the plugins directory has.
 #[test]
 fn found_sockets_never_take_a_directory_plugins_name() {

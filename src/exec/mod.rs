@@ -198,7 +198,7 @@ impl ExecVersion {
 
     fn clean_up(&mut self) {
         self.executable.take();
-        if let Address::Unix(path) = &self.shared.address {
+        if let Address::Unix(path, _) = &self.shared.address {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -219,7 +219,7 @@ impl Drop for ExecVersion {
         let supervisor = self.supervisor.take();
         let executable = self.executable.take();
         let socket = match &self.shared.address {
-            Address::Unix(path) => Some(path.clone()),
+            Address::Unix(path, _) => Some(path.clone()),
             Address::Tcp(_) => None,
         };
         runtime::handle().spawn(async move {
@@ -258,7 +258,7 @@ pub(crate) fn address(
                 crate::private_dir::ensure(&dir, false)?;
                 path = dir.join(artifact::private_name(plugin, ".sock"));
             }
-            Ok((Address::Unix(path.clone()), path.into_os_string()))
+            Ok((Address::Unix(path.clone(), None), path.into_os_string()))
         }
         _ => {
             // A free port now; another process could take it before the

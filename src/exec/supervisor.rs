@@ -134,7 +134,7 @@ impl Shared {
     /// Starts a process and waits until it answers Ping, at most the start
     /// timeout; an early exit is noticed at once.
     pub(crate) async fn start(&self) -> Result<(Child, Arc<Link>), Failure> {
-        if let Address::Unix(path) = &self.address {
+        if let Address::Unix(path, _) = &self.address {
             // Left by a previous process of this version.
             let _ = std::fs::remove_file(path);
         }

@@ -197,6 +197,10 @@ pub enum Source {
         /// The longest delay between reconnection attempts (default 30,000).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reconnect_backoff_max_ms: Option<u64>,
+        /// The user the server on a Unix socket must run as, checked on
+        /// every connection (`SO_PEERCRED`); none: any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer_uid: Option<u32>,
     },
 }
 

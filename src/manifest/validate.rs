@@ -272,14 +272,22 @@ pub(super) fn validate_socket(source: &Source) -> std::result::Result<(), (Strin
         health_misses,
         reconnect_backoff_ms,
         reconnect_backoff_max_ms,
+        peer_uid,
         ..
     } = source
     else {
         return Ok(());
     };
     let fail = |field: &str, message: String| Err((format!("source.{field}"), message));
-    if let Err(why) = SocketPath::parse(path) {
-        return fail("path", why);
+    match SocketPath::parse(path) {
+        Err(why) => return fail("path", why),
+        Ok(SocketPath::Tcp { .. }) if peer_uid.is_some() => {
+            return fail(
+                "peer_uid",
+                "is checked on Unix sockets only (TCP peers have no user)".into(),
+            );
+        }
+        Ok(_) => {}
     }
     check_timings(
         &[

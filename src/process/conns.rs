@@ -147,7 +147,7 @@ async fn read_async(stream: &mut tokio::net::UnixStream, inbox: &mut Inbox) -> i
 impl Conns {
     pub(crate) fn new(address: Address, child: Handle, logs: Arc<Logs>) -> Conns {
         let path = match &address {
-            Address::Unix(path) => path.clone(),
+            Address::Unix(path, _) => path.clone(),
             Address::Tcp(_) => unreachable!("runners listen on Unix sockets"),
         };
         Conns {

@@ -70,7 +70,7 @@ impl Http1 {
     pub(crate) fn new(address: Address) -> Http1 {
         let authority = match &address {
             Address::Tcp(addr) => addr.to_string(),
-            Address::Unix(_) => "localhost".to_owned(),
+            Address::Unix(..) => "localhost".to_owned(),
         };
         Http1 {
             authority: HeaderValue::from_str(&authority)

@@ -55,18 +55,20 @@ impl Wire {
     }
 }
 
-/// Where a process listens.
+/// Where a process listens. A Unix socket may name the user its server
+/// must run as: checked on every connection (`SO_PEERCRED`), so a path
+/// swapped for another service's socket is refused, not spoken to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Address {
     Tcp(SocketAddr),
-    Unix(PathBuf),
+    Unix(PathBuf, Option<u32>),
 }
 
 impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Address::Tcp(addr) => write!(f, "{addr}"),
-            Address::Unix(path) => write!(f, "unix:{}", path.display()),
+            Address::Unix(path, _) => write!(f, "unix:{}", path.display()),
         }
     }
 }
@@ -80,7 +82,22 @@ impl Address {
                 stream.set_nodelay(true)?;
                 Ok(Stream::Tcp(stream))
             }
-            Address::Unix(path) => Ok(Stream::Unix(tokio::net::UnixStream::connect(path).await?)),
+            Address::Unix(path, peer_uid) => {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                if let Some(expected) = *peer_uid {
+                    let actual = stream.peer_cred()?.uid();
+                    if actual != expected {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!(
+                                "the server on {} runs as uid {actual}, not uid {expected}",
+                                path.display()
+                            ),
+                        ));
+                    }
+                }
+                Ok(Stream::Unix(stream))
+            }
         }
     }
 }

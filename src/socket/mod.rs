@@ -203,7 +203,7 @@ pub(crate) fn verify(manifest: &Manifest, dir: &Path) -> Result<String> {
         reason,
     })?;
     let what = match &settings.address {
-        Address::Unix(path) => match std::fs::symlink_metadata(path) {
+        Address::Unix(path, _) => match std::fs::symlink_metadata(path) {
             Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
                 "a Unix socket"
             }

@@ -42,12 +42,13 @@ impl Settings {
             health_misses,
             reconnect_backoff_ms,
             reconnect_backoff_max_ms,
+            peer_uid,
         } = &manifest.source
         else {
             return Err("not a socket plugin".into());
         };
         let address = match SocketPath::parse(path)? {
-            SocketPath::Unix(path) => Address::Unix(dir.join(path)),
+            SocketPath::Unix(path) => Address::Unix(dir.join(path), *peer_uid),
             SocketPath::Tcp { host, port } => {
                 let resolved = (host, port)
                     .to_socket_addrs()
@@ -94,7 +95,10 @@ mod tests {
         let json = r#"{"name":"p","version":"1.0.0","source":{"mode":"socket","path":"p.sock","protocol":"jsonrpc","reconnect_backoff_max_ms":1000}}"#;
         let manifest = Manifest::parse(json.as_bytes(), "p/plugin.json".as_ref(), "p").unwrap();
         let settings = Settings::of(&manifest, Path::new("/srv/p")).unwrap();
-        assert_eq!(settings.address, Address::Unix("/srv/p/p.sock".into()));
+        assert_eq!(
+            settings.address,
+            Address::Unix("/srv/p/p.sock".into(), None)
+        );
         assert_eq!(settings.wire, Wire::JsonRpc);
         assert_eq!(settings.health_interval, Some(Duration::from_secs(2)));
         let delays: Vec<u128> = (1..=6).map(|n| settings.backoff(n).as_millis()).collect();

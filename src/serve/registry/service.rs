@@ -144,11 +144,12 @@ impl Service {
         Ok(real)
     }
 
-    /// Dials the endpoint back and asks it for Ping.
-    async fn probe(&self, endpoint: &Path) -> Result<(), String> {
+    /// Dials the endpoint back (its server must run as `uid`) and asks it
+    /// for Ping.
+    async fn probe(&self, endpoint: &Path, uid: u32) -> Result<(), String> {
         let link = Link::new(
             Wire::Grpc,
-            Address::Unix(endpoint.to_owned()),
+            Address::Unix(endpoint.to_owned(), Some(uid)),
             &Arc::from("dynplug"),
         );
         link.ping(self.settings.probe_timeout.max(Duration::from_millis(200)))
@@ -176,6 +177,7 @@ impl Service {
                 "health_interval_ms": ms(self.settings.probe_interval),
                 "health_timeout_ms": ms(self.settings.probe_timeout),
                 "health_misses": self.settings.probe_misses,
+                "peer_uid": uid,
             },
         });
         Manifest::parse(json.to_string().as_bytes(), endpoint, name)
@@ -274,7 +276,7 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
             && known.endpoint != endpoint
         {
             // Another endpoint has the name: it keeps it while it answers.
-            if self.probe(&known.endpoint).await.is_ok() {
+            if self.probe(&known.endpoint, known.uid).await.is_ok() {
                 return Err(Refusal::Taken.status(
                     &self.stats,
                     format!(
@@ -285,7 +287,7 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
             }
             tracing::info!(plugin = %name, old = %known.endpoint.display(), "replacing a registration whose endpoint no longer answers");
         }
-        if let Err(why) = self.probe(&endpoint).await {
+        if let Err(why) = self.probe(&endpoint, uid).await {
             return Err(Refusal::Unreachable.status(
                 &self.stats,
                 format!(
