@@ -213,11 +213,9 @@ fn capability_names(numbers: &[i32]) -> Result<Vec<&'static str>, String> {
         .collect()
 }
 
-#[tonic::async_trait]
-impl plugin_registry_server::PluginRegistry for Arc<Service> {
-    async fn register(&self, request: Request<PluginInfo>) -> Result<Response<()>, Status> {
-        let uid = self.check_caller(request.extensions().get::<Peer>())?;
-        let info = request.into_inner();
+impl Service {
+    /// `Register` from `uid`, once its caller is checked.
+    async fn register_as(&self, uid: u32, info: PluginInfo) -> Result<Response<()>, Status> {
         let invalid = |message: String| Err(Refusal::Invalid.status(&self.stats, message));
         if info.name.is_empty() {
             return invalid("name is empty".into());
@@ -327,6 +325,20 @@ impl plugin_registry_server::PluginRegistry for Arc<Service> {
         self.stats.registrations.fetch_add(1, Ordering::Relaxed);
         tracing::info!(plugin = %name, endpoint = %endpoint.display(), ?capabilities, uid, "registered");
         Ok(Response::new(()))
+    }
+}
+
+#[tonic::async_trait]
+impl plugin_registry_server::PluginRegistry for Arc<Service> {
+    async fn register(&self, request: Request<PluginInfo>) -> Result<Response<()>, Status> {
+        let uid = self.check_caller(request.extensions().get::<Peer>())?;
+        let info = request.into_inner();
+        // On a task of its own: a caller that goes away mid-registration
+        // does not cancel it, so a plugin loaded is always in the table.
+        let service = Arc::clone(self);
+        tokio::spawn(async move { service.register_as(uid, info).await })
+            .await
+            .map_err(|e| Status::internal(format!("registering: {e}")))?
     }
 
     async fn unregister(&self, request: Request<PluginInfo>) -> Result<Response<()>, Status> {
