@@ -376,7 +376,11 @@ impl Slot {
                 info.state = state;
             }
             if let Some(error) = version.load_error() {
-                info.error = Some(error.to_owned());
+                // An upgrade that failed meanwhile keeps its cause beside it.
+                info.error = Some(match info.error.take() {
+                    Some(other) if other != error => format!("{error}; also: {other}"),
+                    _ => error.to_owned(),
+                });
             }
         }
         info
