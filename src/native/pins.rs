@@ -385,7 +385,13 @@ fn release_retired() {
             _ => break,
         }
     }
+    let any = !released.is_empty();
     settle(tid, released);
+    if any {
+        // A reaper that could not start when the library was retired gets
+        // another chance here (never from an exiting thread).
+        reaper().start();
+    }
 }
 
 /// Whether `key` is still the one `lib`'s code created: a key it deleted
@@ -629,7 +635,12 @@ impl Reaper {
         loop {
             let released = registry().released();
             for (finish, keys) in released {
-                finish(keys);
+                // A bug in one ending must not stop the reaper for the others.
+                let finished =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| finish(keys)));
+                if finished.is_err() {
+                    tracing::error!("dynplug-reaper: finishing a released library panicked");
+                }
             }
             let mut state = self.lock();
             if std::mem::take(&mut state.dirty) {
