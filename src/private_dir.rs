@@ -31,8 +31,9 @@ pub(crate) fn ensure(dir: &Path, group: bool) -> io::Result<()> {
 /// Checks that `dir` is private: a real directory (not a symlink), owned by
 /// the effective user, that nobody else may write to, enter or list (with
 /// `group`, the group may enter and list it, never write). No ancestor may
-/// be writable by every user without the sticky bit: anyone could rename
-/// the directory away and put their own in its place.
+/// be writable by every user without the sticky bit, nor owned by another
+/// user than root or us: they could rename the directory away and put
+/// their own in its place.
 #[cfg(unix)]
 pub(crate) fn check(dir: &Path, group: bool) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
@@ -82,6 +83,17 @@ pub(crate) fn check(dir: &Path, group: bool) -> io::Result<()> {
                 format!(
                     "its ancestor {} is writable by every user (and not sticky)",
                     ancestor.display()
+                ),
+            ));
+        }
+        // Its owner can rename what is inside: only root or us.
+        if meta.uid() != 0 && meta.uid() != us {
+            return Err(refused(
+                &dir,
+                format!(
+                    "its ancestor {} is owned by uid {}, who could replace it",
+                    ancestor.display(),
+                    meta.uid()
                 ),
             ));
         }
@@ -213,6 +225,16 @@ mod tests {
             std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
             let err = ensure(&foreign, false).unwrap_err();
             assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+            // A directory of ours inside another user's: they could swap it.
+            let inside = foreign.join("ours");
+            std::fs::create_dir(&inside).unwrap();
+            std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let err = ensure(&inside, false).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("is owned by uid 65534, who could replace it"),
+                "{err}"
+            );
         }
     }
 }
