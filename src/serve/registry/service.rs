@@ -407,7 +407,16 @@ pub(crate) async fn reap(service: Arc<Service>) {
         match event {
             Ok(Event::Unreachable { plugin, reason, .. }) => {
                 let known = service.table.lock().await.contains_key(&plugin);
+                // A late report about an endpoint replaced since (the one
+                // serving now answers) unregisters nothing.
+                let answers = service
+                    .state
+                    .manager
+                    .info(&plugin)
+                    .and_then(|info| info.socket)
+                    .is_some_and(|socket| socket.connected);
                 if known
+                    && !answers
                     && service
                         .unregister_name(&plugin, format!("missed its probes: {reason}"))
                         .await
