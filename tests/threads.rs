@@ -318,28 +318,6 @@ fn a_pooled_thread_local_with_drop_unloads_at_once() {
     assert!(mapped_under(base).is_empty(), "{:?}", mapped_under(base));
 }
 
-/// A thread that called a plugin (its thread-local with `Drop` now on this
-/// thread) and then unloads it lets go of it first: unloaded at once, not
-/// pinned by the very thread that asked.
-#[test]
-fn a_thread_that_unloads_what_it_holds_lets_go_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path();
-    install_version(base, "tls-drop", "tls-drop", 1, Some("inline"), "");
-    let manager = PluginManager::new(base).unwrap();
-    manager.load_plugins().unwrap();
-    let (_, executor) = manager.get_plugin("tls-drop").unwrap();
-    let unloaded = std::thread::spawn(move || {
-        executor.execute(&mut Context::new("any")).unwrap();
-        drop(executor);
-        manager.unload("tls-drop").unwrap()
-    })
-    .join()
-    .unwrap();
-    assert_eq!(unloaded, PluginState::Unloaded);
-    assert!(mapped_under(base).is_empty(), "{:?}", mapped_under(base));
-}
-
 #[test]
 fn inline_versions_unload_when_nothing_pins_them() {
     let dir = tempfile::tempdir().unwrap();

@@ -548,24 +548,12 @@ pub(crate) fn retire<T: Send + 'static>(
     held: T,
     finish: impl FnOnce(T, Keys) + Send + 'static,
 ) -> Retired<T> {
-    {
-        let mut registry = registry();
-        let Some(entry) = registry.libs.get_mut(&lib) else {
-            return Retired::Free(held, Keys::default());
-        };
-        entry.retired = true;
-    }
-    // The retiring thread lets go of what it holds of it first (a tool that
-    // called an `inline` plugin on its main thread, then unloads it), unless
-    // plugin code runs on it now.
-    if RUNNING.get() == 0 {
-        release_retired();
-    }
     let holders: Vec<(i32, usize)> = {
         let mut registry = registry();
         let Some(entry) = registry.libs.get_mut(&lib) else {
             return Retired::Free(held, Keys::default());
         };
+        entry.retired = true;
         if entry.holders.is_empty() {
             let keys = registry.forget(lib);
             return Retired::Free(held, keys);
