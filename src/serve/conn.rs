@@ -160,18 +160,28 @@ impl Conn {
             self.stalled_since = None;
             return poll;
         }
-        let timeout = self.write_timeout;
-        let timer = self
-            .stalled_since
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+        if ran_out(&mut self.stalled_since, self.write_timeout, cx) {
+            return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the client read nothing of the response for the write timeout",
-            ))),
-            Poll::Pending => Poll::Pending,
+            )));
         }
+        Poll::Pending
     }
+}
+
+/// Arms `timer` for `timeout` unless it is armed, and says whether it ran
+/// out (else `cx` is woken when it does).
+fn ran_out(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    timer
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+        .as_mut()
+        .poll(cx)
+        .is_ready()
 }
 
 enum Io {
@@ -418,14 +428,10 @@ where
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        let timeout = *this.timeout;
-        let deadline = this
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(timeout))))),
-            Poll::Pending => Poll::Pending,
+        if ran_out(this.deadline, *this.timeout, cx) {
+            return Poll::Ready(Some(Err(Box::new(BodyTimedOut(*this.timeout)))));
         }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
