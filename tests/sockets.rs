@@ -575,11 +575,9 @@ fn goplugin_servers_are_socket_plugins_too() {
             ),
         )
         .unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "{sample} never listened");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        support::eventually(&format!("{sample} to listen"), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
     }
     let manager = PluginManager::new(plugins.path()).unwrap();
     let report = manager.load_plugins().unwrap();
@@ -626,11 +624,9 @@ fn a_socket_whose_server_runs_as_another_user_is_refused() {
         )
         .unwrap();
     }
-    let deadline = Instant::now() + PATIENCE;
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "exec-grpc never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    support::eventually("exec-grpc to listen", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
     let manager = PluginManager::new(plugins.path()).unwrap();
     let report = manager.load_plugins().unwrap();
     let mut ctx = Context::new("greet").with("name", "Ada");
