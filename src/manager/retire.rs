@@ -135,6 +135,9 @@ impl PluginManager {
             unreachable!("strong count was 1 and no new clone can appear after the swap");
         };
         let artifact = old.artifact();
+        // Until `ended` has recorded how it ended, a late ending from the
+        // reaper waits for it (`ended_late`).
+        let retiring = version.clone();
         slot.status().ending.push(version.clone());
         let event = match old.unload() {
             Ending::Unloaded => Event::Unloaded { plugin, version },
@@ -150,7 +153,12 @@ impl PluginManager {
                 reason,
             },
         };
-        self.ended(slot, serving, event)
+        let state = self.ended(slot, serving, event);
+        let mut status = slot.status();
+        if let Some(at) = status.ending.iter().position(|v| *v == retiring) {
+            status.ending.remove(at);
+        }
+        state
     }
 
     /// A version reported pinned has ended (called on dynplug's reaper
@@ -244,14 +252,6 @@ impl PluginManager {
                     });
                 }
                 _ => {}
-            }
-            if let Event::Unloaded { version, .. }
-            | Event::Retained { version, .. }
-            | Event::Leaked { version, .. }
-            | Event::Pinned { version, .. } = &event
-                && let Some(at) = status.ending.iter().position(|v| v == version)
-            {
-                status.ending.remove(at);
             }
             if let Event::Pinned { version, .. } = &event
                 && let Some(at) = status.ended_early.iter().position(|(v, _)| v == version)
