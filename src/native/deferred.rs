@@ -152,10 +152,7 @@ impl Deferred {
         });
         // Announced once it is what calls and the listing see.
         if loaded_here {
-            let version = self.manifest.version.to_string();
-            let error = loaded.as_ref().err().map(String::as_str);
-            let which = std::ptr::from_ref(self) as usize;
-            (self.options.first_load.0)(&self.manifest.name, &version, error, which);
+            self.announce(loaded.as_ref().err().map(String::as_str));
         }
         match loaded {
             Ok(version) => Ok(version),
@@ -196,10 +193,16 @@ impl Deferred {
         );
         // Announced as a failed load would be (the caller gets it too).
         if self.loaded.set(Err(error.clone())).is_ok() {
-            let version = self.manifest.version.to_string();
-            let which = std::ptr::from_ref(self) as usize;
-            (self.options.first_load.0)(&self.manifest.name, &version, Some(&error), which);
+            self.announce(Some(&error));
         }
+    }
+
+    /// Tells the manager how the first load ended (it announces it if this
+    /// version still serves).
+    fn announce(&self, error: Option<&str>) {
+        let version = self.manifest.version.to_string();
+        let which = std::ptr::from_ref(self) as usize;
+        (self.options.first_load.0)(&self.manifest.name, &version, error, which);
     }
 
     /// Blocks until the load a caller claimed has ended (`true`) or
