@@ -154,18 +154,23 @@ type H2 = (
     h2::client::Connection<TcpStream>,
 );
 
+/// The head of a gRPC call to `path`, for a raw HTTP/2 client.
+fn grpc_post(path: &str) -> axum::http::Request<()> {
+    axum::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
 /// Drives an HTTP/2 connection until its first response, then returns the
 /// stream cap the server announced, and the connection.
 async fn h2_settings(addr: SocketAddr, path: &str) -> (usize, H2) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut client, mut connection) = h2::client::handshake(stream).await.unwrap();
-    let request = axum::http::Request::builder()
-        .method("POST")
-        .uri(format!("http://localhost{path}"))
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let (response, _) = client.send_request(request, true).unwrap();
+    let (response, _) = client.send_request(grpc_post(path), true).unwrap();
     let response = tokio::select! {
         response = response => response.unwrap(),
         _ = &mut connection => panic!("connection ended before the response"),
@@ -1006,13 +1011,7 @@ async fn silent_connections_and_stalled_bodies_are_cut_off() {
     let stream = TcpStream::connect(grpc).await.unwrap();
     let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
     tokio::spawn(connection);
-    let exec = axum::http::Request::builder()
-        .method("POST")
-        .uri("http://localhost/dynplug.v1.Plugins/Exec")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let exec = grpc_post("/dynplug.v1.Plugins/Exec");
     let (response, mut send) = client.send_request(exec, false).unwrap();
     send.send_data(axum::body::Bytes::from_static(&[0, 0, 0x40, 0, 0]), false)
         .unwrap();
